@@ -1,0 +1,141 @@
+"""The `mtu-export` command line: parse options -> config -> one library call -> a short report.
+
+Known problems (MtuError) print one `error:` line and exit with the error's code; nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mtu_export.config import DEFAULT_TASK_CHANNELS, MoEConfig, parse_tasks
+from mtu_export.errors import MtuError
+
+app = typer.Typer(
+    name="mtu-export",
+    help="Multi-Task Upcycling for diffusion UNets: upcycle, fold exactly, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+stderr = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+
+
+def handles_errors(command: F) -> F:
+    """Turn an MtuError into one line on stderr and the error's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MtuError as exc:
+            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@handles_errors
+def upcycle(
+    source: Annotated[Path, typer.Argument(help="Diffusers UNet folder, or pipeline folder with unet/.")],
+    out: OutOption,
+    tasks: Annotated[
+        str,
+        typer.Option(help=f"Comma-separated tasks, `name` or `name:channels` (defaults: {DEFAULT_TASK_CHANNELS})."),
+    ] = "t2i,edit,sr,inpaint",
+    experts: Annotated[int, typer.Option(help="Experts per FFN (N); must divide the FFN hidden width.")] = 4,
+    task_embed_dim: Annotated[int, typer.Option(help="Width of the learned task embedding.")] = 64,
+    router_hidden_dim: Annotated[int, typer.Option(help="Hidden width of each layer's router MLP.")] = 64,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Turn a pretrained diffusers UNet into a multi-task MTU checkpoint (exact at initialisation)."""
+    from mtu_export.upcycle import describe, upcycle_folder
+
+    config = MoEConfig(parse_tasks(tasks), experts, task_embed_dim, router_hidden_dim)
+    with console.status(f"upcycling {source} ..."):
+        ckpt = upcycle_folder(source, out, config, overwrite=overwrite)
+    summary = describe(ckpt.model)
+    params = summary["parameters"]
+    console.print(
+        f"wrote {ckpt.path}: {summary['moe_layers']} FFNs -> {experts} experts each, tasks "
+        f"{', '.join(config.task_names)}; {params['total']:,} parameters ({params['trainable']:,} trainable)"
+        + ("; pipeline components kept" if ckpt.pipeline_dir else "")
+    )
+
+
+@app.command()
+@handles_errors
+def fold(
+    checkpoint: Annotated[Path, typer.Argument(help="MTU checkpoint folder (from `mtu-export upcycle` or train).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Task to fold.")],
+    out: OutOption,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fold one task into a vanilla diffusers UNet (or a full pipeline folder when the checkpoint has one)."""
+    from mtu_export.fold import fold_checkpoint
+
+    with console.status(f"folding task {task!r} of {checkpoint} ..."):
+        path = fold_checkpoint(checkpoint, task, out, overwrite=overwrite)
+    console.print(f"wrote {path}: task {task!r} as a plain diffusers UNet2DConditionModel")
+
+
+@app.command()
+@handles_errors
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="MTU checkpoint folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Show what an MTU checkpoint holds: tasks, experts, parameters and per-layer routing weights."""
+    from mtu_export.upcycle import describe, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    summary = describe(ckpt.model)
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    params = summary["parameters"]
+    console.print(f"[bold]{checkpoint}[/]")
+    console.print("tasks: " + ", ".join(f"{t['name']} ({t['in_channels']} ch)" for t in summary["tasks"]))
+    console.print(
+        f"experts per FFN: {summary['num_experts']}, MoE layers: {summary['moe_layers']}, "
+        f"task embedding {summary['task_embed_dim']}, router hidden {summary['router_hidden_dim']}"
+    )
+    console.print(
+        f"parameters: {params['total']:,} total, {params['trainable']:,} trainable, {params['frozen']:,} frozen"
+    )
+    console.print(_routing_table(summary))
+
+
+def _routing_table(summary: dict) -> Table:
+    tasks = [t["name"] for t in summary["tasks"]]
+    table = Table(title="routing probabilities per layer (softmax over experts 1..N)")
+    table.add_column("layer")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for layer, per_task in summary["routing"].items():
+        table.add_row(
+            layer.replace(".transformer_blocks.", ".tb.").removesuffix(".ff"),
+            *(" ".join(f"{p:.2f}" for p in per_task[task]) for task in tasks),
+        )
+    return table
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

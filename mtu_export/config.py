@@ -1,0 +1,112 @@
+"""Frozen, validated configuration dataclasses. Imports nothing from the package but `errors`."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mtu_export.errors import ConfigError
+
+_TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Conditioning channels of the single-task models each task mirrors (DESIGN.md §1): text-to-image 4 (latent),
+# InstructPix2Pix 8 (+ source latent), SD x4 upscaler 7 (+ low-res RGB), SD inpainting 9 (+ masked latent + mask).
+DEFAULT_TASK_CHANNELS: dict[str, int] = {"t2i": 4, "edit": 8, "sr": 7, "inpaint": 9}
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """A ` — did you mean 'x'?` suffix when `word` is close to one of `choices`, else ''."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of an MTU model: its id and how many input channels its `conv_in` takes."""
+
+    name: str
+    in_channels: int
+
+    def __post_init__(self) -> None:
+        if not _TASK_NAME.match(self.name):
+            raise ConfigError(
+                f"task name {self.name!r} is not a lowercase identifier; use letters, digits and '_' (e.g. 'inpaint')"
+            )
+        if self.in_channels < 1:
+            raise ConfigError(f"task {self.name!r} needs at least 1 input channel, got {self.in_channels}")
+
+
+def parse_tasks(text: str, channels: dict[str, int] | None = None) -> tuple[TaskSpec, ...]:
+    """Parse `t2i,edit,sr:7,inpaint` (optional `:channels`; defaults from DEFAULT_TASK_CHANNELS)."""
+    known = dict(DEFAULT_TASK_CHANNELS, **(channels or {}))
+    specs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, count = item.partition(":")
+        if count:
+            if not count.isdigit():
+                raise ConfigError(f"task {item!r}: channel count must be an integer, as in 'sr:7'")
+            specs.append(TaskSpec(name, int(count)))
+        elif name in known:
+            specs.append(TaskSpec(name, known[name]))
+        else:
+            raise ConfigError(
+                f"unknown task {name!r}; known: {', '.join(known)}{did_you_mean(name, list(known))} "
+                f"(or give a new task its channel count, as in '{name}:8')"
+            )
+    if not specs:
+        raise ConfigError("no tasks given; pass e.g. --tasks t2i,edit,sr,inpaint")
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How FFNs are upcycled: N experts per FFN and a task-embedding router per layer."""
+
+    tasks: tuple[TaskSpec, ...] = field(
+        default_factory=lambda: tuple(TaskSpec(n, c) for n, c in DEFAULT_TASK_CHANNELS.items())
+    )
+    num_experts: int = 4
+    task_embed_dim: int = 64
+    router_hidden_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("an MTU model needs at least one task")
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        for key in ("num_experts", "task_embed_dim", "router_hidden_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def task(self, name: str) -> TaskSpec:
+        for spec in self.tasks:
+            if spec.name == name:
+                return spec
+        names = list(self.task_names)
+        raise ConfigError(f"unknown task {name!r}; this model has: {', '.join(names)}{did_you_mean(name, names)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        try:
+            tasks = tuple(TaskSpec(t["name"], int(t["in_channels"])) for t in data["tasks"])
+            return cls(
+                tasks=tasks,
+                num_experts=int(data["num_experts"]),
+                task_embed_dim=int(data["task_embed_dim"]),
+                router_hidden_dim=int(data["router_hidden_dim"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"MoE config is malformed ({type(exc).__name__}: {exc}); re-run upcycle") from None

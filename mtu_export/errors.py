@@ -1,0 +1,43 @@
+"""Errors the user can act on. Every message says what was expected, what was found and how to fix it.
+
+The CLI prints `error: <message>` on one line and exits with the subclass's `exit_code`; nothing here imports
+anything else from the package.
+"""
+
+from __future__ import annotations
+
+
+class MtuError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+    exit_code = 1
+
+
+class InputError(MtuError):
+    """A path, file or folder given by the user is missing, unreadable or of the wrong kind."""
+
+    exit_code = 2
+
+
+class ConfigError(MtuError):
+    """An option, task list or recipe value is invalid."""
+
+    exit_code = 3
+
+
+class CheckpointError(MtuError):
+    """A checkpoint's config and weights disagree, or the files are corrupt."""
+
+    exit_code = 4
+
+
+class OutputExistsError(MtuError):
+    """The output path exists and `--overwrite` was not given."""
+
+    exit_code = 5
+
+
+class ParityError(MtuError):
+    """A transformed model does not match its reference within tolerance."""
+
+    exit_code = 6

@@ -1,0 +1,149 @@
+"""Files on disk: finding a diffusers UNet in a folder, checking safetensors files before loading them, and
+writing outputs atomically (temp folder, then rename). Imports `errors` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtu_export.errors import CheckpointError, InputError, OutputExistsError
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+UNET_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PIPELINE_INDEX = "model_index.json"
+
+
+@dataclass(frozen=True)
+class UNetSource:
+    """Where a UNet lives: its own folder, and the pipeline folder around it when there is one."""
+
+    unet_dir: Path
+    pipeline_dir: Path | None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not readable JSON ({exc}); restore or regenerate the file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def locate_unet(path: Path) -> UNetSource:
+    """Accept a UNet folder (config.json + safetensors) or a pipeline folder (model_index.json + unet/)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; pass a diffusers UNet folder or a pipeline folder with unet/")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file; pass the diffusers folder that contains it")
+    if (path / PIPELINE_INDEX).is_file() and (path / "unet" / "config.json").is_file():
+        source = UNetSource(path / "unet", path)
+    elif (path / "config.json").is_file() and read_json(path / "config.json").get("_class_name", "").startswith(
+        "UNet2DConditionModel"
+    ):
+        source = UNetSource(path, None)
+    else:
+        raise InputError(
+            f"{path} holds no diffusers UNet: expected config.json of a UNet2DConditionModel, "
+            "or model_index.json with a unet/ subfolder"
+        )
+    unet_weights(source.unet_dir)  # fail early on missing or non-safetensors weights
+    return source
+
+
+def unet_weights(unet_dir: Path) -> list[Path]:
+    """The safetensors files of a UNet folder (one file or the shards of an index), each checked."""
+    if (unet_dir / UNET_WEIGHTS).is_file():
+        files = [unet_dir / UNET_WEIGHTS]
+    elif (unet_dir / UNET_WEIGHTS_INDEX).is_file():
+        shards = sorted(set(read_json(unet_dir / UNET_WEIGHTS_INDEX).get("weight_map", {}).values()))
+        files = [unet_dir / shard for shard in shards]
+    elif any(unet_dir.glob("*.bin")):
+        raise InputError(
+            f"{unet_dir} has only pickle (.bin) weights; mtu-export loads safetensors only — re-save the model "
+            "with save_pretrained(..., safe_serialization=True)"
+        )
+    else:
+        raise InputError(f"{unet_dir} has no {UNET_WEIGHTS}; re-save the UNet with save_pretrained()")
+    for file in files:
+        check_safetensors(file)
+    return files
+
+
+def check_safetensors(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Read a safetensors header and check the file holds every byte it announces; return name -> (shape, dtype)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise InputError(f"{path} is missing; restore it or re-save the model")
+    try:
+        header_len = int.from_bytes(path.open("rb").read(8), "little")
+        header = json.loads(path.open("rb").read(8 + header_len)[8:])
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if path.stat().st_size < 8 + header_len + end:
+            raise ValueError(f"file has {path.stat().st_size} bytes, header announces {8 + header_len + end}")
+        with safe_open(str(path), framework="pt") as handle:
+            list(handle.keys())
+    except Exception as exc:  # any parse failure means the same thing to the user
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file (truncated or corrupt: {exc}); re-save or re-copy it"
+        ) from None
+    return {name: (info["shape"], info["dtype"]) for name, info in header.items()}
+
+
+def link_or_copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a folder, hard-linking files where the file system allows (weights are never modified in place)."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(*skip))
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output path unless `overwrite` (called before heavy work, and again on commit)."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        check_output(out, overwrite)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            out.rename(trash)
+            tmp.rename(out)
+            if trash.is_dir():
+                shutil.rmtree(trash)
+            else:
+                trash.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

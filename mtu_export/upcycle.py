@@ -1,0 +1,291 @@
+"""Pretrained diffusers UNet -> MTU UNet (DESIGN.md §1), and the MTU checkpoint format.
+
+Upcycling is exact at initialisation: each FFN's hidden units are partitioned into N experts (output bias split
+N ways), every router starts uniform with mixture weights N·softmax = 1, per-task LayerNorms are copies of the
+pretrained one, and per-task conv_ins carry the pretrained kernel on the first channels and zeros elsewhere.
+
+Imports config, errors, storage and moe; never fold/export/cli.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
+from torch import nn
+
+from mtu_export import __version__
+from mtu_export.config import MoEConfig, TaskSpec
+from mtu_export.errors import CheckpointError, ConfigError, InputError
+from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm, TaskRouter, TaskRouting
+from mtu_export.storage import (
+    PIPELINE_INDEX,
+    atomic_output_dir,
+    check_output,
+    check_safetensors,
+    link_or_copy_tree,
+    locate_unet,
+    read_json,
+    unet_weights,
+    write_json,
+)
+
+CHECKPOINT_CONFIG = "mtu_config.json"
+CHECKPOINT_WEIGHTS = "mtu_unet.safetensors"
+CHECKPOINT_PIPELINE = "pipeline"
+CHECKPOINT_FORMAT = "mtu-export-checkpoint/1"
+
+
+# ---------------------------------------------------------------------------------------------- loading a base UNet
+def load_unet(path: Path) -> UNet2DConditionModel:
+    """Load a diffusers UNet (or a pipeline's unet/) from a local folder, safetensors only."""
+    source = locate_unet(Path(path))
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source.unet_dir, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"could not load the UNet in {source.unet_dir}: {first_line}") from None
+    return unet.eval()
+
+
+# ------------------------------------------------------------------------------------------------------- upcycling
+def transformer_blocks(unet: nn.Module) -> Iterator[tuple[str, BasicTransformerBlock]]:
+    for name, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            yield name, module
+
+
+def split_feed_forward(ff: FeedForward, num_experts: int, where: str) -> list[FeedForward]:
+    """Partition a FeedForward's hidden units into `num_experts` FeedForwards of width d_ff/N (exact sum)."""
+    proj, out = ff.net[0].proj, ff.net[2]
+    d_ff = out.in_features
+    if d_ff % num_experts:
+        divisors = [n for n in range(1, min(d_ff, 64) + 1) if d_ff % n == 0]
+        raise ConfigError(
+            f"--experts {num_experts} does not divide the FFN hidden width {d_ff} of {where}; "
+            f"choose one of {', '.join(map(str, divisors))}"
+        )
+    glu = proj.out_features == 2 * d_ff  # GEGLU / SwiGLU: value rows, then gate rows
+    width = d_ff // num_experts
+    experts = []
+    for i in range(num_experts):
+        rows = torch.arange(i * width, (i + 1) * width)
+        in_rows = torch.cat([rows, rows + d_ff]) if glu else rows
+        expert = copy.deepcopy(ff)
+        expert.net[0].proj = _linear(proj.weight[in_rows], None if proj.bias is None else proj.bias[in_rows])
+        expert.net[2] = _linear(out.weight[:, rows], None if out.bias is None else out.bias / num_experts)
+        experts.append(expert)
+    return experts
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def task_conv_in(base: nn.Conv2d, spec: TaskSpec) -> nn.Conv2d:
+    """A conv_in with the task's channels: pretrained kernel on the first channels, zeros on the extra ones."""
+    if spec.in_channels < base.in_channels:
+        raise ConfigError(
+            f"task {spec.name!r} has {spec.in_channels} input channels, fewer than the base UNet's "
+            f"{base.in_channels}; MTU only widens conv_in — give it at least {base.in_channels}"
+        )
+    conv = nn.Conv2d(
+        spec.in_channels,
+        base.out_channels,
+        base.kernel_size,
+        stride=base.stride,
+        padding=base.padding,
+        bias=base.bias is not None,
+        device=base.weight.device,
+        dtype=base.weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, : base.in_channels].copy_(base.weight)
+        if base.bias is not None:
+            conv.bias.copy_(base.bias)
+    return conv
+
+
+def upcycle_unet(unet: UNet2DConditionModel, config: MoEConfig) -> MTUUNet:
+    """Return an MTU UNet built from a copy of `unet` (left unchanged) that reproduces it for every task."""
+    unet = copy.deepcopy(unet)
+    routing = TaskRouting()
+    blocks = list(transformer_blocks(unet))
+    if not blocks:
+        raise InputError("this UNet has no BasicTransformerBlock, so no FFN to upcycle; use a cross-attention UNet")
+    device, dtype = unet.conv_in.weight.device, unet.conv_in.weight.dtype
+    for name, block in blocks:
+        _check_block(name, block)
+        experts = split_feed_forward(block.ff, config.num_experts, where=f"{name}.ff")
+        router = TaskRouter(config.task_embed_dim, config.router_hidden_dim, config.num_experts).to(device, dtype)
+        block.ff = MoEFeedForward(experts, router, routing)
+        block.norm3 = TaskLayerNorm({t: copy.deepcopy(block.norm3) for t in config.task_names}, routing)
+    unet.conv_in = TaskConvIn({t.name: task_conv_in(unet.conv_in, t) for t in config.tasks}, routing)
+    mtu = MTUUNet(unet, config, routing).to(device, dtype)
+    return mtu.freeze_()
+
+
+def _check_block(name: str, block: BasicTransformerBlock) -> None:
+    ff = getattr(block, "ff", None)
+    if not (isinstance(ff, FeedForward) and isinstance(ff.net[2], nn.Linear) and hasattr(ff.net[0], "proj")):
+        raise InputError(f"{name}.ff is not a diffusers FeedForward with a projection; MTU cannot upcycle it")
+    if not isinstance(block.norm3, nn.LayerNorm):
+        raise InputError(
+            f"{name} uses norm_type={block.norm_type!r} without a plain LayerNorm before the FFN; "
+            "MTU supports UNets whose transformer blocks use norm_type 'layer_norm' (SD 1.x/2.x, SDXL)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoint
+@dataclass(frozen=True)
+class Checkpoint:
+    """An MTU checkpoint loaded from disk: the model and where its frozen pipeline components live (if any)."""
+
+    model: MTUUNet
+    path: Path
+    pipeline_dir: Path | None
+    meta: dict
+
+
+def save_checkpoint(
+    mtu: MTUUNet,
+    out: Path,
+    pipeline_dir: Path | None = None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> Path:
+    """Write `mtu_config.json` + `mtu_unet.safetensors` (+ the frozen pipeline components) atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    with atomic_output_dir(out, overwrite) as tmp:
+        state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items()}
+        save_file(state, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
+        if pipeline_dir is not None:
+            link_or_copy_tree(Path(pipeline_dir), tmp / CHECKPOINT_PIPELINE, skip=("unet",))
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "mtu_export_version": __version__,
+            "moe": mtu.config.to_dict(),
+            "unet_config": {k: v for k, v in mtu.unet.config.items() if not k.startswith("_")},
+            "pipeline": CHECKPOINT_PIPELINE if pipeline_dir is not None else None,
+            **(extra or {}),
+        }
+        write_json(tmp / CHECKPOINT_CONFIG, meta)
+    return out
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Load an MTU checkpoint folder, validating its config against the weights' names and shapes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path} does not exist or is not a folder; pass a folder written by `mtu-export upcycle`")
+    if not (path / CHECKPOINT_CONFIG).is_file():
+        hint = " (it is a plain diffusers folder: run `mtu-export upcycle` on it first)" if _is_diffusers(path) else ""
+        raise InputError(f"{path} is not an MTU checkpoint: no {CHECKPOINT_CONFIG}{hint}")
+    meta = read_json(path / CHECKPOINT_CONFIG)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path / CHECKPOINT_CONFIG} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}; "
+            "re-run `mtu-export upcycle` with this version"
+        )
+    config = MoEConfig.from_dict(meta.get("moe", {}))
+    shapes = check_safetensors(path / CHECKPOINT_WEIGHTS)
+    with torch.device("meta"):
+        model = build_skeleton(meta.get("unet_config", {}), config)
+    _check_state_shapes(model, shapes, path)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / CHECKPOINT_WEIGHTS)), strict=True, assign=True)
+    model = model.to(dtype) if dtype is not None else model
+    pipeline = path / meta["pipeline"] if meta.get("pipeline") else None
+    if pipeline is not None and not (pipeline / PIPELINE_INDEX).is_file():
+        raise CheckpointError(f"{pipeline} lacks {PIPELINE_INDEX}; the checkpoint was copied incompletely")
+    return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
+
+
+def build_skeleton(unet_config: dict, config: MoEConfig) -> MTUUNet:
+    """An MTU UNet of the right structure with untrained weights (use under torch.device('meta'))."""
+    try:
+        base = UNet2DConditionModel.from_config(unet_config)
+    except Exception as exc:  # diffusers raises many types for a bad config
+        raise CheckpointError(f"the checkpoint's unet_config does not build a UNet2DConditionModel: {exc}") from None
+    return upcycle_unet(base, config)
+
+
+def _check_state_shapes(model: MTUUNet, shapes: dict[str, tuple[list[int], str]], path: Path) -> None:
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k][0])
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with another shape (e.g. {k}: config {expected[k]}, file {shapes[k][0]})")
+        raise CheckpointError(
+            f"{path} weights do not match {CHECKPOINT_CONFIG}: {'; '.join(parts)}; "
+            "the two files come from different models — re-run `mtu-export upcycle`"
+        )
+
+
+def _is_diffusers(path: Path) -> bool:
+    return (path / PIPELINE_INDEX).is_file() or (path / "config.json").is_file()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------- command
+def upcycle_folder(source: Path, out: Path, config: MoEConfig, overwrite: bool = False) -> Checkpoint:
+    """`mtu-export upcycle`: a diffusers UNet or pipeline folder -> an MTU checkpoint folder."""
+    located = locate_unet(Path(source))
+    check_output(Path(out), overwrite)  # before the heavy load
+    base = load_unet(Path(source))
+    mtu = upcycle_unet(base, config)
+    del base
+    digest = hashlib.sha256("".join(file_sha256(f) for f in unet_weights(located.unet_dir)).encode()).hexdigest()
+    extra = {"source": {"path": str(Path(source).resolve()), "unet_sha256": digest}}
+    out = save_checkpoint(mtu, Path(out), located.pipeline_dir, overwrite=overwrite, extra=extra)
+    pipeline = out / CHECKPOINT_PIPELINE if located.pipeline_dir else None
+    return Checkpoint(mtu, out, pipeline, read_json(out / CHECKPOINT_CONFIG))
+
+
+def describe(mtu: MTUUNet) -> dict:
+    """What an MTU UNet holds: tasks, experts, parameter counts and per-layer routing probabilities per task."""
+    total = sum(p.numel() for p in mtu.parameters())
+    trainable = sum(p.numel() for _, p in mtu.trainable_parameters())
+    routing = {task: mtu.routing_probabilities(task) for task in mtu.config.task_names}
+    layers = [name for name, _ in mtu.moe_layers()]
+    return {
+        "tasks": [{"name": t.name, "in_channels": t.in_channels} for t in mtu.config.tasks],
+        "num_experts": mtu.config.num_experts,
+        "task_embed_dim": mtu.config.task_embed_dim,
+        "router_hidden_dim": mtu.config.router_hidden_dim,
+        "moe_layers": len(layers),
+        "parameters": {"total": total, "trainable": trainable, "frozen": total - trainable},
+        "routing": {
+            layer: {task: [round(float(p), 4) for p in routing[task][layer]] for task in routing} for layer in layers
+        },
+    }
