@@ -98,9 +98,10 @@ def fold_task(mtu: MTUUNet, task: str) -> UNet2DConditionModel:
     unet.conv_in = unet.conv_in.convs[spec.name]
     unet.register_to_config(in_channels=spec.in_channels)
     # Rebuild from config so the result holds only stock diffusers modules, and prove the shapes line up.
-    vanilla = UNet2DConditionModel.from_config(unet.config).to(unet.dtype)
-    vanilla.load_state_dict(unet.state_dict(), strict=True)
-    return vanilla.eval()
+    with torch.device("meta"):
+        vanilla = UNet2DConditionModel.from_config(unet.config)
+    vanilla.load_state_dict(unet.state_dict(), strict=True, assign=True)
+    return vanilla.eval().requires_grad_(True)
 
 
 def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = False) -> Path:

@@ -39,7 +39,10 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write by replacing the file, never through it: `path` may be a hard link into a user's model folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def locate_unet(path: Path) -> UNetSource:
@@ -106,15 +109,19 @@ def check_safetensors(path: Path) -> dict[str, tuple[list[int], str]]:
 
 
 def link_or_copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy a folder, hard-linking files where the file system allows (weights are never modified in place)."""
+    """Copy a folder, hard-linking weight files where the file system allows; other files are copied, and
+    every later write in the copy replaces files (write_json) rather than writing through a link."""
 
     def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
+        if a.endswith((".safetensors", ".onnx_data", ".bin")):
+            try:
+                os.link(a, b)
+                return
+            except OSError:
+                pass
+        shutil.copy2(a, b)
 
-    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(*skip))
+    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -206,14 +206,21 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     with torch.device("meta"):
         model = build_skeleton(meta.get("unet_config", {}), config)
     _check_state_shapes(model, shapes, path)
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path / CHECKPOINT_WEIGHTS)), strict=True, assign=True)
+    model.load_state_dict(read_safetensors(path / CHECKPOINT_WEIGHTS), strict=True, assign=True)
     model = model.to(dtype) if dtype is not None else model
     pipeline = path / meta["pipeline"] if meta.get("pipeline") else None
     if pipeline is not None and not (pipeline / PIPELINE_INDEX).is_file():
         raise CheckpointError(f"{pipeline} lacks {PIPELINE_INDEX}; the checkpoint was copied incompletely")
     return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, each in its own allocation (a shared, unaligned buffer changes CPU kernels
+    and hence the last bits of outputs; per-tensor reads keep a reload bit-identical to the saved model)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name).clone() for name in handle.keys()}
 
 
 def build_skeleton(unet_config: dict, config: MoEConfig) -> MTUUNet:

@@ -1,0 +1,82 @@
+"""The MTU checkpoint format: safetensors + JSON, exact round trip, validated against its config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import unet_inputs
+from test_fold import perturb_
+
+from mtu_export.config import MoEConfig, TaskSpec
+from mtu_export.errors import CheckpointError, InputError, OutputExistsError
+from mtu_export.upcycle import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint, upcycle_unet
+
+
+@pytest.fixture
+def trained(unet):
+    return perturb_(upcycle_unet(unet, MoEConfig(tasks=(TaskSpec("t2i", 4), TaskSpec("edit", 8)), num_experts=2)))
+
+
+def test_checkpoint_round_trip_is_bit_exact(trained, tmp_path):
+    save_checkpoint(trained, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    assert loaded.config == trained.config
+    want, got = trained.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with torch.no_grad():
+        for task, channels in (("t2i", 4), ("edit", 8)):
+            inputs = unet_inputs(channels)
+            assert torch.equal(trained(**inputs, task=task).sample, loaded(**inputs, task=task).sample)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {n for n, _ in loaded.trainable_parameters()}
+
+
+def test_checkpoint_holds_no_pickle(trained, tmp_path):
+    save_checkpoint(trained, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS]
+
+
+def test_config_that_disagrees_with_weights_names_the_mismatch(trained, tmp_path):
+    save_checkpoint(trained, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / CHECKPOINT_CONFIG).read_text())
+    meta["moe"]["num_experts"] = 4
+    (tmp_path / "ckpt" / CHECKPOINT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"do not match mtu_config.json: .* missing \(e\.g\. .*experts\.2") as err:
+        load_checkpoint(tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+
+
+def test_channel_mismatch_is_reported_with_both_shapes(trained, tmp_path):
+    save_checkpoint(trained, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / CHECKPOINT_CONFIG).read_text())
+    meta["moe"]["tasks"][1]["in_channels"] = 9
+    (tmp_path / "ckpt" / CHECKPOINT_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=r"conv_in\.convs\.edit\.weight: config \[32, 9, 3, 3\], file \[32, 8, 3, 3\]"
+    ):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_truncated_weights_are_refused(trained, tmp_path):
+    save_checkpoint(trained, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / CHECKPOINT_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file .*truncated or corrupt"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_plain_diffusers_folder_is_not_a_checkpoint(unet_dir):
+    with pytest.raises(InputError, match="not an MTU checkpoint.*run `mtu-export upcycle` on it first"):
+        load_checkpoint(unet_dir)
+
+
+def test_existing_output_is_kept_without_overwrite(trained, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_checkpoint(trained, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "keep.txt").read_text() == "user data"
+    save_checkpoint(trained, tmp_path / "ckpt", overwrite=True)
+    assert not (tmp_path / "ckpt" / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left behind

@@ -1,0 +1,199 @@
+"""The CLI end to end on tiny real pipelines, and every bad input: one line, non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from typer.testing import CliRunner
+
+from mtu_export.cli import app
+from mtu_export.errors import MtuError
+
+runner = CliRunner()
+STEPS = 2
+SIZE = 32  # pixels; the tiny VAE downsamples by 2 -> 16x16 latents
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, pattern: str, exit_code: int | None = None) -> None:
+    assert result.exit_code != 0, result.output
+    if exit_code is not None:
+        assert result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def mtu_ckpt(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "mtu"
+    result = invoke("upcycle", pipeline_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_upcycle_pipeline_keeps_frozen_components(mtu_ckpt):
+    assert {p.name for p in (mtu_ckpt / "pipeline").iterdir()} == {
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+    }
+
+
+def _image(channels: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    shape = (SIZE, SIZE, 3) if channels == "RGB" else (SIZE, SIZE)
+    return Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).convert(channels)
+
+
+@pytest.mark.parametrize(
+    ("task", "pipeline_class", "extra"),
+    [
+        ("t2i", StableDiffusionPipeline, lambda: {}),
+        ("edit", StableDiffusionInstructPix2PixPipeline, lambda: {"image": _image()}),
+        ("inpaint", StableDiffusionInpaintPipeline, lambda: {"image": _image(), "mask_image": _image("L")}),
+    ],
+)
+def test_folded_pipeline_loads_and_generates_in_plain_diffusers(mtu_ckpt, tmp_path, task, pipeline_class, extra):
+    out = tmp_path / task
+    result = invoke("fold", mtu_ckpt, "--task", task, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == pipeline_class.__name__
+    pipe = pipeline_class.from_pretrained(out)
+    kwargs = dict(num_inference_steps=STEPS, output_type="np", generator=torch.Generator().manual_seed(0))
+    if task in ("t2i", "inpaint"):
+        kwargs.update(height=SIZE, width=SIZE)
+    images = pipe("a red circle", **kwargs, **extra()).images
+    assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
+
+
+def test_fold_of_a_unet_only_checkpoint_writes_a_unet_folder(unet_dir, tmp_path):
+    assert invoke("upcycle", unet_dir, "--out", tmp_path / "ckpt", "--tasks", "t2i,sr", "--experts", "2").exit_code == 0
+    result = invoke("fold", tmp_path / "ckpt", "--task", "sr", "--out", tmp_path / "sr")
+    assert result.exit_code == 0, result.output
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "sr").config.in_channels == 7
+
+
+def test_info_reports_tasks_parameters_and_routing(mtu_ckpt):
+    result = invoke("info", mtu_ckpt)
+    assert result.exit_code == 0, result.output
+    for text in ("t2i (4 ch)", "edit (8 ch)", "sr (7 ch)", "inpaint (9 ch)", "trainable", "routing probabilities"):
+        assert text in result.output
+    summary = json.loads(invoke("info", mtu_ckpt, "--json").output)
+    assert (
+        summary["num_experts"] == 4 and summary["moe_layers"] == 7
+    )  # 2 down + 4 up (1 + 1 extra per up block) + 1 mid
+    for per_task in summary["routing"].values():  # untrained: uniform routing
+        assert all(p == pytest.approx(0.25) for probs in per_task.values() for p in probs)
+
+
+# --------------------------------------------------------------------------------------------------- bad inputs
+def _corrupt(unet_dir: Path) -> Path:
+    (unet_dir / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    return unet_dir
+
+
+def _truncate(unet_dir: Path) -> Path:
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return unet_dir
+
+
+def _no_unet(unet_dir: Path) -> Path:
+    empty = unet_dir.parent / "not_a_model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    return empty
+
+
+def _pickle_only(unet_dir: Path) -> Path:
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    weights.rename(unet_dir / "diffusion_pytorch_model.bin")
+    return unet_dir
+
+
+BAD_UPCYCLE = {
+    "missing folder": (lambda d: d.parent / "nope", [], "does not exist", 2),
+    "folder without a unet": (_no_unet, [], "holds no diffusers UNet", 2),
+    "corrupt safetensors": (_corrupt, [], "not a valid safetensors file", 4),
+    "truncated safetensors": (_truncate, [], "truncated or corrupt", 4),
+    "pickle weights only": (_pickle_only, [], "loads safetensors only", 2),
+    "unknown task": (lambda d: d, ["--tasks", "t2i,inpait"], "did you mean 'inpaint'", 3),
+    "experts not dividing d_ff": (lambda d: d, ["--experts", "3"], "does not divide the FFN hidden width", 3),
+    "zero experts": (lambda d: d, ["--experts", "0"], "num_experts must be a positive integer", 3),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPCYCLE))
+def test_bad_upcycle_input_fails_cleanly(unet_dir, tmp_path, case):
+    make_source, args, pattern, code = BAD_UPCYCLE[case]
+    source = make_source(unet_dir)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = invoke("upcycle", source, "--out", tmp_path / "out", *args)
+    assert_clean_failure(result, pattern, code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(unet_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    assert_clean_failure(invoke("upcycle", unet_dir, "--out", tmp_path / "out"), "pass --overwrite", 5)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    assert invoke("upcycle", unet_dir, "--out", tmp_path / "out", "--overwrite").exit_code == 0
+    assert (tmp_path / "out" / "mtu_config.json").is_file() and not (tmp_path / "out" / "mine.txt").exists()
+
+
+def test_bad_fold_inputs_fail_cleanly(mtu_ckpt, pipeline_dir, tmp_path):
+    assert_clean_failure(
+        invoke("fold", mtu_ckpt, "--task", "inpait", "--out", tmp_path / "x"), "did you mean 'inpaint'", 3
+    )
+    assert_clean_failure(
+        invoke("fold", pipeline_dir, "--task", "t2i", "--out", tmp_path / "x"), "not an MTU checkpoint"
+    )
+    assert_clean_failure(invoke("fold", tmp_path / "none", "--task", "t2i", "--out", tmp_path / "x"), "does not exist")
+    (tmp_path / "taken").mkdir()
+    assert_clean_failure(invoke("fold", mtu_ckpt, "--task", "t2i", "--out", tmp_path / "taken"), "--overwrite", 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_truncated_checkpoint_fails_cleanly(mtu_ckpt, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(mtu_ckpt, broken)
+    _truncate_file(broken / "mtu_unet.safetensors")
+    assert_clean_failure(invoke("info", broken), "truncated or corrupt", 4)
+
+
+def _truncate_file(path: Path) -> None:
+    data = path.read_bytes()
+    path.unlink()  # the copy may be a hard link to the fixture's file
+    path.write_bytes(data[:-64])
+
+
+def test_every_error_class_has_a_distinct_nonzero_exit_code():
+    codes = [cls.exit_code for cls in MtuError.__subclasses__()]
+    assert len(set(codes)) == len(codes) and all(code > 1 for code in codes)
+
+
+def test_fold_leaves_the_checkpoint_untouched(mtu_ckpt, tmp_path):
+    before = {p: p.read_bytes() for p in mtu_ckpt.rglob("*") if p.is_file()}
+    assert invoke("fold", mtu_ckpt, "--task", "inpaint", "--out", tmp_path / "inpaint").exit_code == 0
+    assert {p: p.read_bytes() for p in mtu_ckpt.rglob("*") if p.is_file()} == before
