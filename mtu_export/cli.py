@@ -88,8 +88,11 @@ def fold(
     from mtu_export.fold import fold_checkpoint
 
     with console.status(f"folding task {task!r} of {checkpoint} ..."):
-        path = fold_checkpoint(checkpoint, task, out, overwrite=overwrite)
-    console.print(f"wrote {path}: task {task!r} as a plain diffusers UNet2DConditionModel")
+        result = fold_checkpoint(checkpoint, task, out, overwrite=overwrite)
+    console.print(
+        f"wrote {result.path}: task {task!r} as a plain diffusers UNet2DConditionModel "
+        f"(max |folded - routed| = {result.max_abs_diff:.2e})"
+    )
 
 
 @app.command()

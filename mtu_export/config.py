@@ -110,3 +110,19 @@ class MoEConfig:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"MoE config is malformed ({type(exc).__name__}: {exc}); re-run upcycle") from None
+
+
+# The Stable Diffusion v1.5 UNet architecture (diffusers UNet2DConditionModel config; 859,520,964 parameters).
+# Weights are not needed to measure structure, FLOPs or latency, so tests and benchmarks build it randomly.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}

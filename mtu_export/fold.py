@@ -11,6 +11,7 @@ Imports config, errors, storage, moe and upcycle (for the checkpoint); never exp
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from mtu_export.errors import InputError
+from mtu_export.errors import InputError, ParityError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.storage import (
     PIPELINE_INDEX,
@@ -104,12 +105,59 @@ def fold_task(mtu: MTUUNet, task: str) -> UNet2DConditionModel:
     return vanilla.eval().requires_grad_(True)
 
 
-def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class FoldResult:
+    path: Path
+    task: str
+    max_abs_diff: float  # folded vs routed on a seeded random input
+
+
+# Largest |folded - routed| allowed, relative to max(1, max |routed|), by the dtype the models run in.
+FOLD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@torch.no_grad()
+def verify_fold(mtu: MTUUNet, folded: UNet2DConditionModel, task: str, seed: int = 0) -> float:
+    """Run routed and folded models on one seeded random input; raise ParityError past FOLD_TOLERANCE."""
+    config = folded.config
+    size = min(int(config.sample_size), 2 ** len(config.block_out_channels))  # every resolution level, kept small
+    dtype = folded.dtype
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, config.in_channels, size, size, generator=g).to(dtype)
+    context = torch.randn(1, 8, config.cross_attention_dim, generator=g).to(dtype)
+    extra = _added_cond_kwargs(config, g, dtype)
+    timestep = torch.tensor([500])
+    routed = mtu(sample, timestep, context, task=task, added_cond_kwargs=extra).sample
+    dense = folded(sample, timestep, context, added_cond_kwargs=extra).sample
+    diff = (routed - dense).abs().max().item()
+    limit = FOLD_TOLERANCE.get(dtype, 1e-2) * max(1.0, routed.abs().max().item())
+    if not diff <= limit:
+        raise ParityError(
+            f"folded task {task!r} differs from the routed model by {diff:.3g} (limit {limit:.3g}); "
+            "this is a bug — please report it with the checkpoint's mtu_config.json"
+        )
+    return diff
+
+
+def _added_cond_kwargs(config, g: torch.Generator, dtype: torch.dtype) -> dict | None:
+    """SDXL-style UNets need pooled text embeddings and time ids; SD 1.x/2.x need nothing."""
+    if config.addition_embed_type != "text_time":
+        return None
+    time_ids = 6  # original size, crop coords, target size
+    pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+    return {
+        "text_embeds": torch.randn(1, pooled, generator=g).to(dtype),
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).to(dtype),
+    }
+
+
+def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = False) -> FoldResult:
     """`mtu-export fold`: write the task's folded UNet, or a full pipeline folder when the checkpoint has one."""
     check_output(Path(out), overwrite)
     ckpt = load_checkpoint(Path(checkpoint))
     spec = ckpt.model.config.task(task)
     unet = fold_task(ckpt.model, spec.name)
+    max_abs_diff = verify_fold(ckpt.model, unet, spec.name)
     with atomic_output_dir(Path(out), overwrite) as tmp:
         if ckpt.pipeline_dir is None:
             unet.save_pretrained(tmp, safe_serialization=True)
@@ -119,9 +167,17 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
             _retarget_pipeline(tmp / PIPELINE_INDEX, spec.name)
         write_json(
             (tmp / "unet" if ckpt.pipeline_dir else tmp) / "mtu_fold.json",
-            {"task": spec.name, "in_channels": spec.in_channels, "checkpoint": str(ckpt.path.resolve())},
+            {
+                "task": spec.name,
+                "in_channels": spec.in_channels,
+                "checkpoint": str(ckpt.path.resolve()),
+                "routing_probabilities": {
+                    k: [float(p) for p in v] for k, v in ckpt.model.routing_probabilities(spec.name).items()
+                },
+                "fold_max_abs_diff": max_abs_diff,
+            },
         )
-    return Path(out)
+    return FoldResult(Path(out), spec.name, max_abs_diff)
 
 
 def _retarget_pipeline(index_path: Path, task: str) -> None:

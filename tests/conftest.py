@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import UNet2DConditionModel
 
-CROSS_DIM = 32
+from mtu_export.tiny import CROSS_DIM, tiny_unet, write_tiny_pipeline
 
-
-def tiny_unet_config(**overrides) -> dict:
-    """Two resolutions, cross-attention in both, GEGLU FFNs of hidden width 128 / 256 (after diffusers' tests)."""
-    config = dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return config
-
-
-def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**tiny_unet_config(**overrides)).eval()
+__all__ = ["CROSS_DIM", "tiny_unet", "unet_inputs", "write_tiny_pipeline"]
 
 
 def unet_inputs(in_channels: int = 4, batch: int = 2, size: int = 16, seed: int = 1, dtype=torch.float32) -> dict:
@@ -44,69 +20,6 @@ def unet_inputs(in_channels: int = 4, batch: int = 2, size: int = 16, seed: int 
         timestep=torch.tensor([10, 500][:batch] + [999] * max(0, batch - 2)),
         encoder_hidden_states=torch.randn(batch, 7, CROSS_DIM, generator=g).to(dtype),
     )
-
-
-def write_tokenizer(path: Path) -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges) written to disk, so nothing is downloaded."""
-    path.mkdir(parents=True, exist_ok=True)
-    chars = string.ascii_lowercase + string.digits + ".,'-"
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
-    """A complete StableDiffusionPipeline folder (tiny UNet, VAE, CLIP text encoder, tokenizer, DDIM)."""
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=CROSS_DIM,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=100,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    tokenizer = write_tokenizer(path / "_tok")
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_unet(seed, sample_size=8),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path / "pipe", safe_serialization=True)
-    return path / "pipe"
 
 
 @pytest.fixture
@@ -122,4 +35,4 @@ def unet_dir(tmp_path: Path, unet: UNet2DConditionModel) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import unet_inputs
+from conftest import tiny_unet, unet_inputs
 from diffusers import UNet2DConditionModel
 
 from mtu_export.config import MoEConfig
-from mtu_export.fold import fold_task
+from mtu_export.errors import ParityError
+from mtu_export.fold import fold_task, verify_fold
 from mtu_export.moe import MTUUNet
 from mtu_export.upcycle import upcycle_unet
 
@@ -84,3 +85,27 @@ def test_fold_of_untrained_upcycle_is_the_base_unet(unet):
     inputs = unet_inputs(4)
     with torch.no_grad():
         assert (folded(**inputs).sample - unet(**inputs).sample).abs().max().item() <= FOLD_ATOL_FP32
+
+
+def test_verify_fold_catches_a_tampered_weight(unet):
+    mtu = perturb_(upcycle_unet(unet, MoEConfig()))
+    folded = fold_task(mtu, "t2i")
+    assert verify_fold(mtu, folded, "t2i") <= FOLD_ATOL_FP32
+    with torch.no_grad():
+        folded.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight[0, 0] += 0.5
+    with pytest.raises(ParityError, match="folded task 't2i' differs from the routed model"):
+        verify_fold(mtu, folded, "t2i")
+
+
+def test_sdxl_style_unet_upcycles_and_folds_exactly():
+    """SDXL conditioning (pooled text + time ids) and several transformer layers per block."""
+    unet = tiny_unet(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 16,
+        transformer_layers_per_block=(1, 2),
+    ).double()
+    mtu = perturb_(upcycle_unet(unet, MoEConfig(num_experts=2)))
+    assert len(mtu.moe_layers()) == (1 + 2) + 2 + (2 * 2 + 2 * 1)  # down, mid, up (2 attentions per up block)
+    for task in ("t2i", "edit"):
+        assert verify_fold(mtu, fold_task(mtu, task), task) <= FOLD_ATOL_FP64

@@ -1,0 +1,104 @@
+"""A tiny Stable-Diffusion-shaped pipeline with random weights, built offline from real diffusers and
+transformers classes: the fixture of the test suite and the model of `make demo` until a trained model ships.
+
+Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+CROSS_DIM = 32
+
+
+def tiny_unet_config(**overrides) -> dict:
+    """Two resolutions, cross-attention in both, GEGLU FFNs of hidden width 128 / 256 (after diffusers' tests)."""
+    config = dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_unet_config(**overrides)).eval()
+
+
+def char_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (no merges) built from files written here, so nothing is downloaded."""
+    path = Path(tempfile.mkdtemp(prefix="mtu-tokenizer-"))
+    chars = string.ascii_lowercase + string.digits + ".,'-"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+    shutil.rmtree(path)  # the tokenizer holds its vocabulary in memory; the pipeline saves its own copy
+    return tokenizer
+
+
+def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
+    """Write a complete StableDiffusionPipeline folder at `path` (tiny UNet, VAE, CLIP text encoder, tokenizer, DDIM)
+    with seeded random weights; 32x32 images, 16x16x4 latents."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=CROSS_DIM,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=100,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    tokenizer = char_tokenizer()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(seed, sample_size=8),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
