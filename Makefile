@@ -25,8 +25,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check mtu_export tests
 	$(BIN)/ruff format --check mtu_export tests
 
+DEMO := out/demo
+TASKS := t2i edit sr inpaint
+
+# The main job. Until a trained model ships in models/, it runs on a tiny random pipeline: upcycle to 4 tasks,
+# fold each task back into a plain diffusers pipeline (each fold checks itself against the routed model), report.
 demo: $(STAMP)
-	$(BIN)/python -m mtu_export.demo
+	$(BIN)/python -m mtu_export.tiny $(DEMO)/base
+	$(BIN)/mtu-export upcycle $(DEMO)/base --out $(DEMO)/mtu --tasks t2i,edit,sr,inpaint --experts 4 --overwrite
+	for t in $(TASKS); do $(BIN)/mtu-export fold $(DEMO)/mtu --task $$t --out $(DEMO)/folded/$$t --overwrite || exit 1; done
+	$(BIN)/mtu-export info $(DEMO)/mtu
+	@echo "folded pipelines: $(DEMO)/folded/{$$(echo $(TASKS) | tr ' ' ',')}"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -14,6 +15,10 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+
+# diffusers logs a warning at import time about optimum's two distributions; keep the CLI's output to results.
+# Users who want diffusers' logs back set DIFFUSERS_VERBOSITY themselves.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from mtu_export.config import DEFAULT_TASK_CHANNELS, MoEConfig, parse_tasks
 from mtu_export.errors import MtuError
@@ -25,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # one result line per message, however narrow the terminal
 stderr = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
@@ -124,16 +129,21 @@ def info(
 
 def _routing_table(summary: dict) -> Table:
     tasks = [t["name"] for t in summary["tasks"]]
-    table = Table(title="routing probabilities per layer (softmax over experts 1..N)")
+    table = Table(title="routing probabilities per layer, % per expert 1..N")
     table.add_column("layer")
     for task in tasks:
         table.add_column(task, justify="right")
     for layer, per_task in summary["routing"].items():
-        table.add_row(
-            layer.replace(".transformer_blocks.", ".tb.").removesuffix(".ff"),
-            *(" ".join(f"{p:.2f}" for p in per_task[task]) for task in tasks),
-        )
+        table.add_row(_short_layer(layer), *(" ".join(f"{100 * p:2.0f}" for p in per_task[task]) for task in tasks))
     return table
+
+
+def _short_layer(name: str) -> str:
+    """`down_blocks.1.attentions.0.transformer_blocks.2.ff` -> `down1.a0.t2`."""
+    pairs = (("transformer_blocks.", "t"), ("down_blocks.", "down"), ("up_blocks.", "up"), ("attentions.", "a"))
+    for long, short in pairs:
+        name = name.replace(long, short)
+    return name.replace("mid_block.", "mid.").removesuffix(".ff")
 
 
 def main() -> None:

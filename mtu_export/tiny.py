@@ -102,3 +102,21 @@ def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def main() -> None:
+    """`python -m mtu_export.tiny PATH`: write the tiny random pipeline (used by `make demo`)."""
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m mtu_export.tiny OUT_DIR")
+    out = Path(sys.argv[1])
+    if out.exists():
+        print(f"{out} exists; keeping it")
+        return
+    write_tiny_pipeline(out)
+    print(f"wrote a tiny random StableDiffusionPipeline to {out}")
+
+
+if __name__ == "__main__":
+    main()
