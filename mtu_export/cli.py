@@ -127,6 +127,23 @@ def info(
     console.print(_routing_table(summary))
 
 
+@app.command()
+@handles_errors
+def world(
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    task: Annotated[str, typer.Option(help="t2i, edit, sr, inpaint, or all (one column block per task).")] = "all",
+    split: Annotated[str, typer.Option(help="train, heldout or unseen.")] = "train",
+    count: Annotated[int, typer.Option(min=1, max=64, help="Examples per task.")] = 8,
+    start: Annotated[int, typer.Option(min=0, help="Index of the first example.")] = 0,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Render a PNG grid of shapes-world examples: [input(s) |] target per row, one block per task."""
+    from mtu_export.world_grid import write_grid
+
+    path = write_grid(out, task, split, count, start, overwrite=overwrite)
+    console.print(f"wrote {path}")
+
+
 def _routing_table(summary: dict) -> Table:
     tasks = [t["name"] for t in summary["tasks"]]
     table = Table(title="routing probabilities per layer, % per expert 1..N")

@@ -1,0 +1,39 @@
+"""PNG grids of shapes-world examples (the `mtu-export world` command). Imports world, config, errors, storage."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mtu_export.config import did_you_mean
+from mtu_export.errors import ConfigError
+from mtu_export.storage import check_output
+from mtu_export.world import SPLITS, TASKS, example_grid
+
+
+def write_grid(out: Path, task: str, split: str, count: int, start: int = 0, overwrite: bool = False) -> Path:
+    tasks = list(TASKS) if task == "all" else [task]
+    for name, known in ((task, [*TASKS, "all"]), (split, list(SPLITS))):
+        if name not in known:
+            raise ConfigError(f"unknown value {name!r}; known: {', '.join(known)}{did_you_mean(name, known)}")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file, got {out.name!r}")
+    check_output(out, overwrite)
+    blocks = [example_grid(t, split, count, start) for t in tasks]
+    height = max(b.shape[0] for b in blocks)
+    padded = [np.pad(b, ((0, height - b.shape[0]), (0, 12), (0, 0)), constant_values=255) for b in blocks]
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(handle)
+    try:
+        Image.fromarray(np.concatenate(padded, axis=1)[:, :-12]).save(tmp, format="PNG")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
