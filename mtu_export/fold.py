@@ -25,6 +25,7 @@ from mtu_export.storage import (
     PIPELINE_INDEX,
     atomic_output_dir,
     check_output,
+    check_separate,
     link_or_copy_tree,
     read_json,
     write_json,
@@ -153,6 +154,7 @@ def _added_cond_kwargs(config, g: torch.Generator, dtype: torch.dtype) -> dict |
 
 def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = False) -> FoldResult:
     """`mtu-export fold`: write the task's folded UNet, or a full pipeline folder when the checkpoint has one."""
+    check_separate(Path(out), Path(checkpoint))
     check_output(Path(out), overwrite)
     ckpt = load_checkpoint(Path(checkpoint))
     spec = ckpt.model.config.task(task)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtu_export.errors import CheckpointError, InputError, OutputExistsError
+from mtu_export.errors import CheckpointError, ConfigError, InputError, OutputExistsError
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -128,6 +128,13 @@ def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output path unless `overwrite` (called before heavy work, and again on commit)."""
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
+def check_separate(out: Path, source: Path) -> None:
+    """Refuse an output that is, contains or sits inside the input: replacing it would destroy the input."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise ConfigError(f"--out {out} overlaps the input {source}; write to a folder outside it")
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from mtu_export.storage import (
     atomic_output_dir,
     check_output,
     check_safetensors,
+    check_separate,
     link_or_copy_tree,
     locate_unet,
     read_json,
@@ -268,6 +269,7 @@ def file_sha256(path: Path) -> str:
 def upcycle_folder(source: Path, out: Path, config: MoEConfig, overwrite: bool = False) -> Checkpoint:
     """`mtu-export upcycle`: a diffusers UNet or pipeline folder -> an MTU checkpoint folder."""
     located = locate_unet(Path(source))
+    check_separate(Path(out), located.pipeline_dir or located.unet_dir)
     check_output(Path(out), overwrite)  # before the heavy load
     base = load_unet(Path(source))
     mtu = upcycle_unet(base, config)

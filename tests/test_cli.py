@@ -197,3 +197,14 @@ def test_fold_leaves_the_checkpoint_untouched(mtu_ckpt, tmp_path):
     before = {p: p.read_bytes() for p in mtu_ckpt.rglob("*") if p.is_file()}
     assert invoke("fold", mtu_ckpt, "--task", "inpaint", "--out", tmp_path / "inpaint").exit_code == 0
     assert {p: p.read_bytes() for p in mtu_ckpt.rglob("*") if p.is_file()} == before
+
+
+def test_output_overlapping_the_input_is_refused(unet_dir, mtu_ckpt):
+    before = sorted(p.name for p in unet_dir.iterdir())
+    assert_clean_failure(invoke("upcycle", unet_dir, "--out", unet_dir, "--overwrite"), "overlaps the input", 3)
+    assert_clean_failure(invoke("upcycle", unet_dir, "--out", unet_dir / "mtu"), "overlaps the input", 3)
+    assert sorted(p.name for p in unet_dir.iterdir()) == before
+    assert_clean_failure(
+        invoke("fold", mtu_ckpt, "--task", "t2i", "--out", mtu_ckpt, "--overwrite"), "overlaps the input", 3
+    )
+    assert (mtu_ckpt / "mtu_config.json").is_file()
