@@ -48,6 +48,10 @@ def handles_errors(command: F) -> F:
         except MtuError as exc:
             stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # disk full, permissions, a path that became a file: no traceback either
+            where = f" ({exc.filename})" if exc.filename else ""
+            stderr.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -142,6 +146,62 @@ def world(
 
     path = write_grid(out, task, split, count, start, overwrite=overwrite)
     console.print(f"wrote {path}")
+
+
+@app.command()
+@handles_errors
+def pretrain(
+    out: OutOption,
+    recipe: Annotated[Path, typer.Option(help="Base-model recipe (TOML).")] = Path("models/shapes-base.toml"),
+    work: Annotated[Path, typer.Option(help="Work folder: stage outputs and resumable checkpoints.")] = Path(
+        "runs/shapes-base"
+    ),
+    dtype: Annotated[str, typer.Option(help="Weights dtype of the written pipeline: fp16 or fp32.")] = "fp16",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train the shapes-world base pipeline (VAE, text encoder, UNet) from scratch; re-run to resume."""
+    from mtu_export.errors import ConfigError
+    from mtu_export.pretrain import pretrain as run
+
+    if dtype not in ("fp16", "fp32"):
+        raise ConfigError(f"--dtype must be fp16 or fp32, got {dtype!r}")
+    path = run(recipe, work, out, overwrite=overwrite, dtype=dtype)
+    console.print(f"wrote {path}")
+
+
+@app.command("eval")
+@handles_errors
+def evaluate(
+    pipeline: Annotated[Path, typer.Argument(help="A StableDiffusionPipeline folder (e.g. models/shapes-base).")],
+    split: Annotated[str, typer.Option(help="train, heldout or unseen.")] = "heldout",
+    count: Annotated[int, typer.Option(min=1, help="Number of scenes.")] = 200,
+    first: Annotated[int, typer.Option(min=0, help="Index of the first scene.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    grid: Annotated[Path | None, typer.Option(help="Also write a PNG of the first 32 generated images.")] = None,
+) -> None:
+    """Measure a shapes-world pipeline: VAE reconstruction PSNR and text-to-image scene-reader accuracy."""
+    from mtu_export.evaluate import EvalConfig, evaluate_base
+    from mtu_export.storage import write_json
+
+    config = EvalConfig(split=split, count=count, first=first, steps=steps, guidance=guidance, seed=seed)
+    result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
+    vae, acc = result["vae"], result["t2i_accuracy"]
+    console.print(f"VAE reconstruction on {split}: {vae['psnr_mean_db']:.2f} dB mean, {vae['psnr_min_db']:.2f} worst")
+    table = Table(title=f"t2i attribute accuracy on {split} ({count} captions, {steps} steps, cfg {guidance})")
+    for key in acc:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{100 * v:.1f} %" for v in acc.values()))
+    console.print(table)
+    if json_out:
+        write_json(json_out, result)
+        console.print(f"wrote {json_out}")
+    if grid:
+        from mtu_export.world_grid import write_images
+
+        console.print(f"wrote {write_images(grid, images)}")
 
 
 def _routing_table(summary: dict) -> Table:

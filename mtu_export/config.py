@@ -80,9 +80,14 @@ class MoEConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"task names must be unique; repeated: {', '.join(dupes)}")
-        for key in ("num_experts", "task_embed_dim", "router_hidden_dim"):
+        options = {
+            "num_experts": "--experts",
+            "task_embed_dim": "task_embed_dim",
+            "router_hidden_dim": "router_hidden_dim",
+        }
+        for key, option in options.items():
             if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+                raise ConfigError(f"{option} must be a positive integer, got {getattr(self, key)}")
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -101,15 +106,22 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
         try:
-            tasks = tuple(TaskSpec(t["name"], int(t["in_channels"])) for t in data["tasks"])
+            tasks = tuple(TaskSpec(t["name"], _integer(t["in_channels"], "in_channels")) for t in data["tasks"])
             return cls(
                 tasks=tasks,
-                num_experts=int(data["num_experts"]),
-                task_embed_dim=int(data["task_embed_dim"]),
-                router_hidden_dim=int(data["router_hidden_dim"]),
+                num_experts=_integer(data["num_experts"], "num_experts"),
+                task_embed_dim=_integer(data["task_embed_dim"], "task_embed_dim"),
+                router_hidden_dim=_integer(data["router_hidden_dim"], "router_hidden_dim"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"MoE config is malformed ({type(exc).__name__}: {exc}); re-run upcycle") from None
+
+
+def _integer(value: Any, key: str) -> int:
+    """An int from JSON, refusing floats and strings rather than truncating them."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, found {value!r}")
+    return value
 
 
 # The Stable Diffusion v1.5 UNet architecture (diffusers UNet2DConditionModel config; 859,520,964 parameters).
@@ -126,3 +138,65 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
+
+
+# ------------------------------------------------------------------------------------------------- base-model recipe
+@dataclass(frozen=True)
+class StageRecipe:
+    """One training stage of the base model: optimiser schedule and batch (AdamW, linear warm-up, cosine decay)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.0
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if not self.lr > 0 or self.warmup < 0:
+            raise ConfigError(f"lr must be > 0 and warmup >= 0, got lr={self.lr}, warmup={self.warmup}")
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """How the shipped text-to-image base model is built and trained (`models/*.toml`; see `mtu_export.pretrain`)."""
+
+    vae: dict[str, Any]  # AutoencoderKL config
+    text_encoder: dict[str, Any]  # CLIPTextConfig fields (vocabulary and special ids are filled in from the tokenizer)
+    unet: dict[str, Any]  # UNet2DConditionModel config (cross_attention_dim is the text encoder's hidden size)
+    vae_training: StageRecipe
+    unet_training: StageRecipe
+    kl_weight: float = 1e-6
+    dataset_size: int = 40_000  # train-split t2i scenes encoded once into latents for the UNet stage
+    caption_dropout: float = 0.1  # for classifier-free guidance
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.dataset_size < self.unet_training.batch_size:
+            raise ConfigError(f"dataset_size ({self.dataset_size}) is smaller than one batch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> BaseRecipe:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            fields = dict(data)
+            for stage in ("vae_training", "unet_training"):
+                fields[stage] = StageRecipe(**data[stage])
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{source} is malformed ({type(exc).__name__}: {exc})") from None

@@ -121,15 +121,17 @@ FOLD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2
 def verify_fold(mtu: MTUUNet, folded: UNet2DConditionModel, task: str, seed: int = 0) -> float:
     """Run routed and folded models on one seeded random input; raise ParityError past FOLD_TOLERANCE."""
     config = folded.config
-    size = min(int(config.sample_size), 2 ** len(config.block_out_channels))  # every resolution level, kept small
-    dtype = folded.dtype
+    size = 2 ** len(config.block_out_channels)  # every resolution level is visited, and the input stays small
+    dtype, device = folded.dtype, folded.device
     g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(1, config.in_channels, size, size, generator=g).to(dtype)
-    context = torch.randn(1, 8, config.cross_attention_dim, generator=g).to(dtype)
-    extra = _added_cond_kwargs(config, g, dtype)
-    timestep = torch.tensor([500])
-    routed = mtu(sample, timestep, context, task=task, added_cond_kwargs=extra).sample
-    dense = folded(sample, timestep, context, added_cond_kwargs=extra).sample
+    sample = torch.randn(1, config.in_channels, size, size, generator=g).to(device, dtype)
+    context = torch.randn(1, 8, config.cross_attention_dim, generator=g).to(device, dtype)
+    extra = _added_cond_kwargs(config, g, dtype, device)
+    class_labels = torch.zeros(1, dtype=torch.long, device=device) if config.num_class_embeds else None
+    timestep = torch.tensor([500], device=device)
+    kwargs = dict(added_cond_kwargs=extra, class_labels=class_labels)
+    routed = mtu(sample, timestep, context, task=task, **kwargs).sample
+    dense = folded(sample, timestep, context, **kwargs).sample
     diff = (routed - dense).abs().max().item()
     limit = FOLD_TOLERANCE.get(dtype, 1e-2) * max(1.0, routed.abs().max().item())
     if not diff <= limit:
@@ -140,15 +142,15 @@ def verify_fold(mtu: MTUUNet, folded: UNet2DConditionModel, task: str, seed: int
     return diff
 
 
-def _added_cond_kwargs(config, g: torch.Generator, dtype: torch.dtype) -> dict | None:
+def _added_cond_kwargs(config, g: torch.Generator, dtype: torch.dtype, device: torch.device) -> dict | None:
     """SDXL-style UNets need pooled text embeddings and time ids; SD 1.x/2.x need nothing."""
     if config.addition_embed_type != "text_time":
         return None
     time_ids = 6  # original size, crop coords, target size
     pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
     return {
-        "text_embeds": torch.randn(1, pooled, generator=g).to(dtype),
-        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).to(dtype),
+        "text_embeds": torch.randn(1, pooled, generator=g).to(device, dtype),
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).to(device, dtype),
     }
 
 

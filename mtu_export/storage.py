@@ -18,6 +18,7 @@ from mtu_export.errors import CheckpointError, ConfigError, InputError, OutputEx
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
+VARIANTS = ("fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,7 @@ def locate_unet(path: Path) -> UNetSource:
         raise InputError(f"{path} is a file; pass the diffusers folder that contains it")
     if (path / PIPELINE_INDEX).is_file() and (path / "unet" / "config.json").is_file():
         source = UNetSource(path / "unet", path)
-    elif (path / "config.json").is_file() and read_json(path / "config.json").get("_class_name", "").startswith(
-        "UNet2DConditionModel"
-    ):
+    elif (path / "config.json").is_file() and _is_unet_config(read_json(path / "config.json")):
         source = UNetSource(path, None)
     else:
         raise InputError(
@@ -67,12 +66,49 @@ def locate_unet(path: Path) -> UNetSource:
     return source
 
 
+def _is_unet_config(config: dict) -> bool:
+    name = config.get("_class_name")
+    return isinstance(name, str) and name.startswith("UNet2DConditionModel")
+
+
+def unet_variant(unet_dir: Path) -> str | None:
+    """`fp16` / `bf16` when a folder holds only variant weights (as Hub snapshots often do), else None."""
+    if (unet_dir / UNET_WEIGHTS).is_file() or (unet_dir / UNET_WEIGHTS_INDEX).is_file():
+        return None
+    for variant in VARIANTS:
+        if (unet_dir / _variant(UNET_WEIGHTS, variant)).is_file():
+            return variant
+        if (unet_dir / _variant(UNET_WEIGHTS_INDEX, variant)).is_file():
+            return variant
+    return None
+
+
+def _variant(name: str, variant: str | None) -> str:
+    """diffusers' variant names: `x.safetensors` -> `x.fp16.safetensors`, `x.index.json` -> `x.index.fp16.json`."""
+    if variant is None:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def weights_dtype(files: list[Path]) -> str:
+    """The safetensors dtype most floating tensors have (`F32`, `F16`, `BF16`)."""
+    counts: dict[str, int] = {}
+    for file in files:
+        for _, dtype in check_safetensors(file).values():
+            if dtype in ("F32", "F16", "BF16", "F64"):
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else "F32"
+
+
 def unet_weights(unet_dir: Path) -> list[Path]:
-    """The safetensors files of a UNet folder (one file or the shards of an index), each checked."""
-    if (unet_dir / UNET_WEIGHTS).is_file():
-        files = [unet_dir / UNET_WEIGHTS]
-    elif (unet_dir / UNET_WEIGHTS_INDEX).is_file():
-        shards = sorted(set(read_json(unet_dir / UNET_WEIGHTS_INDEX).get("weight_map", {}).values()))
+    """The safetensors files of a UNet folder (one file or the shards of an index; plain or one variant), checked."""
+    variant = unet_variant(unet_dir)
+    weights, index = _variant(UNET_WEIGHTS, variant), _variant(UNET_WEIGHTS_INDEX, variant)
+    if (unet_dir / weights).is_file():
+        files = [unet_dir / weights]
+    elif (unet_dir / index).is_file():
+        shards = sorted(set(read_json(unet_dir / index).get("weight_map", {}).values()))
         files = [unet_dir / shard for shard in shards]
     elif any(unet_dir.glob("*.bin")):
         raise InputError(
@@ -109,8 +145,9 @@ def check_safetensors(path: Path) -> dict[str, tuple[list[int], str]]:
 
 
 def link_or_copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy a folder, hard-linking weight files where the file system allows; other files are copied, and
-    every later write in the copy replaces files (write_json) rather than writing through a link."""
+    """Copy a pipeline folder's `model_index.json` and the component folders it names (not `skip`, not stray files
+    such as a root .ckpt), hard-linking weight files where the file system allows. Later writes in the copy replace
+    files (write_json) rather than writing through a link."""
 
     def link_or_copy(a: str, b: str) -> None:
         if a.endswith((".safetensors", ".onnx_data", ".bin")):
@@ -121,7 +158,24 @@ def link_or_copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
                 pass
         shutil.copy2(a, b)
 
-    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / PIPELINE_INDEX, dst / PIPELINE_INDEX)
+    for name in pipeline_components(src):
+        if name not in skip:
+            shutil.copytree(src / name, dst / name, copy_function=link_or_copy, dirs_exist_ok=True)
+
+
+def pipeline_components(pipeline_dir: Path) -> list[str]:
+    """The component folders a pipeline's model_index.json names and that exist (`unet`, `vae`, `tokenizer`, …)."""
+    index = read_json(pipeline_dir / PIPELINE_INDEX)
+    return [
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value[0] is not None
+        and (pipeline_dir / name).is_dir()
+    ]
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -139,25 +193,42 @@ def check_separate(out: Path, source: Path) -> None:
 
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed.
+
+    Replacing an existing folder takes two renames (old aside, new in place); a crash between them leaves the
+    old output in a hidden `.NAME.*.old` folder beside it, never a half-written `out`."""
     out = Path(out)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = _make_temp_dir(out)
     try:
         yield tmp
         check_output(out, overwrite)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            out.rename(trash)
-            tmp.rename(out)
-            if trash.is_dir():
-                shutil.rmtree(trash)
-            else:
-                trash.unlink()
-        else:
-            tmp.rename(out)
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_temp_dir(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; outputs get the permissions of a plain mkdir
+    return tmp
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move `tmp` to `out`, removing what `out` was (a folder, a file, or a link — never what a link points to)."""
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    tmp.rename(out)

@@ -33,7 +33,9 @@ from mtu_export.storage import (
     link_or_copy_tree,
     locate_unet,
     read_json,
+    unet_variant,
     unet_weights,
+    weights_dtype,
     write_json,
 )
 
@@ -41,15 +43,20 @@ CHECKPOINT_CONFIG = "mtu_config.json"
 CHECKPOINT_WEIGHTS = "mtu_unet.safetensors"
 CHECKPOINT_PIPELINE = "pipeline"
 CHECKPOINT_FORMAT = "mtu-export-checkpoint/1"
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 # ---------------------------------------------------------------------------------------------- loading a base UNet
 def load_unet(path: Path) -> UNet2DConditionModel:
     """Load a diffusers UNet (or a pipeline's unet/) from a local folder, safetensors only."""
     source = locate_unet(Path(path))
+    variant = unet_variant(source.unet_dir)
+    dtype = TORCH_DTYPES[weights_dtype(unet_weights(source.unet_dir))]  # keep the user's precision
     try:
-        unet = UNet2DConditionModel.from_pretrained(source.unet_dir, use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        unet = UNet2DConditionModel.from_pretrained(
+            source.unet_dir, use_safetensors=True, local_files_only=True, variant=variant, torch_dtype=dtype
+        )
+    except Exception as exc:  # diffusers raises many types for a broken folder; all mean the same to the user
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"could not load the UNet in {source.unet_dir}: {first_line}") from None
     return unet.eval()
@@ -121,6 +128,7 @@ def task_conv_in(base: nn.Conv2d, spec: TaskSpec) -> nn.Conv2d:
 
 def upcycle_unet(unet: UNet2DConditionModel, config: MoEConfig) -> MTUUNet:
     """Return an MTU UNet built from a copy of `unet` (left unchanged) that reproduces it for every task."""
+    _check_conditioning(unet.config)
     unet = copy.deepcopy(unet)
     routing = TaskRouting()
     blocks = list(transformer_blocks(unet))
@@ -136,6 +144,20 @@ def upcycle_unet(unet: UNet2DConditionModel, config: MoEConfig) -> MTUUNet:
     unet.conv_in = TaskConvIn({t.name: task_conv_in(unet.conv_in, t) for t in config.tasks}, routing)
     mtu = MTUUNet(unet, config, routing).to(device, dtype)
     return mtu.freeze_()
+
+
+def _check_conditioning(config) -> None:
+    """MTU routes by task only; extra conditioning inputs it cannot check exactly are refused up front."""
+    if config.class_embed_type is not None:
+        raise InputError(
+            f"this UNet uses class_embed_type={config.class_embed_type!r}; mtu-export supports UNets conditioned on "
+            "text (and SDXL's text_time) only — upcycle a text-to-image UNet"
+        )
+    if config.addition_embed_type not in (None, "text_time"):
+        raise InputError(
+            f"this UNet uses addition_embed_type={config.addition_embed_type!r}; mtu-export supports none or "
+            "'text_time' (SDXL) — upcycle a Stable Diffusion 1.x/2.x or SDXL UNet"
+        )
 
 
 def _check_block(name: str, block: BasicTransformerBlock) -> None:
@@ -202,10 +224,19 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             f"{path / CHECKPOINT_CONFIG} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}; "
             "re-run `mtu-export upcycle` with this version"
         )
-    config = MoEConfig.from_dict(meta.get("moe", {}))
+    config = _checkpoint_moe(meta, path)
+    if meta.get("pipeline") not in (CHECKPOINT_PIPELINE, None):
+        raise CheckpointError(
+            f"{path / CHECKPOINT_CONFIG}: 'pipeline' must be {CHECKPOINT_PIPELINE!r} or null, "
+            f"found {meta.get('pipeline')!r}; restore the file or re-run `mtu-export upcycle`"
+        )
+    if not isinstance(meta.get("unet_config"), dict):
+        raise CheckpointError(
+            f"{path / CHECKPOINT_CONFIG} has no 'unet_config' object; restore the file or re-run `mtu-export upcycle`"
+        )
     shapes = check_safetensors(path / CHECKPOINT_WEIGHTS)
     with torch.device("meta"):
-        model = build_skeleton(meta.get("unet_config", {}), config)
+        model = build_skeleton(meta["unet_config"], config)
     _check_state_shapes(model, shapes, path)
     model.load_state_dict(read_safetensors(path / CHECKPOINT_WEIGHTS), strict=True, assign=True)
     model = model.to(dtype) if dtype is not None else model
@@ -213,6 +244,14 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     if pipeline is not None and not (pipeline / PIPELINE_INDEX).is_file():
         raise CheckpointError(f"{pipeline} lacks {PIPELINE_INDEX}; the checkpoint was copied incompletely")
     return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
+
+
+def _checkpoint_moe(meta: dict, path: Path) -> MoEConfig:
+    """The checkpoint's MoE section; any defect in it is a damaged checkpoint (exit 4), not a user option error."""
+    try:
+        return MoEConfig.from_dict(meta.get("moe", {}))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / CHECKPOINT_CONFIG}: {exc}") from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -26,13 +26,33 @@ def write_grid(out: Path, task: str, split: str, count: int, start: int = 0, ove
     blocks = [example_grid(t, split, count, start) for t in tasks]
     height = max(b.shape[0] for b in blocks)
     padded = [np.pad(b, ((0, height - b.shape[0]), (0, 12), (0, 0)), constant_values=255) for b in blocks]
+    return save_png(out, np.concatenate(padded, axis=1)[:, :-12])
+
+
+def write_images(out: Path, images: list[np.ndarray], columns: int = 8, zoom: int = 2, overwrite: bool = True) -> Path:
+    """Tile uint8 (H, W, 3) images into a grid PNG, `columns` per row, 2 px white gutters, upscaled by `zoom`."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--grid must name a .png file, got {out.name!r}")
+    check_output(out, overwrite)
+    h, w, _ = images[0].shape
+    rows = -(-len(images) // columns)
+    canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = image
+    return save_png(out, canvas.repeat(zoom, axis=0).repeat(zoom, axis=1))
+
+
+def save_png(out: Path, picture: np.ndarray) -> Path:
+    """Write a uint8 picture atomically (temp file, then rename)."""
     from PIL import Image
 
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     os.close(handle)
     try:
-        Image.fromarray(np.concatenate(padded, axis=1)[:, :-12]).save(tmp, format="PNG")
+        Image.fromarray(picture).save(tmp, format="PNG")
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)

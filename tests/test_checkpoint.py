@@ -80,3 +80,28 @@ def test_existing_output_is_kept_without_overwrite(trained, tmp_path):
     save_checkpoint(trained, tmp_path / "ckpt", overwrite=True)
     assert not (tmp_path / "ckpt" / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left behind
+
+
+def _edit_meta(path, edit) -> None:
+    meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
+    edit(meta)
+    (path / CHECKPOINT_CONFIG).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(pipeline="../../elsewhere"), "'pipeline' must be 'pipeline' or null"),
+        (lambda m: m["moe"].update(num_experts=2.7), "num_experts must be an integer, found 2.7"),
+        (lambda m: m["moe"]["tasks"][0].update(in_channels=4.7), "in_channels must be an integer"),
+        (lambda m: m["moe"].update(num_experts=0), "--experts must be a positive integer"),
+        (lambda m: m.pop("unet_config"), "has no 'unet_config' object"),
+    ],
+    ids=["pipeline path", "float experts", "float channels", "zero experts", "no unet config"],
+)
+def test_damaged_config_is_a_checkpoint_error(trained, tmp_path, edit, message):
+    save_checkpoint(trained, tmp_path / "ckpt")
+    _edit_meta(tmp_path / "ckpt", edit)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(tmp_path / "ckpt")
+    assert err.value.exit_code == 4

@@ -139,7 +139,7 @@ BAD_UPCYCLE = {
     "pickle weights only": (_pickle_only, [], "loads safetensors only", 2),
     "unknown task": (lambda d: d, ["--tasks", "t2i,inpait"], "did you mean 'inpaint'", 3),
     "experts not dividing d_ff": (lambda d: d, ["--experts", "3"], "does not divide the FFN hidden width", 3),
-    "zero experts": (lambda d: d, ["--experts", "0"], "num_experts must be a positive integer", 3),
+    "zero experts": (lambda d: d, ["--experts", "0"], "--experts must be a positive integer", 3),
 }
 
 
@@ -208,3 +208,19 @@ def test_output_overlapping_the_input_is_refused(unet_dir, mtu_ckpt):
         invoke("fold", mtu_ckpt, "--task", "t2i", "--out", mtu_ckpt, "--overwrite"), "overlaps the input", 3
     )
     assert (mtu_ckpt / "mtu_config.json").is_file()
+
+
+def test_upcycle_copies_only_the_pipeline_components(pipeline_dir, tmp_path):
+    source = tmp_path / "pipe"
+    shutil.copytree(pipeline_dir, source)
+    (source / "v1-5-pruned.ckpt").write_bytes(b"a big pickle a user keeps beside the folders")
+    (source / "notes").mkdir()
+    result = invoke("upcycle", source, "--out", tmp_path / "mtu")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "mtu" / "pipeline").iterdir()} == {
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+    }

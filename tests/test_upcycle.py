@@ -8,9 +8,10 @@ from conftest import CROSS_DIM, tiny_unet, unet_inputs
 from diffusers.models.attention import BasicTransformerBlock
 
 from mtu_export.config import DEFAULT_TASK_CHANNELS, MoEConfig, TaskSpec
-from mtu_export.errors import ConfigError
-from mtu_export.moe import MoEFeedForward, TaskRouting
-from mtu_export.upcycle import split_feed_forward, upcycle_unet
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.moe import MoEFeedForward
+from mtu_export.fold import fold_task, verify_fold
+from mtu_export.upcycle import load_unet, split_feed_forward, upcycle_unet
 
 INIT_ATOL_FP32 = 1e-5
 INIT_ATOL_FP64 = 1e-10
@@ -119,4 +120,48 @@ def test_moe_layer_count_and_default_channels():
     assert len(mtu.moe_layers()) == 11
     assert all(isinstance(m, MoEFeedForward) for _, m in mtu.moe_layers())
     assert {n: c.in_channels for n, c in mtu.unet.conv_in.convs.items()} == DEFAULT_TASK_CHANNELS
-    assert isinstance(mtu.moe_layers()[0][1]._routing, TaskRouting)
+    assert all(m._routing is mtu._routing for _, m in mtu.moe_layers())  # one shared task switch
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_keep_their_dtype(tmp_path, dtype):
+    tiny_unet().to(dtype).save_pretrained(tmp_path / "unet", safe_serialization=True)
+    unet = load_unet(tmp_path / "unet")
+    assert unet.dtype == dtype
+    assert upcycle_unet(unet, TASKS).unet.conv_in.convs["t2i"].weight.dtype == dtype
+
+
+def test_variant_only_folder_loads(tmp_path):
+    tiny_unet().to(torch.float16).save_pretrained(tmp_path / "unet", safe_serialization=True, variant="fp16")
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert load_unet(tmp_path / "unet").dtype == torch.float16
+
+
+def test_class_embedding_types_are_refused_up_front():
+    with pytest.raises(InputError, match="class_embed_type='timestep'.*text"):
+        upcycle_unet(tiny_unet(class_embed_type="timestep"), TASKS)
+    with pytest.raises(InputError, match="addition_embed_type='text'"):
+        upcycle_unet(tiny_unet(addition_embed_type="text", encoder_hid_dim=CROSS_DIM), TASKS)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"num_class_embeds": 10}, {"sample_size": None}, {"sample_size": (16, 16)}], ids=str
+)
+def test_fold_checks_itself_on_less_common_configs(overrides):
+    mtu = upcycle_unet(tiny_unet(**overrides), TASKS)
+    for task in TASKS.task_names:
+        assert verify_fold(mtu, fold_task(mtu, task), task) <= INIT_ATOL_FP32
+
+
+def test_linears_without_bias_upcycle_exactly():
+    unet = tiny_unet(seed=3)
+    for _, block in ((n, m) for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)):
+        for linear in (block.ff.net[0].proj, block.ff.net[2]):
+            linear.bias = None
+    mtu = upcycle_unet(unet, TASKS)
+    inputs = unet_inputs(4)
+    with torch.no_grad():
+        assert _max_diff(unet(**inputs).sample, mtu(**inputs, task="t2i").sample) <= INIT_ATOL_FP32

@@ -1,0 +1,103 @@
+"""Quality of a shapes-world pipeline on a held-out split: VAE reconstruction PSNR and text-to-image attribute
+accuracy by the scene reader (the way CLIP score is used for Stable Diffusion).
+
+Loads pipelines with plain diffusers, exactly as a user would. Imports errors, reader, storage and world.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.reader import accuracy, score
+from mtu_export.world import SPLITS, make_example
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "heldout"
+    count: int = 200
+    first: int = 0  # index of the first example: tune guidance on other indices than the ones reported
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    batch_size: int = 50
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"unknown split {self.split!r}; known: {', '.join(SPLITS)}")
+        if self.count < 1 or self.steps < 1 or self.batch_size < 1 or self.first < 0:
+            raise ConfigError("count, steps and batch size must be positive, and the first index >= 0")
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB of uint8 images (peak 255); infinite when identical."""
+    mse = np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def load_pipeline(path: Path):
+    """A StableDiffusionPipeline from a local folder, in fp32 (CPU), without progress bars."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (Path(path) / "model_index.json").is_file():
+        raise InputError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder")
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def vae_psnr(vae, config: EvalConfig) -> dict[str, float]:
+    """Mean and worst PSNR of encode (posterior mean) -> decode on the split's t2i scenes."""
+    from mtu_export.pretrain import images_to_tensor
+
+    values = []
+    for first in range(config.first, config.first + config.count, config.batch_size):
+        last = min(first + config.batch_size, config.first + config.count)
+        targets = [make_example("t2i", config.split, i).target for i in range(first, last)]
+        latents = vae.encode(images_to_tensor(targets)).latent_dist.mean
+        recon = to_uint8(vae.decode(latents).sample)
+        values += [psnr(t, r) for t, r in zip(targets, recon, strict=True)]
+    return {"psnr_mean_db": float(np.mean(values)), "psnr_min_db": float(np.min(values)), "images": len(values)}
+
+
+@torch.no_grad()
+def t2i_accuracy(pipe, config: EvalConfig, grid_count: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Scene-reader attribute accuracy of images sampled from the split's captions (fixed seed per batch), and the
+    first `grid_count` images for a picture."""
+    scores, shown = [], []
+    for first in range(config.first, config.first + config.count, config.batch_size):
+        last = min(first + config.batch_size, config.first + config.count)
+        prompts = [make_example("t2i", config.split, i).prompt for i in range(first, last)]
+        images = pipe(
+            prompts,
+            height=64,
+            width=64,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance,
+            generator=torch.Generator().manual_seed(config.seed + first),
+            output_type="np",
+        ).images  # (B, 64, 64, 3) float in [0, 1]
+        images = (images * 255).round().astype(np.uint8)
+        scores += [score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+        shown += list(images[: max(0, grid_count - len(shown))])
+    return accuracy(scores), shown
+
+
+def evaluate_base(path: Path, config: EvalConfig, grid_count: int = 0) -> tuple[dict, list[np.ndarray]]:
+    """VAE PSNR and t2i accuracy of the pipeline at `path` on `config.split`."""
+    pipe = load_pipeline(path)
+    vae = vae_psnr(pipe.vae, config)
+    t2i, images = t2i_accuracy(pipe, config, grid_count)
+    return {"pipeline": str(path), "config": asdict(config), "vae": vae, "t2i_accuracy": t2i}, images
