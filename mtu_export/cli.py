@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # diffusers logs a warning at import time about optimum's two distributions; keep the CLI's output to results.
@@ -46,11 +47,12 @@ def handles_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except MtuError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # disk full, permissions, a path that became a file: no traceback either
             where = f" ({exc.filename})" if exc.filename else ""
-            stderr.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
+            message = escape(f"{exc.strerror or exc}{where}")
+            stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -189,14 +189,19 @@ class BaseRecipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> BaseRecipe:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        _check_keys(data, cls, source)
         try:
             fields = dict(data)
             for stage in ("vae_training", "unet_training"):
+                _check_keys(data[stage], StageRecipe, f"{source} [{stage}]")
                 fields[stage] = StageRecipe(**data[stage])
             return cls(**fields)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{source} is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_keys(data: dict[str, Any], cls: type, source: str) -> None:
+    known = sorted(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")

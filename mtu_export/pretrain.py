@@ -214,17 +214,21 @@ class _Reporter:
 
 def run_stage(
     name: str,
-    accelerator,
     modules: list[nn.Module],
-    loss_fn: Callable[[list[nn.Module], int, torch.Generator], torch.Tensor],
+    loss_fn: Callable[[list[nn.Module], int, torch.Generator, object], torch.Tensor],
     stage: StageRecipe,
     workdir: Path,
     seed: int,
     ema_decay: float | None = None,
+    stop_at: int | None = None,
 ) -> tuple[list[nn.Module], dict]:
     """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator)`, resuming from
-    `workdir/<name>-state` when it exists. Returns the unwrapped modules (EMA weights copied in when `ema_decay`)
-    and the stage's progress record (steps, seconds)."""
+    `workdir/<name>-state` when it exists, and checkpointing there (also at `stop_at`, where this call ends early).
+    Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
+    Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
@@ -241,8 +245,9 @@ def run_stage(
     for m in wrapped:
         m.train()
     started = time.perf_counter() - progress["seconds"]
-    for step in range(progress["step"], stage.steps):
-        loss = loss_fn(wrapped, step, _generator(seed, step, accelerator.process_index))
+    end = stage.steps if stop_at is None else min(stop_at, stage.steps)
+    for step in range(progress["step"], end):
+        loss = loss_fn(wrapped, step, _generator(seed, step, accelerator.process_index), accelerator)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -252,7 +257,7 @@ def run_stage(
             ema.update(params)
         done = step + 1
         reporter.step(done, {"loss": loss.item(), "lr": schedule.get_last_lr()[0]})
-        if done % stage.checkpoint_every == 0 or done == stage.steps:
+        if done % stage.checkpoint_every == 0 or done == end:
             progress = {"step": done, "seconds": time.perf_counter() - started}
             _save_state(accelerator, state_dir, progress)
     reporter.close()
@@ -261,17 +266,22 @@ def run_stage(
     return [accelerator.unwrap_model(m).eval() for m in wrapped], progress
 
 
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 # ---------------------------------------------------------------------------------------------------------- stages
-def train_vae(recipe: BaseRecipe, workdir: Path, accelerator) -> dict:
-    """Stage 1: the autoencoder. Saves `workdir/vae`; returns the stage's progress record."""
+def train_vae(recipe: BaseRecipe, workdir: Path, stop_at: int | None = None) -> dict:
+    """Stage 1: the autoencoder. Saves `workdir/vae` once complete; returns the stage's progress record."""
     torch.manual_seed(recipe.seed)
     vae = build_vae(recipe)
     stage = recipe.vae_training
-    rank, world = accelerator.process_index, accelerator.num_processes
 
-    def loss_fn(modules: list[nn.Module], step: int, generator: torch.Generator) -> torch.Tensor:
+    def loss_fn(modules: list[nn.Module], step: int, generator: torch.Generator, accelerator) -> torch.Tensor:
         (model,) = modules
-        first = (step * world + rank) * stage.batch_size
+        first = (step * accelerator.num_processes + accelerator.process_index) * stage.batch_size
         x = images_to_tensor(vae_images(range(first, first + stage.batch_size))).to(accelerator.device)  # (B,3,64,64)
         posterior = model.encode(x).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
@@ -279,8 +289,8 @@ def train_vae(recipe: BaseRecipe, workdir: Path, accelerator) -> dict:
         recon = model.decode(z).sample
         return (recon - x).abs().mean() + (recon - x).pow(2).mean() + recipe.kl_weight * posterior.kl().mean()
 
-    (vae,), progress = run_stage("vae", accelerator, [vae], loss_fn, stage, workdir, recipe.seed)
-    if accelerator.is_main_process:
+    (vae,), progress = run_stage("vae", [vae], loss_fn, stage, workdir, recipe.seed, stop_at=stop_at)
+    if _is_main_process() and progress["step"] == stage.steps:
         vae.save_pretrained(workdir / "vae")
     return progress
 
@@ -320,7 +330,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids  # (B, L)
 
 
-def train_unet(recipe: BaseRecipe, workdir: Path, accelerator, tokenizer) -> tuple[nn.Module, nn.Module, dict]:
+def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module, nn.Module, dict]:
     """Stage 3: UNet and text encoder together, from scratch. Returns both (EMA weights) and the progress record."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
@@ -335,7 +345,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, accelerator, tokenizer) -> tup
     stage = recipe.unet_training
     count = data["mean"].shape[0]
 
-    def loss_fn(modules: list[nn.Module], step: int, generator: torch.Generator) -> torch.Tensor:
+    def loss_fn(modules: list[nn.Module], step: int, generator: torch.Generator, accelerator) -> torch.Tensor:
         model, encoder = modules
         index = torch.randint(0, count, (stage.batch_size,), generator=generator)
         latents = data["mean"][index].float() + data["std"][index].float() * torch.randn(
@@ -356,7 +366,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, accelerator, tokenizer) -> tup
         return per_sample.mean()
 
     (unet, text_encoder), progress = run_stage(
-        "unet", accelerator, [unet, text_encoder], loss_fn, stage, workdir, recipe.seed, recipe.ema_decay
+        "unet", [unet, text_encoder], loss_fn, stage, workdir, recipe.seed, recipe.ema_decay
     )
     return unet, text_encoder, progress
 
@@ -364,7 +374,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, accelerator, tokenizer) -> tup
 # ----------------------------------------------------------------------------------------------------- whole recipe
 def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = False, dtype: str = "fp16") -> Path:
     """Run (or resume) every stage of the recipe in `workdir`, then write the StableDiffusionPipeline to `out`."""
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
     recipe = load_recipe(recipe_path)
     if out.exists() and not overwrite:
@@ -372,24 +382,24 @@ def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = Fals
 
         check_output(out, overwrite)  # refuse before hours of training, not after
     workdir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator()
+    state = PartialState()  # the process group under `accelerate launch`; one process otherwise
     timings_file = workdir / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     tokenizer = world_tokenizer(workdir / "tokenizer-files")
     if not (workdir / "vae" / "config.json").exists():
-        timings["vae"] = train_vae(recipe, workdir, accelerator)
+        timings["vae"] = train_vae(recipe, workdir)
         write_json(timings_file, timings)
-    if not (workdir / "latents.safetensors").exists() and accelerator.is_main_process:
+    if not (workdir / "latents.safetensors").exists() and state.is_main_process:
         started = time.perf_counter()
         encode_dataset(recipe, workdir, tokenizer)
         timings["encode"] = {"seconds": time.perf_counter() - started, "scenes": recipe.dataset_size}
         write_json(timings_file, timings)
-    accelerator.wait_for_everyone()
-    unet, text_encoder, timings["unet"] = train_unet(recipe, workdir, accelerator, tokenizer)
-    write_json(timings_file, timings)
-    if accelerator.is_main_process:
+    state.wait_for_everyone()
+    unet, text_encoder, timings["unet"] = train_unet(recipe, workdir, tokenizer)
+    if state.is_main_process:
+        write_json(timings_file, timings)
         write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out, overwrite, dtype)
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     return out
 
 

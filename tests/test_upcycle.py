@@ -9,8 +9,8 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from mtu_export.config import DEFAULT_TASK_CHANNELS, MoEConfig, TaskSpec
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.moe import MoEFeedForward
 from mtu_export.fold import fold_task, verify_fold
+from mtu_export.moe import MoEFeedForward
 from mtu_export.upcycle import load_unet, split_feed_forward, upcycle_unet
 
 INIT_ATOL_FP32 = 1e-5
