@@ -171,24 +171,99 @@ def pretrain(
     console.print(f"wrote {path}")
 
 
+@app.command()
+@handles_errors
+def train(
+    base: Annotated[Path, typer.Argument(help="Base pipeline folder (e.g. models/shapes-base).")],
+    out: OutOption,
+    work: Annotated[Path, typer.Option(help="Work folder: caches, resumable checkpoints, the JSON-lines log.")],
+    tasks: Annotated[str, typer.Option(help="Tasks, optionally with channels (sr:7).")] = "t2i,edit,sr,inpaint",
+    experts: Annotated[int, typer.Option(help="Experts per FFN (N).")] = 4,
+    single_task: Annotated[str | None, typer.Option(help="Train the single-task baseline of this task.")] = None,
+    trainable: Annotated[
+        str | None, typer.Option(help="mtu (the paper's split) or full; default mtu, full with --single-task.")
+    ] = None,
+    task_weights: Annotated[
+        str | None, typer.Option(help="Sampling weights, e.g. t2i=1,edit=2,sr=1,inpaint=2.")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Rows per step, split across tasks by weight.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    cfg_dropout: Annotated[float, typer.Option(help="InstructPix2Pix-style condition dropout p.")] = 0.05,
+    cache_size: Annotated[int, typer.Option(help="Train examples per task, VAE-encoded once.")] = 4000,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 250,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --work.")] = False,
+    stop_at: Annotated[int | None, typer.Option(help="End this call after this step (resume later).")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train an MTU checkpoint (or a single-task baseline) on the shapes world, on accelerate; `accelerate launch`
+    runs the same command on several processes."""
+    from mtu_export.config import TrainConfig
+    from mtu_export.train import train as run
+
+    specs = parse_tasks(tasks)
+    config = TrainConfig(
+        tasks=specs,
+        num_experts=experts,
+        single_task=single_task,
+        trainable=trainable or ("full" if single_task else "mtu"),
+        task_weights=_parse_weights(task_weights, [t.name for t in specs]) if task_weights else None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        cfg_dropout=cfg_dropout,
+        cache_size=cache_size,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        stop_at=stop_at,
+    )
+    path = run(config, base, work, out, resume=resume, overwrite=overwrite)
+    console.print(f"wrote {path}" if path else f"stopped at step {stop_at}; continue with --resume")
+
+
+def _parse_weights(text: str, names: list[str]) -> tuple[float, ...]:
+    from mtu_export.config import did_you_mean
+    from mtu_export.errors import ConfigError
+
+    weights = dict.fromkeys(names, 0.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in weights:
+            raise ConfigError(f"--task-weights names {name!r}, not a trained task{did_you_mean(name, names)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--task-weights: {item!r} is not task=number, as in 'edit=2'") from None
+    return tuple(weights.values())
+
+
 @app.command("eval")
 @handles_errors
 def evaluate(
-    pipeline: Annotated[Path, typer.Argument(help="A StableDiffusionPipeline folder (e.g. models/shapes-base).")],
+    pipeline: Annotated[
+        Path, typer.Argument(help="A StableDiffusionPipeline folder (models/shapes-base) or an MTU checkpoint.")
+    ],
+    task: Annotated[str, typer.Option(help="Checkpoints: a task, or all.")] = "all",
     split: Annotated[str, typer.Option(help="train, heldout or unseen.")] = "heldout",
     count: Annotated[int, typer.Option(min=1, help="Number of scenes.")] = 200,
     first: Annotated[int, typer.Option(min=0, help="Index of the first scene.")] = 0,
     steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    image_guidance: Annotated[float, typer.Option(help="Image guidance scale (edit, sr).")] = 1.5,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
-    grid: Annotated[Path | None, typer.Option(help="Also write a PNG of the first 32 generated images.")] = None,
+    grid: Annotated[Path | None, typer.Option(help="Also write a PNG of generated images.")] = None,
 ) -> None:
-    """Measure a shapes-world pipeline: VAE reconstruction PSNR and text-to-image scene-reader accuracy."""
+    """Measure a shapes-world pipeline (VAE PSNR, text-to-image scene-reader accuracy) or every task of an MTU
+    checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr)."""
     from mtu_export.evaluate import EvalConfig, evaluate_base
     from mtu_export.storage import write_json
 
     config = EvalConfig(split=split, count=count, first=first, steps=steps, guidance=guidance, seed=seed)
+    if (pipeline / "mtu_config.json").is_file():
+        _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid)
+        return
     result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
     vae, acc = result["vae"], result["t2i_accuracy"]
     console.print(f"VAE reconstruction on {split}: {vae['psnr_mean_db']:.2f} dB mean, {vae['psnr_min_db']:.2f} worst")
@@ -204,6 +279,30 @@ def evaluate(
         from mtu_export.world_grid import write_images
 
         console.print(f"wrote {write_images(grid, images)}")
+
+
+def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, json_out, grid) -> None:
+    from mtu_export.evaluate import evaluate_checkpoint
+    from mtu_export.sample import SamplerConfig
+    from mtu_export.storage import write_json
+
+    sampler = SamplerConfig(config.steps, config.guidance, image_guidance, config.seed)
+    results, images = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,))
+    table = Table(title=f"{path} on {config.split} ({config.count} examples, {config.steps} steps)")
+    for column in ("task", "psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr"):
+        table.add_column(column, justify="right")
+    for name, row in results.items():
+        cells = [row.get(k) for k in ("psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr")]
+        table.add_row(name, *("" if v is None else f"{v:.3f}" for v in cells))
+    console.print(table)
+    if json_out:
+        write_json(json_out, {"checkpoint": str(path), "split": config.split, "count": config.count, "tasks": results})
+        console.print(f"wrote {json_out}")
+    if grid:
+        from mtu_export.world_grid import write_images
+
+        first = [im for name in results for im in images[name][:8]]
+        console.print(f"wrote {write_images(grid, first, columns=8)}")
 
 
 def _routing_table(summary: dict) -> Table:

@@ -205,3 +205,79 @@ def _check_keys(data: dict[str, Any], cls: type, source: str) -> None:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+# ----------------------------------------------------------------------------------------------------- MTU training
+@dataclass(frozen=True)
+class TrainConfig:
+    """`mtu-export train`: an MTU run over `tasks`, or a single-task baseline (`single_task`, full fine-tune)."""
+
+    tasks: tuple[TaskSpec, ...] = field(
+        default_factory=lambda: tuple(TaskSpec(n, c) for n, c in DEFAULT_TASK_CHANNELS.items())
+    )
+    num_experts: int = 4
+    single_task: str | None = None
+    trainable: str = "mtu"  # "mtu": the paper's split; "full": every UNet parameter (the baselines)
+    task_weights: tuple[float, ...] | None = None  # sampling weight per task, in `tasks` order; None = uniform
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    checkpoint_every: int = 250
+    cfg_dropout: float = 0.05  # InstructPix2Pix's p: text dropped 2p of the time, image 2p, both p
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.0
+    cache_size: int = 4000  # train examples per task, VAE-encoded once
+    seed: int = 0
+    stop_at: int | None = None  # end this call early (checkpointed); the run resumes with --resume
+
+    def __post_init__(self) -> None:
+        if self.single_task is not None:
+            names = [t.name for t in self.tasks]
+            if self.single_task not in names:
+                raise ConfigError(
+                    f"unknown task {self.single_task!r} for --single-task; known: {', '.join(names)}"
+                    f"{did_you_mean(self.single_task, names)}"
+                )
+        if self.trainable not in ("mtu", "full"):
+            raise ConfigError(f"--trainable must be 'mtu' or 'full', got {self.trainable!r}")
+        if self.task_weights is not None:
+            if len(self.task_weights) != len(self.tasks) or any(w < 0 for w in self.task_weights):
+                raise ConfigError("--task-weights needs one non-negative weight per task, e.g. t2i=1,edit=2,sr=1")
+            if sum(self.task_weights) <= 0:
+                raise ConfigError("--task-weights must not all be zero")
+        if not 0 <= self.cfg_dropout < 1 / 3:
+            raise ConfigError(f"--cfg-dropout must be in [0, 1/3), got {self.cfg_dropout}")
+        if self.batch_size < len(self.weights()):
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the number of tasks trained")
+        if self.cache_size < 1:
+            raise ConfigError(f"cache_size must be positive, got {self.cache_size}")
+        self.stage()  # validates steps, batch size, lr, warm-up
+        self.moe()
+
+    def weights(self) -> dict[str, float]:
+        """Sampling weight per trained task (one task with weight 1 for a baseline)."""
+        if self.single_task is not None:
+            return {self.single_task: 1.0}
+        weights = self.task_weights or (1.0,) * len(self.tasks)
+        return {t.name: float(w) for t, w in zip(self.tasks, weights, strict=True) if w > 0}
+
+    def moe(self) -> MoEConfig:
+        if self.single_task is not None:
+            spec = next(t for t in self.tasks if t.name == self.single_task)
+            return MoEConfig(tasks=(spec,), num_experts=1)
+        return MoEConfig(tasks=self.tasks, num_experts=self.num_experts)
+
+    def stage(self) -> StageRecipe:
+        return StageRecipe(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup=self.warmup,
+            weight_decay=self.weight_decay,
+            checkpoint_every=self.checkpoint_every,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -6,6 +6,7 @@ Loads pipelines with plain diffusers, exactly as a user would. Imports errors, r
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,3 +102,89 @@ def evaluate_base(path: Path, config: EvalConfig, grid_count: int = 0) -> tuple[
     vae = vae_psnr(pipe.vae, config)
     t2i, images = t2i_accuracy(pipe, config, grid_count)
     return {"pipeline": str(path), "config": asdict(config), "vae": vae, "t2i_accuracy": t2i}, images
+
+
+# ------------------------------------------------------------------------------------------------ task evaluation
+def ssim(reference: np.ndarray, image: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(reference, image, channel_axis=2, data_range=255))
+
+
+def masked_psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR over the pixels inside `mask` only (inpainting: how well the hole was filled)."""
+    diff = reference[mask].astype(np.float64) - image[mask].astype(np.float64)
+    mse = np.mean(diff**2) if diff.size else 0.0
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def bicubic(low_res: np.ndarray, size: int = 64) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(low_res).resize((size, size), Image.BICUBIC))
+
+
+def example_metrics(task: str, example, image: np.ndarray) -> dict[str, float]:
+    """Per-example metrics of a generated `image` (uint8 (64, 64, 3)) for `task`."""
+    if task == "t2i":
+        return {}
+    out = {"psnr": psnr(example.target, image), "ssim": ssim(example.target, image)}
+    if task == "inpaint":
+        out["psnr_mask"] = masked_psnr(example.target, image, example.mask)
+    if task == "sr":
+        floor = bicubic(example.source)
+        out["bicubic_psnr"], out["bicubic_ssim"] = psnr(example.target, floor), ssim(example.target, floor)
+    return out
+
+
+def summarise(task: str, examples: list, images: list[np.ndarray]) -> dict[str, float]:
+    """Mean metrics over a split: PSNR / SSIM to ground truth (edit, sr, inpaint) and scene-reader accuracy against
+    the target scene's caption (t2i: is the caption drawn; edit: did the edit happen)."""
+    rows = [example_metrics(task, e, im) for e, im in zip(examples, images, strict=True)]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in (rows[0] if rows else {})}
+    if task in ("t2i", "edit"):
+        out["reader_accuracy"] = accuracy(
+            [score(im, e.scene.caption()) for e, im in zip(examples, images, strict=True)]
+        )["all"]
+    return out
+
+
+def load_components(pipeline_dir: Path):
+    """VAE, text encoder, tokenizer and scheduler of a pipeline folder (fp32), each by the class its config names."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer")
+        scheduler_config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    except Exception as exc:  # a missing or broken component
+        raise InputError(f"could not load the components of {pipeline_dir}: {str(exc).splitlines()[0]}") from None
+    return vae.eval(), text_encoder.eval(), tokenizer, scheduler
+
+
+def evaluate_checkpoint(path: Path, config: EvalConfig, sampler, tasks: tuple[str, ...] | None = None) -> tuple:
+    """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` and measure it. Returns
+    (results per task, generated images per task)."""
+    from mtu_export.sample import denoiser_for, sample_examples
+    from mtu_export.upcycle import load_checkpoint
+
+    ckpt = load_checkpoint(path, dtype=torch.float32)
+    if ckpt.pipeline_dir is None:
+        raise InputError(f"{path} was upcycled from a UNet folder; evaluation needs its pipeline (VAE, text encoder)")
+    vae, text_encoder, tokenizer, scheduler = load_components(ckpt.pipeline_dir)
+    results, generated = {}, {}
+    for task in tasks or ckpt.model.config.task_names:
+        ckpt.model.config.task(task)  # a clear error for a task the checkpoint lacks
+        examples, images = [], []
+        for first in range(config.first, config.first + config.count, config.batch_size):
+            last = min(first + config.batch_size, config.first + config.count)
+            batch = [make_example(task, config.split, i) for i in range(first, last)]
+            denoise = denoiser_for(ckpt.model, task)
+            images += list(sample_examples(denoise, task, batch, vae, text_encoder, tokenizer, scheduler, sampler))
+            examples += batch
+        results[task] = summarise(task, examples, images)
+        generated[task] = images
+    return results, generated

@@ -16,11 +16,7 @@ would. Imports config, errors, storage, vocab and world.
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +24,15 @@ import tomllib
 import torch
 from torch import nn
 
-from mtu_export.config import BaseRecipe, StageRecipe
-from mtu_export.errors import CheckpointError, InputError
+from mtu_export.config import BaseRecipe
+from mtu_export.errors import InputError
+from mtu_export.loop import run_stage
 from mtu_export.storage import atomic_output_dir, write_json
 from mtu_export.vocab import world_tokenizer
 from mtu_export.world import make_example
 
 NUM_TRAIN_TIMESTEPS = 1000
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's
-LOG_EVERY = 25
 ENCODE_BATCH = 250
 
 
@@ -109,161 +105,6 @@ def vae_images(indices: range) -> list[np.ndarray]:
         else:
             out.append(make_example("t2i", "train", i).target)
     return out
-
-
-def _generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003) + step) * 1_009 + rank)
-
-
-# ------------------------------------------------------------------------------------------------------------- EMA
-class EMA:
-    """Exponential moving average of parameters, with the usual warm-up (decay grows as (1+k)/(10+k))."""
-
-    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
-        self.decay = decay
-        self.steps = 0
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, params: list[nn.Parameter]) -> None:
-        self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, params: list[nn.Parameter]) -> None:
-        for shadow, p in zip(self.shadow, params, strict=True):
-            p.copy_(shadow)
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = state["steps"]
-        self.shadow = [t.clone() for t in state["shadow"]]
-
-
-# -------------------------------------------------------------------------------------------------------- the loop
-def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < stage.warmup:
-            return (step + 1) / stage.warmup
-        progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
-    """Save model, optimiser, LR schedule, EMA and RNG state; replace the previous checkpoint only when complete."""
-    partial = state_dir.with_name(state_dir.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    if accelerator.is_main_process:
-        write_json(partial / "progress.json", progress)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        partial.rename(state_dir)
-    accelerator.wait_for_everyone()
-
-
-def _load_progress(accelerator, state_dir: Path) -> dict:
-    if not (state_dir / "progress.json").is_file():
-        return {"step": 0, "seconds": 0.0}
-    try:
-        accelerator.load_state(str(state_dir))
-        return json.loads((state_dir / "progress.json").read_text())
-    except Exception as exc:  # a checkpoint written by another recipe or a broken file
-        raise CheckpointError(
-            f"cannot resume from {state_dir} ({type(exc).__name__}: {exc}); delete it to start the stage afresh"
-        ) from None
-
-
-class _Reporter:
-    """A rich progress bar on a terminal, plain log lines otherwise (nohup logs); JSON lines to `log_file`."""
-
-    def __init__(self, name: str, total: int, start: int, log_file: Path, enabled: bool) -> None:
-        self.name, self.total, self.log_file, self.enabled = name, total, log_file, enabled
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(name, total=total, completed=start)
-
-    def step(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, description=f"{self.name} {text}")
-        if step % LOG_EVERY == 0 or step == self.total:
-            with self.log_file.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            if self.bar is None:
-                print(f"{self.name} step {step}/{self.total} {text}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def run_stage(
-    name: str,
-    modules: list[nn.Module],
-    loss_fn: Callable[[list[nn.Module], int, torch.Generator, object], torch.Tensor],
-    stage: StageRecipe,
-    workdir: Path,
-    seed: int,
-    ema_decay: float | None = None,
-    stop_at: int | None = None,
-) -> tuple[list[nn.Module], dict]:
-    """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator)`, resuming from
-    `workdir/<name>-state` when it exists, and checkpointing there (also at `stop_at`, where this call ends early).
-    Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
-    Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
-    *wrapped, optimizer, schedule = accelerator.prepare(*modules, optimizer, schedule)
-    ema = EMA(params, ema_decay) if ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    state_dir = workdir / f"{name}-state"
-    progress = _load_progress(accelerator, state_dir)
-    if progress["step"]:
-        accelerator.print(f"{name}: resuming at step {progress['step']} of {stage.steps}")
-    log_file = workdir / f"{name}-log.jsonl"
-    reporter = _Reporter(name, stage.steps, progress["step"], log_file, accelerator.is_main_process)
-    for m in wrapped:
-        m.train()
-    started = time.perf_counter() - progress["seconds"]
-    end = stage.steps if stop_at is None else min(stop_at, stage.steps)
-    for step in range(progress["step"], end):
-        loss = loss_fn(wrapped, step, _generator(seed, step, accelerator.process_index), accelerator)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(params)
-        done = step + 1
-        reporter.step(done, {"loss": loss.item(), "lr": schedule.get_last_lr()[0]})
-        if done % stage.checkpoint_every == 0 or done == end:
-            progress = {"step": done, "seconds": time.perf_counter() - started}
-            _save_state(accelerator, state_dir, progress)
-    reporter.close()
-    if ema is not None:
-        ema.copy_to(params)
-    return [accelerator.unwrap_model(m).eval() for m in wrapped], progress
 
 
 def _is_main_process() -> bool:

@@ -1,7 +1,7 @@
 """A tiny Stable-Diffusion-shaped pipeline with random weights, built offline from real diffusers and
 transformers classes: the fixture of the test suite and the model of `make demo` until a trained model ships.
 
-Imports nothing from the package.
+Imports nothing from the package at import time (`write_world_pipeline` runs the pretrain recipe).
 """
 
 from __future__ import annotations
@@ -102,6 +102,60 @@ def write_tiny_pipeline(path: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# A shapes-world pipeline at toy size (VAE 64x64 -> 16x16x4, world tokenizer), trained for a handful of steps by
+# the real recipe code: what the trainer's and exporter's tests run on.
+TINY_RECIPE = """
+seed = 0
+dataset_size = 64
+[vae]
+block_out_channels = [8, 16, 16]
+down_block_types = ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]
+up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+layers_per_block = 1
+latent_channels = 4
+norm_num_groups = 8
+sample_size = 64
+[text_encoder]
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 1
+num_attention_heads = 2
+[unet]
+sample_size = 16
+block_out_channels = [32, 32]
+down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
+up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
+layers_per_block = 1
+attention_head_dim = 2
+norm_num_groups = 8
+[vae_training]
+steps = 4
+batch_size = 2
+lr = 1e-3
+warmup = 1
+checkpoint_every = 3
+[unet_training]
+steps = 3
+batch_size = 4
+lr = 1e-3
+warmup = 1
+checkpoint_every = 2
+"""
+
+
+def write_world_pipeline(path: Path) -> Path:
+    """Run the base-model recipe at toy size into `path` (a few seconds); its work folder is removed."""
+    from mtu_export.pretrain import pretrain
+
+    work = Path(tempfile.mkdtemp(prefix="mtu-world-"))
+    try:
+        (work / "tiny.toml").write_text(TINY_RECIPE)
+        pretrain(work / "tiny.toml", work / "run", Path(path), dtype="fp32")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Path(path)
 
 
 def main() -> None:

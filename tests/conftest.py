@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from mtu_export.tiny import CROSS_DIM, tiny_unet, write_tiny_pipeline
+from mtu_export.tiny import CROSS_DIM, tiny_unet, write_tiny_pipeline, write_world_pipeline
 
 __all__ = ["CROSS_DIM", "tiny_unet", "unet_inputs", "write_tiny_pipeline"]
 
@@ -36,3 +36,9 @@ def unet_dir(tmp_path: Path, unet: UNet2DConditionModel) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def world_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy shapes-world pipeline (factor-4 VAE, world tokenizer) made by the real base-model recipe."""
+    return write_world_pipeline(tmp_path_factory.mktemp("world") / "pipeline")

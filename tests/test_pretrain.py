@@ -12,46 +12,9 @@ from test_cli import assert_clean_failure, invoke
 
 from mtu_export.config import BaseRecipe
 from mtu_export.pretrain import load_recipe, train_vae
+from mtu_export.tiny import TINY_RECIPE
 from mtu_export.vocab import MAX_LENGTH, world_tokenizer, world_words
 from mtu_export.world import TASKS, make_example
-
-TINY_RECIPE = """
-seed = 0
-dataset_size = 64
-[vae]
-block_out_channels = [8, 16, 16]
-down_block_types = ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]
-up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-layers_per_block = 1
-latent_channels = 4
-norm_num_groups = 8
-sample_size = 64
-[text_encoder]
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 1
-num_attention_heads = 2
-[unet]
-sample_size = 16
-block_out_channels = [32, 32]
-down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
-up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
-layers_per_block = 1
-attention_head_dim = 2
-norm_num_groups = 8
-[vae_training]
-steps = 4
-batch_size = 2
-lr = 1e-3
-warmup = 1
-checkpoint_every = 3
-[unet_training]
-steps = 3
-batch_size = 4
-lr = 1e-3
-warmup = 1
-checkpoint_every = 2
-"""
 
 
 @pytest.fixture(scope="module")

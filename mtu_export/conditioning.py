@@ -1,0 +1,93 @@
+"""What each task feeds its UNet besides the noisy latent, built exactly as the diffusers pipelines build it, so a
+folded task runs in the stock pipeline it mirrors (DESIGN.md §1):
+
+- `t2i`     nothing                                  (StableDiffusionPipeline, 4 channels)
+- `edit`    source-image latent, posterior mode, *unscaled*; zeros when the image is dropped
+                                                     (StableDiffusionInstructPix2PixPipeline, 8 channels)
+- `sr`      the low-res RGB image in [-1, 1] at latent resolution (as SD's x4 upscaler; 7 channels)
+- `inpaint` [mask (1 = hole) resized to the latent, latent of the image with the hole set to 0 in [-1, 1],
+             posterior sample × scaling factor]      (StableDiffusionInpaintPipeline, 9 channels)
+
+Imports world only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtu_export.world import Example
+
+EXTRA_CHANNELS = {"t2i": 0, "edit": 4, "sr": 3, "inpaint": 5}
+
+
+def image_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return batch / 127.5 - 1.0
+
+
+def mask_tensor(masks: list[np.ndarray]) -> torch.Tensor:
+    """bool (H, W) masks, True = hole -> float (B, 1, H, W) in {0, 1}."""
+    return torch.from_numpy(np.stack(masks)).float()[:, None]
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inpainting pipeline's masked image: the hole is 0 (mid-gray) in [-1, 1] space."""
+    return image * (mask < 0.5)
+
+
+@torch.no_grad()
+def encode_batch(task: str, vae, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Everything random-free the task needs from the VAE for a batch (cacheable): target posterior mean / std and
+    the task's image inputs (edit: source mode; sr: low-res RGB; inpaint: mask at latent size and the masked image's
+    posterior mean / std)."""
+    device, dtype = vae.device, vae.dtype
+    target = vae.encode(image_tensor([e.target for e in examples]).to(device, dtype)).latent_dist
+    out = {"target_mean": target.mean, "target_std": target.std}  # (B, 4, h, w)
+    if task == "edit":
+        out["source"] = vae.encode(image_tensor([e.source for e in examples]).to(device, dtype)).latent_dist.mode()
+    elif task == "sr":
+        out["low_res"] = image_tensor([e.source for e in examples]).to(device, dtype)  # (B, 3, 16, 16)
+    elif task == "inpaint":
+        image = image_tensor([e.target for e in examples]).to(device, dtype)
+        mask = mask_tensor([e.mask for e in examples]).to(device, dtype)
+        hole = vae.encode(masked_image(image, mask)).latent_dist
+        out["mask"] = F.interpolate(mask, size=hole.mean.shape[-2:])  # (B, 1, h, w), nearest as the pipeline does
+        out["masked_mean"], out["masked_std"] = hole.mean, hole.std
+    elif task != "t2i":
+        raise ValueError(f"no conditioning is defined for task {task!r}; known: {', '.join(EXTRA_CHANNELS)}")
+    return out
+
+
+def _sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    return mean.float() + std.float() * noise
+
+
+def target_latents(encoded: dict, scaling: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled target latents (posterior samples), (B, 4, h, w)."""
+    return _sample(encoded["target_mean"], encoded["target_std"], generator) * scaling
+
+
+def task_condition(
+    task: str, encoded: dict, scaling: float, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """The extra input channels of `task`, (B, EXTRA_CHANNELS[task], h, w), or None for t2i."""
+    if task == "edit":
+        return encoded["source"].float()  # unscaled posterior mode, as InstructPix2Pix
+    if task == "sr":
+        return encoded["low_res"].float()
+    if task == "inpaint":
+        hole = _sample(encoded["masked_mean"], encoded["masked_std"], generator) * scaling
+        return torch.cat([encoded["mask"].float(), hole], dim=1)
+    return None
+
+
+def drop_image(task: str, condition: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on the image: zero the condition of the rows in `drop` (B,) bool. Inpainting keeps
+    its image (its pipeline guides on text only), as SD inpainting was trained."""
+    if task == "inpaint":
+        return condition
+    return torch.where(drop[:, None, None, None].to(condition.device), torch.zeros_like(condition), condition)

@@ -1,0 +1,138 @@
+"""`mtu-export train` on a toy shapes-world pipeline: exact resume, the paper's trainable split, single-task
+baselines, clean refusals, and DDP across two CPU processes (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import assert_clean_failure, invoke
+
+from mtu_export.config import TrainConfig
+from mtu_export.train import fit, train
+from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet
+
+TINY = dict(steps=4, batch_size=8, cache_size=16, checkpoint_every=2, warmup=1, lr=1e-3)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / CHECKPOINT_WEIGHTS)
+
+
+def test_resume_matches_an_uninterrupted_run(world_pipeline, tmp_path):
+    config = TrainConfig(**TINY)
+    train(config, world_pipeline, tmp_path / "w1", tmp_path / "straight")
+    assert train(TrainConfig(**TINY, stop_at=2), world_pipeline, tmp_path / "w2", tmp_path / "resumed") is None
+    assert not (tmp_path / "resumed").exists()
+    train(config, world_pipeline, tmp_path / "w2", tmp_path / "resumed", resume=True)
+    want, got = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert want.keys() == got.keys()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) == 0.0
+    log = [json.loads(line) for line in (tmp_path / "w2" / "train-log.jsonl").read_text().splitlines()]
+    assert {"loss_t2i", "loss_edit", "loss_sr", "loss_inpaint"} <= log[-1].keys()
+
+
+def test_only_the_paper_split_trains(world_pipeline, tmp_path):
+    mtu, _ = fit(TrainConfig(**TINY), world_pipeline, tmp_path / "w")
+    base = load_unet(world_pipeline).float().state_dict()
+    trainable = {n for n, _ in mtu.trainable_parameters()}
+    changed, frozen_changed = 0, []
+    for name, value in mtu.state_dict().items():
+        if name in trainable:
+            continue
+        key = name.removeprefix("unet.")
+        if key in base and not torch.equal(base[key], value):
+            frozen_changed.append(name)
+    for name, param in mtu.trainable_parameters():
+        changed += int(name.endswith("weight") and param.requires_grad)
+    assert not frozen_changed
+    assert changed > 0
+    routed = mtu.routing_probabilities("edit")
+    assert any(not torch.allclose(p, torch.full_like(p, 0.25)) for p in routed.values())  # routers moved
+
+
+def test_single_task_baseline_is_a_full_fine_tune_that_folds_into_its_pipeline(world_pipeline, tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    config = TrainConfig(**TINY, single_task="edit", trainable="full")
+    train(config, world_pipeline, tmp_path / "w", tmp_path / "edit")
+    ckpt = load_checkpoint(tmp_path / "edit")
+    assert ckpt.model.config.task_names == ("edit",) and ckpt.model.config.num_experts == 1
+    base = load_unet(world_pipeline).float().state_dict()
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(ckpt.model.unet.state_dict()[attn], base[attn])  # attention trained too
+    assert invoke("fold", tmp_path / "edit", "--task", "edit", "--out", tmp_path / "folded").exit_code == 0
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tmp_path / "folded", local_files_only=True)
+    image = torch.zeros(1, 3, 64, 64)
+    out = pipe("make the red circle blue", image=image, num_inference_steps=2, output_type="np").images
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_work_folder_of_an_earlier_run_needs_resume(world_pipeline, tmp_path):
+    args = ["train", world_pipeline, "--work", tmp_path / "w", "--steps", "2", "--batch-size", "8"]
+    args += ["--cache-size", "16"]
+    assert invoke(*args, "--out", tmp_path / "a").exit_code == 0
+    assert_clean_failure(invoke(*args, "--out", tmp_path / "b"), "pass --resume to continue it", 3)
+    assert_clean_failure(
+        invoke(*args, "--out", tmp_path / "b", "--resume", "--lr", "0.5"), "other settings than the run", 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--single-task", "inpait"], "did you mean 'inpaint'"),
+        (["--task-weights", "edit=2,sx=1"], "not a trained task"),
+        (["--task-weights", "edit=lots"], "is not task=number"),
+        (["--batch-size", "2"], "smaller than the number of tasks"),
+    ],
+    ids=["unknown baseline task", "unknown weight task", "bad weight", "tiny batch"],
+)
+def test_bad_train_options_fail_before_any_work(world_pipeline, tmp_path, extra, message):
+    result = invoke("train", world_pipeline, "--work", tmp_path / "w", "--out", tmp_path / "o", *extra)
+    assert_clean_failure(result, message, 3)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+DDP_WORKER = """
+import sys
+from pathlib import Path
+from accelerate import PartialState
+from safetensors.torch import save_file
+from mtu_export.config import TrainConfig
+from mtu_export.train import fit
+
+base, work = Path(sys.argv[1]), Path(sys.argv[2])
+mtu, _ = fit(TrainConfig(steps=3, batch_size=8, cache_size=16, checkpoint_every=3, warmup=1, lr=1e-3), base, work)
+state = {n: p.detach().contiguous() for n, p in mtu.trainable_parameters()}
+save_file(state, str(work / f"rank{PartialState().process_index}.safetensors"))
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_keeps_ranks_identical(world_pipeline, tmp_path):
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += [str(tmp_path / "worker.py"), str(world_pipeline), str(tmp_path / "w")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load_file(tmp_path / "w" / "rank0.safetensors"), load_file(tmp_path / "w" / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    init = load_checkpoint_free_init(world_pipeline)
+    assert any(not torch.equal(rank0[k], init[k]) for k in rank0)  # and they did train
+
+
+def load_checkpoint_free_init(base: Path) -> dict[str, torch.Tensor]:
+    from mtu_export.train import prepare_model
+
+    torch.manual_seed(0)
+    mtu = prepare_model(TrainConfig(), load_unet(base))
+    return {n: p.detach() for n, p in mtu.trainable_parameters()}
