@@ -27,23 +27,25 @@ lint: $(STAMP)
 DEMO := out/demo
 TASKS := t2i edit sr inpaint
 
-# The main job. Until a trained model ships in models/, it runs on a tiny random pipeline: upcycle to 4 tasks,
-# fold each task back into a plain diffusers pipeline (each fold checks itself against the routed model), report.
+MODEL := models/shapes-base
+
+# The main job (it grows into export + bench as those land): upcycle the shipped base model to 4 tasks, fold each
+# task back into a plain diffusers pipeline (each fold checks itself against the routed model), report.
 demo: $(STAMP)
-	$(BIN)/python -m mtu_export.tiny $(DEMO)/base
-	$(BIN)/mtu-export upcycle $(DEMO)/base --out $(DEMO)/mtu --tasks t2i,edit,sr,inpaint --experts 4 --overwrite
+	$(BIN)/mtu-export upcycle $(MODEL) --out $(DEMO)/mtu --tasks t2i,edit,sr,inpaint --experts 4 --overwrite
 	for t in $(TASKS); do $(BIN)/mtu-export fold $(DEMO)/mtu --task $$t --out $(DEMO)/folded/$$t --overwrite || exit 1; done
 	$(BIN)/mtu-export info $(DEMO)/mtu
 	@echo "folded pipelines: $(DEMO)/folded/{$$(echo $(TASKS) | tr ' ' ',')}"
 
-MODEL := models/shapes-base
 EVAL := $(MODEL)/eval
 GUIDANCE ?= 7.5
 
 # Train the shipped base model from its recipe (VAE, then text encoder + UNet); resumes from runs/shapes-base if an
-# earlier run was interrupted (delete that folder to start afresh). About 75 minutes on 2 CPU cores.
+# earlier run was interrupted (delete that folder to start afresh). About 80 minutes on 2 CPU cores. The new weights
+# replace those in $(MODEL); its model card (README.md) and eval/ stay.
 base-model: $(STAMP)
-	$(BIN)/mtu-export pretrain --recipe models/shapes-base.toml --work runs/shapes-base --out $(MODEL) --overwrite
+	$(BIN)/mtu-export pretrain --recipe models/shapes-base.toml --work runs/shapes-base --out runs/shapes-base/pipeline --overwrite
+	mkdir -p $(MODEL) && cp -r runs/shapes-base/pipeline/. $(MODEL)/
 
 # Measure it: VAE PSNR and text-to-image scene-reader accuracy on the held-out split and on unseen combinations.
 eval-base: $(STAMP)

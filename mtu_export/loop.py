@@ -26,6 +26,20 @@ from mtu_export.storage import write_json
 LOG_EVERY = 25
 
 
+def _cpu_only() -> bool:
+    """No GPU (CUDA or Apple MPS): DDP then runs on the CPU over gloo. accelerate only does so when told `cpu`,
+    and its launcher's `--multi_gpu` (torchrun) path does not tell it."""
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+def process_state():
+    """accelerate's process state (the process group under `accelerate launch`; one process otherwise)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_only())
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003) + step) * 1_009 + rank)
 
@@ -110,7 +124,7 @@ class _Reporter:
             self.bar.start()
             self.task = self.bar.add_task(name, total=total, completed=start)
 
-    def step(self, step: int, metrics: dict) -> None:
+    def step(self, step: int, metrics: dict, seconds: float) -> None:
         if not self.enabled:
             return
         text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -118,7 +132,7 @@ class _Reporter:
             self.bar.update(self.task, completed=step, description=f"{self.name} {text}")
         if step % LOG_EVERY == 0 or step == self.total:
             with self.log_file.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json.dumps({"step": step, **metrics, "seconds": round(seconds, 2)}) + "\n")
             if self.bar is None:
                 print(f"{self.name} step {step}/{self.total} {text}", flush=True)
 
@@ -145,7 +159,8 @@ def run_stage(
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    accelerator = Accelerator(kwargs_handlers=[ddp])
+    process_state()  # set up first, so the process group is the one the launcher made
+    accelerator = Accelerator(cpu=_cpu_only(), kwargs_handlers=[ddp])
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
@@ -174,7 +189,8 @@ def run_stage(
         if ema is not None:
             ema.update(params)
         done = step + 1
-        reporter.step(done, {"loss": loss.item(), **metrics, "lr": schedule.get_last_lr()[0]})
+        metrics = {"loss": loss.item(), **metrics, "lr": schedule.get_last_lr()[0]}
+        reporter.step(done, metrics, seconds=time.perf_counter() - started)
         if done % stage.checkpoint_every == 0 or done == end:
             progress = {"step": done, "seconds": time.perf_counter() - started}
             _save_state(accelerator, state_dir, progress)

@@ -26,7 +26,7 @@ from torch import nn
 
 from mtu_export.config import BaseRecipe
 from mtu_export.errors import InputError
-from mtu_export.loop import run_stage
+from mtu_export.loop import process_state, run_stage
 from mtu_export.storage import atomic_output_dir, write_json
 from mtu_export.vocab import world_tokenizer
 from mtu_export.world import make_example
@@ -108,9 +108,7 @@ def vae_images(indices: range) -> list[np.ndarray]:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
@@ -215,15 +213,13 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
 # ----------------------------------------------------------------------------------------------------- whole recipe
 def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = False, dtype: str = "fp16") -> Path:
     """Run (or resume) every stage of the recipe in `workdir`, then write the StableDiffusionPipeline to `out`."""
-    from accelerate import PartialState
-
     recipe = load_recipe(recipe_path)
     if out.exists() and not overwrite:
         from mtu_export.storage import check_output
 
         check_output(out, overwrite)  # refuse before hours of training, not after
     workdir.mkdir(parents=True, exist_ok=True)
-    state = PartialState()  # the process group under `accelerate launch`; one process otherwise
+    state = process_state()
     timings_file = workdir / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     tokenizer = world_tokenizer(workdir / "tokenizer-files")

@@ -23,7 +23,7 @@ from torch import nn
 from mtu_export.conditioning import drop_image, encode_batch, target_latents, task_condition
 from mtu_export.config import TrainConfig
 from mtu_export.errors import CheckpointError, ConfigError, InputError
-from mtu_export.loop import run_stage
+from mtu_export.loop import process_state, run_stage
 from mtu_export.moe import MTUUNet
 from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, tokenize, training_scheduler
 from mtu_export.storage import check_output, locate_unet, write_json
@@ -161,9 +161,7 @@ def prepare_model(config: TrainConfig, unet) -> MTUUNet:
 
 def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) -> tuple[MTUUNet, dict]:
     """Run (or resume) the training in `workdir` on every process; return this process's model and progress."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     _check_workdir(workdir, config, resume)
     vae, text_encoder, tokenizer, unet = load_base(Path(base))
     if state.is_main_process:
@@ -195,12 +193,10 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
 def train(config: TrainConfig, base: Path, workdir: Path, out: Path, resume: bool = False, overwrite: bool = False):
     """Train (or resume) in `workdir`, then write the MTU checkpoint (with the base's pipeline) to `out`. Returns
     `out`, or None when the call stopped early (`stop_at`) or on processes other than the main one."""
-    from accelerate import PartialState
-
     if Path(out).exists() and not overwrite:
         check_output(Path(out), overwrite)  # refuse before training, not after
     mtu, progress = fit(config, base, workdir, resume)
-    if progress["step"] < config.steps or not PartialState().is_main_process:
+    if progress["step"] < config.steps or not process_state().is_main_process:
         return None
     record = {"config": config.to_dict(), "steps": progress["step"], "seconds": progress["seconds"], "base": str(base)}
     save_checkpoint(mtu, out, pipeline_dir=Path(base), overwrite=overwrite, extra={"training": record})
@@ -214,7 +210,7 @@ def _check_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"{workdir} holds an earlier run; pass --resume to continue it, or choose another --work")
     earlier = json.loads(saved.read_text())
-    now = config.to_dict()
+    now = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as the saved file has them
     changed = sorted(k for k in now if k != "stop_at" and earlier.get(k) != now[k])
     if changed:
         raise ConfigError(

@@ -103,23 +103,26 @@ def test_bad_train_options_fail_before_any_work(world_pipeline, tmp_path, extra,
 DDP_WORKER = """
 import sys
 from pathlib import Path
-from accelerate import PartialState
 from safetensors.torch import save_file
 from mtu_export.config import TrainConfig
+from mtu_export.loop import process_state
 from mtu_export.train import fit
 
 base, work = Path(sys.argv[1]), Path(sys.argv[2])
 mtu, _ = fit(TrainConfig(steps=3, batch_size=8, cache_size=16, checkpoint_every=3, warmup=1, lr=1e-3), base, work)
 state = {n: p.detach().contiguous() for n, p in mtu.trainable_parameters()}
-save_file(state, str(work / f"rank{PartialState().process_index}.safetensors"))
+rank = process_state()
+assert rank.num_processes == 2 and rank.backend == "gloo", (rank.num_processes, rank.backend)
+save_file(state, str(work / f"rank{rank.process_index}.safetensors"))
 """
 
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes_keeps_ranks_identical(world_pipeline, tmp_path):
     (tmp_path / "worker.py").write_text(DDP_WORKER)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # --multi_gpu selects accelerate's torchrun launcher; without CUDA each process runs DDP on the CPU over gloo
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     command += [str(tmp_path / "worker.py"), str(world_pipeline), str(tmp_path / "w")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
