@@ -281,6 +281,43 @@ def evaluate(
         console.print(f"wrote {write_images(grid, images)}")
 
 
+@app.command("parity")
+@handles_errors
+def parity_report(
+    mtu: Annotated[Path, typer.Argument(help="The MTU checkpoint.")],
+    baseline: Annotated[list[str], typer.Option(help="TASK=CHECKPOINT of a single-task baseline (repeat).")],
+    out: OutOption,
+    split: Annotated[str, typer.Option(help="train, heldout or unseen.")] = "heldout",
+    count: Annotated[int, typer.Option(min=1, help="Examples per task.")] = 200,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Text guidance scale.")] = 7.5,
+    image_guidance: Annotated[float, typer.Option(help="Image guidance scale (edit, sr).")] = 1.5,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """MTU vs single-task baselines, task by task: parity.json, parity.md and a grid per task
+    (input | MTU | single-task | ground truth)."""
+    from mtu_export.errors import ConfigError
+    from mtu_export.evaluate import EvalConfig
+    from mtu_export.parity import write_report
+    from mtu_export.sample import SamplerConfig
+
+    baselines = {}
+    for item in baseline:
+        task, _, path = item.partition("=")
+        if not path:
+            raise ConfigError(f"--baseline {item!r} is not TASK=CHECKPOINT, as in 'edit=runs/edit'")
+        baselines[task] = Path(path)
+    config = EvalConfig(split=split, count=count, steps=steps, guidance=guidance, seed=seed)
+    sampler = SamplerConfig(steps, guidance, image_guidance, seed)
+    report = write_report(mtu, baselines, config, sampler, out, overwrite)
+    for task, entry in report["parity"].items():
+        row = entry["metrics"][entry["primary"]]
+        ratio = f"MTU {row['mtu']:.4f} / single {row['single']:.4f} = {row['ratio']:.4f}"
+        console.print(f"{task}: {entry['primary']} {ratio}")
+    console.print(f"wrote {out}/parity.md")
+
+
 def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, json_out, grid) -> None:
     from mtu_export.evaluate import evaluate_checkpoint
     from mtu_export.sample import SamplerConfig

@@ -61,13 +61,13 @@ def load_pipeline(path: Path):
 @torch.no_grad()
 def vae_psnr(vae, config: EvalConfig) -> dict[str, float]:
     """Mean and worst PSNR of encode (posterior mean) -> decode on the split's t2i scenes."""
-    from mtu_export.pretrain import images_to_tensor
+    from mtu_export.conditioning import image_tensor
 
     values = []
     for first in range(config.first, config.first + config.count, config.batch_size):
         last = min(first + config.batch_size, config.first + config.count)
         targets = [make_example("t2i", config.split, i).target for i in range(first, last)]
-        latents = vae.encode(images_to_tensor(targets)).latent_dist.mean
+        latents = vae.encode(image_tensor(targets)).latent_dist.mean
         recon = to_uint8(vae.decode(latents).sample)
         values += [psnr(t, r) for t, r in zip(targets, recon, strict=True)]
     return {"psnr_mean_db": float(np.mean(values)), "psnr_min_db": float(np.min(values)), "images": len(values)}

@@ -152,8 +152,9 @@ def run_stage(
     stop_at: int | None = None,
     find_unused_parameters: bool = False,
 ) -> tuple[list[nn.Module], dict]:
-    """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator)`, resuming from
-    `workdir/<name>-state` when it exists, and checkpointing there (also at `stop_at`, where this call ends early).
+    """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator, accelerator)` (a loss,
+    or (loss, metrics)), resuming from `workdir/<name>-state` when it exists and checkpointing there (also at
+    `stop_at`, where this call ends early).
     Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
     Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""
     from accelerate import Accelerator, DistributedDataParallelKwargs

@@ -10,7 +10,7 @@ same code runs DDP under `accelerate launch`):
             weighting, caption dropout for classifier-free guidance and an EMA of the weights.
 
 Batches are a pure function of (seed, step, rank): a resumed run sees the data and noise an uninterrupted run
-would. Imports config, errors, storage, vocab and world.
+would. Imports config, errors, conditioning, loop, storage, vocab and world.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import tomllib
 import torch
 from torch import nn
 
+from mtu_export.conditioning import image_tensor
 from mtu_export.config import BaseRecipe
 from mtu_export.errors import InputError
 from mtu_export.loop import process_state, run_stage
@@ -90,12 +91,6 @@ def sampling_scheduler():
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return batch / 127.5 - 1.0
-
-
 def vae_images(indices: range) -> list[np.ndarray]:
     """Clean scenes, and every fourth one an inpainting input with its hole, so later tasks' inputs encode well."""
     out = []
@@ -121,7 +116,7 @@ def train_vae(recipe: BaseRecipe, workdir: Path, stop_at: int | None = None) -> 
     def loss_fn(modules: list[nn.Module], step: int, generator: torch.Generator, accelerator) -> torch.Tensor:
         (model,) = modules
         first = (step * accelerator.num_processes + accelerator.process_index) * stage.batch_size
-        x = images_to_tensor(vae_images(range(first, first + stage.batch_size))).to(accelerator.device)  # (B,3,64,64)
+        x = image_tensor(vae_images(range(first, first + stage.batch_size))).to(accelerator.device)  # (B,3,64,64)
         posterior = model.encode(x).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
         z = posterior.mean + posterior.std * noise  # (B, 4, 16, 16)
@@ -146,7 +141,7 @@ def encode_dataset(recipe: BaseRecipe, workdir: Path, tokenizer) -> float:
     for first in range(0, recipe.dataset_size, ENCODE_BATCH):
         last = min(first + ENCODE_BATCH, recipe.dataset_size)
         examples = [make_example("t2i", "train", i) for i in range(first, last)]
-        posterior = vae.encode(images_to_tensor([e.target for e in examples])).latent_dist
+        posterior = vae.encode(image_tensor([e.target for e in examples])).latent_dist
         means.append(posterior.mean.half())
         stds.append(posterior.std.half())
         ids.append(tokenize(tokenizer, [e.prompt for e in examples]))

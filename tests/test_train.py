@@ -139,3 +139,34 @@ def load_checkpoint_free_init(base: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     mtu = prepare_model(TrainConfig(), load_unet(base))
     return {n: p.detach() for n, p in mtu.trainable_parameters()}
+
+
+def test_parity_table_flags_tasks_below_the_goal():
+    from mtu_export.evaluate import EvalConfig
+    from mtu_export.parity import markdown, parity
+
+    mtu = {"edit": {"psnr": 27.0, "ssim": 0.9}, "sr": {"psnr": 30.0}}
+    single = {"edit": {"psnr": 30.0, "ssim": 0.9}, "sr": {"psnr": 29.0}}
+    table = parity(mtu, single)
+    assert table["edit"]["metrics"]["psnr"]["ratio"] == pytest.approx(0.9)
+    text = markdown(table, EvalConfig(count=5))
+    assert "| edit | **psnr** | 27.0000 | 30.0000 | 0.9000 | **no** |" in text
+    assert "| sr | **psnr** | 30.0000 | 29.0000 | 1.0345 | yes |" in text
+
+
+def test_parity_report_end_to_end(world_pipeline, tmp_path):
+    from PIL import Image
+
+    common = ["--steps", "2", "--batch-size", "8", "--cache-size", "8"]
+    assert invoke("train", world_pipeline, "--out", tmp_path / "mtu", "--work", tmp_path / "w1", *common).exit_code == 0
+    args = ["train", world_pipeline, "--out", tmp_path / "sr", "--work", tmp_path / "w2", "--single-task", "sr"]
+    assert invoke(*args, *common).exit_code == 0
+    result = invoke("parity", tmp_path / "mtu", "--baseline", f"sr={tmp_path / 'sr'}", "--out", tmp_path / "report",
+                    "--count", "2", "--steps", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "parity.json").read_text())
+    row = report["parity"]["sr"]["metrics"]["psnr"]
+    assert row["ratio"] == pytest.approx(row["mtu"] / row["single"])
+    assert "bicubic_psnr" in report["parity"]["sr"]["metrics"]
+    grid = Image.open(tmp_path / "report" / "grid-sr.png")
+    assert grid.size == (4 * 66 * 2, 2 * 66 * 2)  # 4 columns (input, MTU, single, truth) x 2 rows, zoom 2

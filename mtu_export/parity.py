@@ -1,0 +1,84 @@
+"""The parity report of the paper's central claim: one MTU model against single-task baselines, task by task, on
+the same split, sampler and seeds. Writes JSON, a Markdown table and a PNG grid per task
+(input | MTU | single-task | ground truth). Imports errors, evaluate, storage, world and world_grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mtu_export.errors import ConfigError
+from mtu_export.evaluate import EvalConfig, bicubic, evaluate_checkpoint
+from mtu_export.storage import atomic_output_dir, check_output, write_json
+from mtu_export.world import make_example
+from mtu_export.world_grid import write_images
+
+# The metric each task is judged by (higher is better): t2i by the scene reader, the image tasks by PSNR to truth.
+PRIMARY = {"t2i": "reader_accuracy", "edit": "psnr", "sr": "psnr", "inpaint": "psnr"}
+PARITY_GOAL = 0.98
+
+
+def parity(mtu: dict[str, dict], baselines: dict[str, dict]) -> dict[str, dict]:
+    """Per task: every metric both runs report, as MTU, single-task and MTU ÷ single-task."""
+    table = {}
+    for task, single in baselines.items():
+        if task not in mtu:
+            raise ConfigError(f"the MTU checkpoint has no task {task!r} to compare with its baseline")
+        rows = {k: {"mtu": mtu[task][k], "single": v, "ratio": mtu[task][k] / v} for k, v in single.items() if v}
+        table[task] = {"primary": PRIMARY.get(task, next(iter(rows))), "metrics": rows}
+    return table
+
+
+def markdown(table: dict[str, dict], config: EvalConfig) -> str:
+    lines = [
+        f"Parity on `{config.split}` ({config.count} examples per task, {config.steps} steps, seed {config.seed}); "
+        f"goal: MTU ÷ single-task ≥ {PARITY_GOAL} on the primary metric.",
+        "",
+        "| task | metric | MTU | single-task | MTU ÷ single | goal met |",
+        "| --- | --- | ---: | ---: | ---: | :---: |",
+    ]
+    for task, entry in table.items():
+        for metric, row in entry["metrics"].items():
+            primary = metric == entry["primary"]
+            met = ("yes" if row["ratio"] >= PARITY_GOAL else "**no**") if primary else ""
+            name = f"**{metric}**" if primary else metric
+            lines.append(f"| {task} | {name} | {row['mtu']:.4f} | {row['single']:.4f} | {row['ratio']:.4f} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _task_input(task: str, split: str, index: int) -> np.ndarray:
+    example = make_example(task, split, index)
+    if task == "sr":
+        return bicubic(example.source)
+    if task in ("edit", "inpaint"):
+        return example.source
+    return np.full_like(example.target, 255)  # t2i has no image input
+
+
+def write_report(
+    mtu_path: Path, baselines: dict[str, Path], config: EvalConfig, sampler, out: Path, overwrite: bool = False
+) -> dict:
+    """Evaluate the MTU checkpoint on the baselines' tasks and each baseline on its own; write the report to `out`."""
+    check_output(out, overwrite)
+    tasks = tuple(baselines)
+    mtu_results, mtu_images = evaluate_checkpoint(mtu_path, config, sampler, tasks)
+    single_results, single_images = {}, {}
+    for task, path in baselines.items():
+        results, images = evaluate_checkpoint(path, config, sampler, (task,))
+        single_results[task], single_images[task] = results[task], images[task]
+    table = parity(mtu_results, single_results)
+    report = {"mtu": str(mtu_path), "baselines": {t: str(p) for t, p in baselines.items()}, "parity": table}
+    report["config"] = {"split": config.split, "count": config.count, "steps": config.steps, "seed": config.seed}
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_json(tmp / "parity.json", report)
+        (tmp / "parity.md").write_text(markdown(table, config))
+        for task in tasks:
+            rows = []
+            for i in range(min(8, config.count)):
+                truth = make_example(task, config.split, config.first + i).target
+                rows += [_task_input(task, config.split, config.first + i), mtu_images[task][i]]
+                rows += [single_images[task][i], truth]
+            write_images(tmp / f"grid-{task}.png", rows, columns=4)
+    return report
