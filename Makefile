@@ -38,7 +38,7 @@ demo: $(STAMP)
 	@echo "folded pipelines: $(DEMO)/folded/{$$(echo $(TASKS) | tr ' ' ',')}"
 
 EVAL := $(MODEL)/eval
-GUIDANCE ?= 7.5
+GUIDANCE ?= 3
 
 # Train the shipped base model from its recipe (VAE, then text encoder + UNet); resumes from runs/shapes-base if an
 # earlier run was interrupted (delete that folder to start afresh). About 80 minutes on 2 CPU cores. The new weights

@@ -9,7 +9,7 @@ import pytest
 from test_cli import assert_clean_failure, invoke
 
 from mtu_export.errors import InputError
-from mtu_export.storage import atomic_output_dir
+from mtu_export.storage import atomic_output_dir, write_json
 
 
 def test_failure_inside_leaves_nothing(tmp_path):
@@ -58,3 +58,9 @@ def test_parent_that_is_a_file_is_a_clean_error(tmp_path):
 def test_cli_reports_an_unwritable_output_in_one_line(unet_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     assert_clean_failure(invoke("upcycle", unet_dir, "--out", tmp_path / "file" / "out"), "cannot write", 2)
+
+
+def test_json_outputs_create_their_folder(tmp_path):
+    write_json(tmp_path / "new" / "deeper" / "result.json", {"ok": True})
+    assert (tmp_path / "new" / "deeper" / "result.json").read_text().strip().endswith("}")
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["result.json"]
