@@ -28,7 +28,7 @@ from mtu_export.conditioning import image_tensor
 from mtu_export.config import BaseRecipe
 from mtu_export.errors import InputError
 from mtu_export.loop import process_state, run_stage
-from mtu_export.storage import atomic_output_dir, write_json
+from mtu_export.storage import atomic_output_dir, check_output, write_json
 from mtu_export.vocab import world_tokenizer
 from mtu_export.world import make_example
 
@@ -209,10 +209,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
 def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = False, dtype: str = "fp16") -> Path:
     """Run (or resume) every stage of the recipe in `workdir`, then write the StableDiffusionPipeline to `out`."""
     recipe = load_recipe(recipe_path)
-    if out.exists() and not overwrite:
-        from mtu_export.storage import check_output
-
-        check_output(out, overwrite)  # refuse before hours of training, not after
+    check_output(out, overwrite)  # refuse before hours of training, not after
     workdir.mkdir(parents=True, exist_ok=True)
     state = process_state()
     timings_file = workdir / "timings.json"
@@ -220,7 +217,8 @@ def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = Fals
     tokenizer = world_tokenizer(workdir / "tokenizer-files")
     if not (workdir / "vae" / "config.json").exists():
         timings["vae"] = train_vae(recipe, workdir)
-        write_json(timings_file, timings)
+        if state.is_main_process:
+            write_json(timings_file, timings)
     if not (workdir / "latents.safetensors").exists() and state.is_main_process:
         started = time.perf_counter()
         encode_dataset(recipe, workdir, tokenizer)
@@ -230,12 +228,13 @@ def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = Fals
     unet, text_encoder, timings["unet"] = train_unet(recipe, workdir, tokenizer)
     if state.is_main_process:
         write_json(timings_file, timings)
-        write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out, overwrite, dtype)
+        _write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out, overwrite, dtype)
     state.wait_for_everyone()
     return out
 
 
-def write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out, overwrite, dtype) -> None:
+def _write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out, overwrite, dtype) -> None:
+    """Assemble the StableDiffusionPipeline (DPM-Solver++ for sampling) and write it, with `training.json`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
