@@ -28,6 +28,11 @@ def image_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return batch / 127.5 - 1.0
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """The inverse of `image_tensor`: (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def mask_tensor(masks: list[np.ndarray]) -> torch.Tensor:
     """bool (H, W) masks, True = hole -> float (B, 1, H, W) in {0, 1}."""
     return torch.from_numpy(np.stack(masks)).float()[:, None]

@@ -6,8 +6,8 @@ Loads pipelines with plain diffusers, exactly as a user would. Imports errors, r
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,16 +35,17 @@ class EvalConfig:
         if self.count < 1 or self.steps < 1 or self.batch_size < 1 or self.first < 0:
             raise ConfigError("count, steps and batch size must be positive, and the first index >= 0")
 
+    def batches(self) -> Iterator[range]:
+        """Example indices in batches of `batch_size`, from `first`."""
+        end = self.first + self.count
+        for start in range(self.first, end, self.batch_size):
+            yield range(start, min(start + self.batch_size, end))
+
 
 def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     """PSNR in dB of uint8 images (peak 255); infinite when identical."""
     mse = np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2)
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def load_pipeline(path: Path):
@@ -61,12 +62,11 @@ def load_pipeline(path: Path):
 @torch.no_grad()
 def vae_psnr(vae, config: EvalConfig) -> dict[str, float]:
     """Mean and worst PSNR of encode (posterior mean) -> decode on the split's t2i scenes."""
-    from mtu_export.conditioning import image_tensor
+    from mtu_export.conditioning import image_tensor, to_uint8
 
     values = []
-    for first in range(config.first, config.first + config.count, config.batch_size):
-        last = min(first + config.batch_size, config.first + config.count)
-        targets = [make_example("t2i", config.split, i).target for i in range(first, last)]
+    for indices in config.batches():
+        targets = [make_example("t2i", config.split, i).target for i in indices]
         latents = vae.encode(image_tensor(targets)).latent_dist.mean
         recon = to_uint8(vae.decode(latents).sample)
         values += [psnr(t, r) for t, r in zip(targets, recon, strict=True)]
@@ -78,16 +78,15 @@ def t2i_accuracy(pipe, config: EvalConfig, grid_count: int = 0) -> tuple[dict[st
     """Scene-reader attribute accuracy of images sampled from the split's captions (fixed seed per batch), and the
     first `grid_count` images for a picture."""
     scores, shown = [], []
-    for first in range(config.first, config.first + config.count, config.batch_size):
-        last = min(first + config.batch_size, config.first + config.count)
-        prompts = [make_example("t2i", config.split, i).prompt for i in range(first, last)]
+    for indices in config.batches():
+        prompts = [make_example("t2i", config.split, i).prompt for i in indices]
         images = pipe(
             prompts,
             height=64,
             width=64,
             num_inference_steps=config.steps,
             guidance_scale=config.guidance,
-            generator=torch.Generator().manual_seed(config.seed + first),
+            generator=torch.Generator().manual_seed(config.seed + indices.start),
             output_type="np",
         ).images  # (B, 64, 64, 3) float in [0, 1]
         images = (images * 255).round().astype(np.uint8)
@@ -113,9 +112,7 @@ def ssim(reference: np.ndarray, image: np.ndarray) -> float:
 
 def masked_psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray) -> float:
     """PSNR over the pixels inside `mask` only (inpainting: how well the hole was filled)."""
-    diff = reference[mask].astype(np.float64) - image[mask].astype(np.float64)
-    mse = np.mean(diff**2) if diff.size else 0.0
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr(reference[mask], image[mask]) if mask.any() else math.inf
 
 
 def bicubic(low_res: np.ndarray, size: int = 64) -> np.ndarray:
@@ -149,27 +146,11 @@ def summarise(task: str, examples: list, images: list[np.ndarray]) -> dict[str, 
     return out
 
 
-def load_components(pipeline_dir: Path):
-    """VAE, text encoder, tokenizer and scheduler of a pipeline folder (fp32), each by the class its config names."""
-    import diffusers
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    try:
-        vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer")
-        scheduler_config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
-        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    except Exception as exc:  # a missing or broken component
-        raise InputError(f"could not load the components of {pipeline_dir}: {str(exc).splitlines()[0]}") from None
-    return vae.eval(), text_encoder.eval(), tokenizer, scheduler
-
-
 def evaluate_checkpoint(path: Path, config: EvalConfig, sampler, tasks: tuple[str, ...] | None = None) -> tuple:
     """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` and measure it. Returns
     (results per task, generated images per task)."""
     from mtu_export.sample import denoiser_for, sample_examples
-    from mtu_export.upcycle import load_checkpoint
+    from mtu_export.upcycle import load_checkpoint, load_components
 
     ckpt = load_checkpoint(path, dtype=torch.float32)
     if ckpt.pipeline_dir is None:
@@ -179,10 +160,9 @@ def evaluate_checkpoint(path: Path, config: EvalConfig, sampler, tasks: tuple[st
     for task in tasks or ckpt.model.config.task_names:
         ckpt.model.config.task(task)  # a clear error for a task the checkpoint lacks
         examples, images = [], []
-        for first in range(config.first, config.first + config.count, config.batch_size):
-            last = min(first + config.batch_size, config.first + config.count)
-            batch = [make_example(task, config.split, i) for i in range(first, last)]
-            denoise = denoiser_for(ckpt.model, task)
+        denoise = denoiser_for(ckpt.model, task)
+        for indices in config.batches():
+            batch = [make_example(task, config.split, i) for i in indices]
             images += list(sample_examples(denoise, task, batch, vae, text_encoder, tokenizer, scheduler, sampler))
             examples += batch
         results[task] = summarise(task, examples, images)

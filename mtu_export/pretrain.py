@@ -29,7 +29,7 @@ from mtu_export.config import BaseRecipe
 from mtu_export.errors import InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.storage import atomic_output_dir, check_output, write_json
-from mtu_export.vocab import world_tokenizer
+from mtu_export.vocab import tokenize, world_tokenizer
 from mtu_export.world import make_example
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -155,13 +155,6 @@ def encode_dataset(recipe: BaseRecipe, workdir: Path, tokenizer) -> float:
     save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
     partial.rename(workdir / "latents.safetensors")
     return scaling
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids exactly as StableDiffusionPipeline makes them: padded to the model's length, no attention mask."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids  # (B, L)
 
 
 def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module, nn.Module, dict]:

@@ -6,7 +6,7 @@
   s_t·(ε(text, img) − ε(∅, img)), the image condition zeroed for ε(∅, ∅).
 
 The denoiser is any callable `(sample, timestep, encoder_hidden_states) -> ε`: a routed MTU UNet for one task, a
-folded or single-task UNet, or (for exports) an ONNX session. Imports conditioning and world only.
+folded or single-task UNet, or (for exports) an ONNX session. Imports conditioning, vocab and world only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mtu_export.conditioning import encode_batch, task_condition
+from mtu_export.conditioning import encode_batch, task_condition, to_uint8
+from mtu_export.vocab import tokenize
 from mtu_export.world import Example
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,10 +42,7 @@ def denoiser_for(model, task: str | None = None) -> Denoiser:
 
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]  # (B, L, D)
+    return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0]  # (B, L, D)
 
 
 @torch.no_grad()
@@ -104,5 +102,4 @@ def sample_examples(
     empty = encode_prompts(text_encoder, tokenizer, [""] * len(prompts))
     shape = tuple(encoded["target_mean"].shape)
     latents = sample_latents(denoise, task, scheduler, text, empty, condition, shape, config)
-    images = vae.decode(latents / scaling).sample  # (B, 3, H, W) in [-1, 1]
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_uint8(vae.decode(latents / scaling).sample)

@@ -25,9 +25,10 @@ from mtu_export.config import TrainConfig
 from mtu_export.errors import CheckpointError, ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.moe import MTUUNet
-from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, tokenize, training_scheduler
+from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, training_scheduler
 from mtu_export.storage import check_output, locate_unet, write_json
-from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
+from mtu_export.upcycle import load_components, load_unet, save_checkpoint, upcycle_unet
+from mtu_export.vocab import tokenize
 from mtu_export.world import make_example
 
 CACHE_BATCH = 200
@@ -136,18 +137,10 @@ def make_batches(config, caches, text_encoder, empty_ids, scheduler, scaling, ge
 # -------------------------------------------------------------------------------------------------------- training
 def load_base(base: Path):
     """The frozen parts of a base pipeline (VAE, text encoder, tokenizer) in fp32, and its UNet."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     source = locate_unet(base)
     if source.pipeline_dir is None:
         raise InputError(f"{base} is a UNet folder; training needs a full pipeline folder (VAE, text encoder, ...)")
-    try:
-        vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32, local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32, local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-    except Exception as exc:  # a missing or broken component folder
-        raise InputError(f"could not load the pipeline components in {base}: {str(exc).splitlines()[0]}") from None
+    vae, text_encoder, tokenizer, _ = load_components(base)
     return vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), tokenizer, load_unet(base)
 
 

@@ -62,6 +62,24 @@ def load_unet(path: Path) -> UNet2DConditionModel:
     return unet.eval()
 
 
+def load_components(pipeline_dir: Path):
+    """VAE, text encoder, tokenizer and scheduler of a pipeline folder (fp32), each by the class its config names."""
+    import json
+
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer")
+        scheduler_config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    except Exception as exc:  # a missing or broken component
+        raise InputError(f"could not load the components of {pipeline_dir}: {str(exc).splitlines()[0]}") from None
+    return vae.eval(), text_encoder.eval(), tokenizer, scheduler
+
+
 # ------------------------------------------------------------------------------------------------------- upcycling
 def transformer_blocks(unet: nn.Module) -> Iterator[tuple[str, BasicTransformerBlock]]:
     for name, module in unet.named_modules():
