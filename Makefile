@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint demo base-model eval-base clean
+.PHONY: install test test-slow lint demo base-model eval-base mtu-models parity clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,27 @@ base-model: $(STAMP)
 eval-base: $(STAMP)
 	$(BIN)/mtu-export eval $(MODEL) --split heldout --guidance $(GUIDANCE) --json $(EVAL)/heldout.json --grid $(EVAL)/heldout.png
 	$(BIN)/mtu-export eval $(MODEL) --split unseen --guidance $(GUIDANCE) --json $(EVAL)/unseen.json --grid $(EVAL)/unseen.png
+
+# The 4-task MTU model (N=4) and the four single-task baselines, from the shipped base model, same steps and the same
+# rows per task (MTU: 16 rows of each task per step; a baseline: 16 rows of its task). Each run resumes in its work
+# folder if interrupted; the baselines reuse the MTU run's VAE caches (same base, same examples).
+RUNS := runs/mtu
+TRAIN_STEPS ?= 2000
+MTU_TRAIN := --steps $(TRAIN_STEPS) --lr 1e-4 --seed 0 --resume --overwrite
+
+mtu-models: $(STAMP)
+	$(BIN)/mtu-export train $(MODEL) --work $(RUNS)/work/mtu --out $(RUNS)/shapes-mtu --batch-size 64 $(MTU_TRAIN)
+	for t in $(TASKS); do \
+	  mkdir -p $(RUNS)/work/single-$$t && ln -f $(RUNS)/work/mtu/cache-$$t.safetensors $(RUNS)/work/single-$$t/ ; \
+	  $(BIN)/mtu-export train $(MODEL) --single-task $$t --work $(RUNS)/work/single-$$t --out $(RUNS)/single-$$t \
+	    --batch-size 16 $(MTU_TRAIN) || exit 1; \
+	done
+
+# MTU vs the single-task baselines on the held-out split (parity.json, parity.md, a grid per task).
+PARITY_COUNT ?= 100
+parity: $(STAMP)
+	$(BIN)/mtu-export parity $(RUNS)/shapes-mtu $(foreach t,$(TASKS),--baseline $(t)=$(RUNS)/single-$(t)) \
+	  --count $(PARITY_COUNT) --guidance $(GUIDANCE) --out benchmarks/results/parity --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -342,6 +342,119 @@ def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, j
         console.print(f"wrote {write_images(grid, first, columns=8)}")
 
 
+# ---------------------------------------------------------------------------------------------------------- export
+TaskArg = Annotated[str, typer.Option("--task", help="A task of the checkpoint, or all (one bundle, shared weights).")]
+
+
+def _export_config(task: str, **options):
+    from mtu_export.config import ExportConfig
+
+    tasks = () if task == "all" else tuple(t.strip() for t in task.split(",") if t.strip())
+    if len(tasks) > 1:
+        from mtu_export.errors import ConfigError
+
+        raise ConfigError(f"--task takes one task or all, got {task!r}; run once per task or use --task all")
+    return ExportConfig(tasks=tasks, **options)
+
+
+@app.command("onnx")
+@handles_errors
+def onnx_command(
+    checkpoint: Annotated[Path, typer.Argument(help="MTU checkpoint folder (from upcycle or train).")],
+    out: OutOption,
+    task: TaskArg = "all",
+    opset: Annotated[int, typer.Option(help="ONNX opset (14-21).")] = 18,
+    dynamo: Annotated[bool, typer.Option(help="Use torch.onnx's dynamo exporter (opset >= 18).")] = False,
+    fixed_shapes: Annotated[
+        bool, typer.Option(help="Fix batch (UNet: the guidance batch), height and width instead of dynamic axes.")
+    ] = False,
+    height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
+    external_data: Annotated[
+        bool | None, typer.Option(help="Weights in model.onnx_data (default: only past 2 GB).")
+    ] = None,
+    quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8 or fp16.")] = "none",
+    allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
+    image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fold and export to ONNX in optimum's folder layout, validating every graph against torch."""
+    from mtu_export.export.onnx import export_onnx
+
+    config = _export_config(
+        task,
+        opset=opset,
+        dynamo=dynamo,
+        fixed_shapes=fixed_shapes,
+        height=height,
+        width=width,
+        external_data=external_data,
+        quantize=quantize,
+        allow_drift=allow_drift,
+        image_count=image_count,
+    )
+    manifest = export_onnx(checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)))
+    _print_export_report(manifest)
+    console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
+
+
+@app.command("generate")
+@handles_errors
+def generate_command(
+    export_dir: Annotated[Path, typer.Argument(help="A folder written by `mtu-export onnx`.")],
+    task: Annotated[str, typer.Option(help="The task to run.")],
+    prompt: Annotated[str, typer.Option(help="Caption or edit instruction.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    image: Annotated[Path | None, typer.Option(help="Input image (edit: source, sr: low-res, inpaint).")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Text guidance scale.")] = 3.0,
+    image_guidance: Annotated[float, typer.Option(help="Image guidance scale (edit, sr).")] = 1.5,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads.")] = None,
+    optimum: Annotated[bool, typer.Option(help="Use optimum's ORT pipelines for t2i / inpaint exports.")] = True,
+) -> None:
+    """Run an exported task end to end on onnxruntime and write a PNG (same seed, same image)."""
+    from rich.progress import Progress
+
+    from mtu_export.generate import GenerateRequest, generate
+
+    for path in (image, mask):
+        if path is not None and not path.is_file():
+            from mtu_export.errors import InputError
+
+            raise InputError(f"{path} is not a file; pass an existing PNG")
+    request = GenerateRequest(task, prompt, image, mask, steps, guidance, image_guidance, seed, threads, optimum)
+    with Progress(console=stderr, transient=True) as bar:
+        job = bar.add_task(f"{task}: sampling", total=steps)
+        runner = generate(export_dir, request, out, progress=lambda i, n: bar.update(job, completed=min(i, n)))
+    console.print(f"wrote {out} ({runner}, {steps} steps, seed {seed})")
+
+
+def _print_export_report(manifest: dict) -> None:
+    table = Table(title="exported graphs vs torch (trajectory inputs)")
+    for column in ("graph", "output", "feeds", "max |diff|", "PSNR dB", "floor", "ok"):
+        table.add_column(column, justify="right" if column not in ("graph", "output") else "left")
+    for row in manifest["graph_parity"]:
+        graph = escape(row["component"] + (f" {row['task']}" if row["task"] else ""))
+        psnr = "exact" if row["psnr_db"] is None else f"{row['psnr_db']:.1f}"
+        ok = "yes" if row["ok"] else "[red]NO[/]"
+        table.add_row(
+            graph, row["output"], str(row["feeds"]), f"{row['max_abs_diff']:.2e}", psnr, f"{row['floor_db']:.0f}", ok
+        )
+    console.print(table)
+    for row in manifest["image_parity"]:
+        psnr = "identical" if row["psnr_db"] is None else f"{row['psnr_db']:.1f} dB"
+        goal = "" if row["meets_goal"] else f" [red]below the {manifest['image_psnr_goal_db']:.0f} dB goal[/]"
+        console.print(f"{row['task']}: end-to-end images vs torch fp32: {psnr}{goal}")
+    if manifest.get("sizes"):
+        s = manifest["sizes"]
+        console.print(
+            f"bundle of {s['tasks']} tasks: {s['bundle_bytes'] / 1e6:.2f} MB = {s['ratio']:.3f} x one single-task "
+            f"export ({s['single_task_bytes'] / 1e6:.2f} MB); UNet {s['unet_ratio']:.3f} x"
+        )
+
+
 def _routing_table(summary: dict) -> Table:
     tasks = [t["name"] for t in summary["tasks"]]
     table = Table(title="routing probabilities per layer, % per expert 1..N")

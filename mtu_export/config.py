@@ -281,3 +281,65 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "fp16")
+COREML_QUANTIZE = ("none", "int8", "palettize-6", "palettize-4", "int4-block")
+COREML_TARGETS = ("iOS17", "iOS18")
+MIN_OPSET, MAX_OPSET = 14, 21
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`mtu-export onnx` / `mtu-export coreml`: which tasks, graph options, quantization and validation."""
+
+    tasks: tuple[str, ...] = ()  # empty: every task of the checkpoint, as one bundle
+    opset: int = 18
+    dynamo: bool = False  # torch.onnx's dynamo exporter (opset >= 18) instead of the TorchScript one
+    fixed_shapes: bool = False  # fixed batch / height / width instead of dynamic axes
+    height: int | None = None  # pixels; None: the UNet's sample_size times the VAE factor
+    width: int | None = None
+    external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
+    quantize: str = "none"
+    allow_drift: bool = False
+    probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
+    image_steps: int = 25  # end-to-end image check: sampling steps, examples, guidance
+    image_count: int = 2
+    guidance: float = 3.0
+    image_guidance: float = 1.5
+    seed: int = 0
+    # Core ML
+    target: str = "iOS17"
+    compute_precision: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"--opset {self.opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (default 18)")
+        if self.dynamo and self.opset < 18:
+            raise ConfigError(
+                f"the dynamo exporter needs opset >= 18 (ONNX Runtime rejects its opset-{self.opset} graphs); "
+                "drop --dynamo or use --opset 18"
+            )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"--{name} {value} must be a positive multiple of 8")
+        if self.probe_steps < 1 or self.image_steps < 1 or self.image_count < 0:
+            raise ConfigError("validation steps must be >= 1 and the image count >= 0")
+        if self.target not in COREML_TARGETS:
+            raise ConfigError(f"--target {self.target!r} is not supported; choose {', '.join(COREML_TARGETS)}")
+        if self.compute_precision not in ("fp16", "fp32"):
+            raise ConfigError(f"--compute-precision must be fp16 or fp32, got {self.compute_precision!r}")
+
+    def check_quantize(self, choices: tuple[str, ...], command: str) -> None:
+        if self.quantize not in choices:
+            raise ConfigError(
+                f"`mtu-export {command} --quantize {self.quantize}` is not a mode; choose {', '.join(choices)}"
+                f"{did_you_mean(self.quantize, list(choices))}"
+            )
+        if self.quantize == "int4-block" and self.target != "iOS18":
+            raise ConfigError("--quantize int4-block needs Core ML's iOS18 target; add --target iOS18")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,475 @@
+"""`mtu-export onnx`: an MTU checkpoint -> ONNX graphs in optimum's folder layout, validated against torch.
+
+One task (`--task t2i`) gives the folder `ORTStableDiffusionPipeline` (or its inpainting / InstructPix2Pix
+siblings) loads as it is: `model_index.json`, `scheduler/`, `tokenizer/`, `text_encoder/`, `unet/`, `vae_encoder/`,
+`vae_decoder/`, each graph `model.onnx` (+ `model.onnx_data` past 2 GB) beside its `config.json`. All tasks
+(`--task all`) give the same layout with one UNet graph that takes a `task_id` (bundle.py): every shared weight
+stored once.
+
+Every export checks itself: each graph runs in onnxruntime on inputs recorded along each task's sampling
+trajectory and is compared with the torch module (max |diff|, PSNR per output); then each task's full sampling loop
+runs on the exported graphs and is compared, as images, with the fp32 torch pipeline. Figures go to
+`manifest.json` and into each graph's metadata; a graph under its PSNR floor fails the export (every failure
+listed) unless `allow_drift`.
+
+Imports config, errors, storage, upcycle, fold, bundle, sample, quantize and the export helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtu_export import __version__
+from mtu_export.bundle import bundle_tasks
+from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.errors import ConfigError, InputError, ParityError
+from mtu_export.export.graphs import (
+    BUNDLE,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    BundleGraph,
+    GraphSpec,
+    TextEncoderGraph,
+    UNetGraph,
+    VaeDecoderGraph,
+    VaeEncoderGraph,
+)
+from mtu_export.export.probes import Probes, trajectory_probes, world_example
+from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
+from mtu_export.fold import TASK_PIPELINES, fold_task, verify_fold
+from mtu_export.quantize import quantize_onnx
+from mtu_export.sample import SamplerConfig, sample_examples
+from mtu_export.storage import PIPELINE_INDEX, atomic_output_dir, check_output, check_separate, read_json, write_json
+from mtu_export.upcycle import Checkpoint, file_sha256, load_checkpoint, load_components
+
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+EXTERNAL_DATA = "model.onnx_data"
+PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights in external data
+# Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
+GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0}
+IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
+VALIDATION_INDEX = 0  # heldout example used for each task's validation trajectory
+CALIBRATION_COUNT = 4  # train examples per task whose trajectories calibrate static int8
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GraphParity:
+    component: str
+    task: str | None  # the UNet's task (None: a graph shared by all tasks)
+    output: str
+    feeds: int
+    max_abs_diff: float
+    psnr_db: float | None  # None: bit-exact
+    floor_db: float
+
+    @property
+    def ok(self) -> bool:
+        return self.psnr_db is None or self.psnr_db >= self.floor_db
+
+    def describe(self) -> str:
+        where = f"{self.component}[{self.task}]" if self.task else self.component
+        psnr = "exact" if self.psnr_db is None else f"{self.psnr_db:.1f} dB"
+        return f"{where}.{self.output}: {psnr} (floor {self.floor_db:.0f} dB), max |diff| {self.max_abs_diff:.3g}"
+
+
+def psnr_db(reference: np.ndarray, output: np.ndarray, peak: float | None = None) -> float | None:
+    """20·log10(peak / RMSE); peak defaults to max |reference| (DESIGN.md §4). None when identical."""
+    reference, output = np.asarray(reference, np.float64), np.asarray(output, np.float64)
+    rmse = math.sqrt(float(np.mean((reference - output) ** 2)))
+    if rmse == 0:
+        return None
+    peak = float(np.abs(reference).max()) if peak is None else peak
+    return 20 * math.log10(max(peak, 1e-12) / rmse)
+
+
+# ------------------------------------------------------------------------------------------------------ the command
+def export_onnx(checkpoint: Path, config: ExportConfig, out: Path, overwrite: bool = False, log: Log = print) -> dict:
+    """Export, validate and describe; returns the manifest. Raises ParityError listing every drifting graph."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    config.check_quantize(ONNX_QUANTIZE, "onnx")
+    check_separate(out, checkpoint)
+    check_output(out, overwrite)
+    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    tasks = _resolve_tasks(ckpt, config)
+    components = _components(ckpt)
+    unets = _fold(ckpt, tasks, log)
+    size = _image_size(ckpt, components[0], config)
+    with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(out, overwrite) as tmp:
+        exporter = _Exporter(ckpt, config, components, Path(scratch), tmp, log)
+        manifest = exporter.run(tasks, unets, size)
+    return manifest
+
+
+def _resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
+    if ckpt.model.unet.config.addition_embed_type == "text_time":
+        raise ConfigError(
+            "SDXL-style UNets (text_time conditioning) are not exportable yet; fold and export with optimum"
+        )
+    if not config.tasks:
+        return ckpt.model.config.task_names
+    return tuple(ckpt.model.config.task(name).name for name in config.tasks)
+
+
+def _components(ckpt: Checkpoint):
+    if ckpt.pipeline_dir is None:
+        raise InputError(
+            f"{ckpt.path} holds a UNet only; export needs the pipeline's text encoder, VAE, tokenizer and scheduler: "
+            "upcycle a pipeline folder (e.g. models/shapes-base), not a bare UNet"
+        )
+    return load_components(ckpt.pipeline_dir)
+
+
+def _fold(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch.nn.Module]:
+    unets = {}
+    for task in tasks:
+        unets[task] = fold_task(ckpt.model, task).eval()
+        diff = verify_fold(ckpt.model, unets[task], task)
+        log(f"folded {task} (fold vs routed max |diff| {diff:.2e})")
+    return unets
+
+
+def _image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, int]:
+    """(height, width, VAE factor) of the export; the default is the UNet's sample size times the VAE's factor."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    sample = ckpt.model.unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else (sample or 64)
+    height, width = config.height or sample * factor, config.width or sample * factor
+    for name, value in (("height", height), ("width", width)):
+        if value % factor:
+            raise ConfigError(f"--{name} {value} is not a multiple of the VAE's downsampling factor {factor}")
+    if height != width:
+        raise ConfigError(f"--height {height} and --width {width} differ; square images only for now")
+    return height, width, factor
+
+
+class _Exporter:
+    """One export run: writes graphs into `tmp`, validates them, writes the manifest."""
+
+    def __init__(self, ckpt: Checkpoint, config: ExportConfig, components, scratch: Path, tmp: Path, log: Log):
+        self.ckpt, self.config, self.components = ckpt, config, components
+        self.scratch, self.tmp, self.log = scratch, tmp, log
+        self.parity: list[GraphParity] = []
+        self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
+
+    # -- orchestration -------------------------------------------------------------------------------------------
+    def run(self, tasks: tuple[str, ...], unets: dict, size: tuple[int, int, int]) -> dict:
+        bundled, self.size = not self.config.tasks, size
+        vae, text_encoder, _, _ = self.components
+        bundle = bundle_tasks(self.ckpt.model) if bundled else None
+        probes = self._probes(tasks, unets, size, bundle, "heldout", [VALIDATION_INDEX])
+        self._copy_pipeline_files(tasks, bundled)
+        self._export(TEXT_ENCODER, TextEncoderGraph(text_encoder), probes["*"], self.ckpt.pipeline_dir / "text_encoder")
+        self._export(VAE_ENCODER, VaeEncoderGraph(vae), probes["*"], self.ckpt.pipeline_dir / "vae")
+        self._export(VAE_DECODER, VaeDecoderGraph(vae), probes["*"], self.ckpt.pipeline_dir / "vae")
+        unet_module, unet_spec = (BundleGraph(bundle), BUNDLE) if bundled else (UNetGraph(unets[tasks[0]]), UNET)
+        unet_config = dict((bundle.unet if bundled else unets[tasks[0]]).config)
+        self._export_unet(unet_spec, unet_module, probes, tasks, unet_config)
+        sizes = self._sizes(tasks, unets, probes) if bundled else None  # fp32 bundle vs fp32 single-task graphs
+        if self.config.quantize != "none":
+            self._quantize_unet(unet_spec, unet_module, tasks, unets, size, bundle, probes)
+        images = self._image_check(tasks, unets, bundle)
+        manifest = self._manifest(tasks, bundle, images, sizes)
+        self._stamp_metadata(manifest)
+        write_json(self.tmp / MANIFEST, manifest)
+        self._raise_on_drift()
+        return manifest
+
+    def _probes(self, tasks, unets, size, bundle, split: str, indices: list[int]) -> dict[str, Probes]:
+        """Per task, the graph inputs recorded along its sampling trajectory; '*' merges the shared graphs'."""
+        height, _, factor = size
+        sampler = SamplerConfig(
+            self.config.probe_steps, self.config.guidance, self.config.image_guidance, self.config.seed
+        )
+        merged, per_task = Probes(), {}
+        for task in tasks:
+            examples = [world_example(task, split, i, height, height // factor) for i in indices]
+            ids = None if bundle is None else (bundle.tasks.index(task), bundle.in_channels)
+            per_task[task] = trajectory_probes(unets[task], task, examples, self.components, sampler, ids)
+            merged.extend(per_task[task])
+        self.log(f"recorded {split} trajectories ({self.config.probe_steps} steps) for {', '.join(tasks)}")
+        return {"*": merged, **per_task}
+
+    def _copy_pipeline_files(self, tasks: tuple[str, ...], bundled: bool) -> None:
+        source = self.ckpt.pipeline_dir
+        for name in ("tokenizer", "scheduler"):
+            shutil.copytree(source / name, self.tmp / name)
+        index = read_json(source / PIPELINE_INDEX)
+        if not bundled:
+            index["_class_name"] = TASK_PIPELINES.get(index.get("_class_name", ""), {}).get(
+                tasks[0], index["_class_name"]
+            )
+        write_json(self.tmp / PIPELINE_INDEX, index)
+
+    # -- graphs --------------------------------------------------------------------------------------------------
+    def _export(self, spec: GraphSpec, module, probes: Probes, config_dir: Path | None) -> None:
+        feeds = probes.feeds[spec.component]
+        path = self.write_graph(spec, module, feeds[0], self.tmp / spec.component)
+        if config_dir is not None:
+            shutil.copyfile(config_dir / "config.json", self.tmp / spec.component / "config.json")
+        self.log(f"exported {spec.component}")
+        self.parity += validate_graph(spec, module, path, feeds, None, GRAPH_PSNR_FLOOR["none"])
+
+    def _export_unet(self, spec: GraphSpec, module, probes: dict[str, Probes], tasks, unet_config: dict) -> None:
+        path = self.write_graph(spec, module, probes[tasks[0]].feeds["unet"][0], self.tmp / "unet")
+        write_json(self.tmp / "unet" / "config.json", unet_config)
+        self.log(f"exported unet ({'all tasks, task_id input' if spec is BUNDLE else tasks[0]})")
+        for task in tasks:
+            feeds = probes[task].feeds["unet"]
+            self.parity += validate_graph(spec, module, path, feeds, task, GRAPH_PSNR_FLOOR["none"])
+
+    def write_graph(self, spec: GraphSpec, module, example: dict, folder: Path) -> Path:
+        """torch.onnx.export `module` with `example` feeds into `folder/model.onnx` (+ external data past 2 GB)."""
+        import onnx
+
+        work = self.scratch / spec.component
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        args = tuple(example[name] for name in spec.inputs)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape asserts: the graphs are validated
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(work / MODEL),
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=None if self.config.fixed_shapes else spec.dynamic_axes(),
+                opset_version=self.config.opset,
+                dynamo=self.config.dynamo,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(work / MODEL), load_external_data=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        external = self.config.external_data
+        if external is None:
+            external = model.ByteSize() > PROTOBUF_LIMIT
+        _save(model, folder / MODEL, external)
+        shutil.rmtree(work, ignore_errors=True)
+        return folder / MODEL
+
+    def _quantize_unet(self, spec, module, tasks, unets, size, bundle, probes) -> None:
+        mode = self.config.quantize
+        reference = self.tmp / "unet_fp32"
+        (self.tmp / "unet").rename(reference)
+        (self.tmp / "unet").mkdir()
+        shutil.copyfile(reference / "config.json", self.tmp / "unet" / "config.json")
+        calibration = None
+        if mode == "static-int8":  # each task's own trajectories; a bundle is calibrated on all of them
+            train = self._probes(tasks, unets, size, bundle, "train", list(range(CALIBRATION_COUNT)))
+            calibration = [_numpy(f) for task in tasks for f in train[task].feeds["unet"]]
+        self.log(
+            f"quantizing unet: {mode}" + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
+        )
+        quantize_onnx(mode, reference / MODEL, self.tmp / "unet" / MODEL, calibration)
+        for task in tasks:
+            feeds = probes[task].feeds["unet"]
+            rows = validate_graph(spec, module, self.tmp / "unet" / MODEL, feeds, task, GRAPH_PSNR_FLOOR[mode])
+            self.parity += [GraphParity(**{**asdict(r), "component": f"unet[{mode}]"}) for r in rows]
+
+    # -- end to end ----------------------------------------------------------------------------------------------
+    def _image_check(self, tasks, unets, bundle) -> list[dict]:
+        """Each task's full sampling loop on the exported graphs vs the fp32 torch pipeline, as uint8 images."""
+        if not self.config.image_count:
+            return []
+        vae, text_encoder, tokenizer, scheduler = self.components
+        sampler = SamplerConfig(
+            self.config.image_steps, self.config.guidance, self.config.image_guidance, self.config.seed
+        )
+        ort_te = OrtTextEncoder(self.tmp / "text_encoder" / MODEL)
+        ort_vae = OrtVae(self.tmp / "vae_encoder" / MODEL, self.tmp / "vae_decoder" / MODEL, dict(vae.config))
+        height, _, factor = self.size
+        rows = []
+        for task in tasks:
+            count = self.config.image_count
+            examples = [world_example(task, "heldout", i, height, height // factor) for i in range(count)]
+            ids = {} if bundle is None else {"task_id": bundle.tasks.index(task), "channels": bundle.in_channels}
+            ort_unet = OrtUNet(self.tmp / "unet" / MODEL, **ids)
+            torch_images = sample_examples(
+                lambda x, t, h, u=unets[task]: u(x, t, h).sample,
+                task,
+                examples,
+                vae,
+                text_encoder,
+                tokenizer,
+                scheduler,
+                sampler,
+            )
+            ort_images = sample_examples(ort_unet, task, examples, ort_vae, ort_te, tokenizer, scheduler, sampler)
+            value = psnr_db(torch_images, ort_images, peak=255.0)
+            rows.append(
+                {
+                    "task": task,
+                    "images": len(examples),
+                    "steps": sampler.steps,
+                    "psnr_db": value,
+                    "max_abs_diff": int(np.abs(torch_images.astype(int) - ort_images.astype(int)).max()),
+                    "meets_goal": value is None or value >= IMAGE_PSNR_GOAL_DB,
+                }
+            )
+            shown = "identical" if value is None else f"{value:.1f} dB"
+            self.log(
+                f"{task}: exported pipeline vs torch fp32, {len(examples)} images x {sampler.steps} steps: {shown}"
+            )
+        return rows
+
+    # -- reporting -----------------------------------------------------------------------------------------------
+    def _sizes(self, tasks, unets, probes) -> dict:
+        """Bundle bytes vs one single-task export (the first task's folded UNet, exported to scratch to measure)."""
+        task = tasks[0]
+        example = dict(probes[task].feeds["unet"][0])
+        example["sample"] = example["sample"][:, : self.ckpt.model.config.task(task).in_channels]  # unpad
+        single = self.write_graph(UNET, UNetGraph(unets[task]), example, self.scratch / "single")
+        single_unet = _folder_bytes(single.parent)
+        bundle_unet = _folder_bytes(self.tmp / "unet")
+        shared = sum(_folder_bytes(self.tmp / c) for c in ("text_encoder", "vae_encoder", "vae_decoder"))
+        return {
+            "tasks": len(tasks),
+            "bundle_unet_bytes": bundle_unet,
+            "single_task_unet_bytes": single_unet,
+            "unet_ratio": bundle_unet / single_unet,
+            "bundle_bytes": bundle_unet + shared,
+            "single_task_bytes": single_unet + shared,
+            "ratio": (bundle_unet + shared) / (single_unet + shared),
+            "separate_exports_ratio": float(len(tasks)),
+            "precision": "fp32",
+        }
+
+    def _manifest(self, tasks, bundle, images, sizes) -> dict:
+        import onnx
+        import onnxruntime
+
+        model = self.ckpt.model
+        return {
+            "format": "mtu-export-onnx/1",
+            "kind": "bundle" if bundle is not None else "task",
+            "tasks": {
+                task: {
+                    "task_id": None if bundle is None else bundle.tasks.index(task),
+                    "in_channels": model.config.task(task).in_channels,
+                    "routing_probabilities": {
+                        k: [round(float(p), 6) for p in v] for k, v in model.routing_probabilities(task).items()
+                    },
+                }
+                for task in tasks
+            },
+            "unet_input_channels": bundle.in_channels
+            if bundle is not None
+            else model.config.task(tasks[0]).in_channels,
+            "source": {
+                "checkpoint": str(self.ckpt.path),
+                "sha256": file_sha256(self.ckpt.path / "mtu_unet.safetensors"),
+            },
+            "export": self.config.to_dict(),
+            "quantized": {
+                "unet": self.config.quantize,
+                "reference": "unet_fp32" if self.config.quantize != "none" else None,
+            },
+            "versions": {
+                "mtu_export": __version__,
+                "torch": torch.__version__.split("+")[0],
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+            "graph_parity": [asdict(r) | {"ok": r.ok} for r in self.parity],
+            "image_parity": images,
+            "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
+            "sizes": sizes,
+        }
+
+    def _stamp_metadata(self, manifest: dict) -> None:
+        """Write the source, task(s), versions and each graph's parity into the graph's ONNX metadata."""
+        import onnx
+
+        for folder in sorted(p.parent for p in self.tmp.glob(f"*/{MODEL}")):
+            component = folder.name
+            if component == "unet" and self.config.quantize != "none":
+                component = f"unet[{self.config.quantize}]"
+            rows = [r for r in manifest["graph_parity"] if r["component"] == component.replace("unet_fp32", "unet")]
+            props = {
+                "mtu_export.tasks": json.dumps(list(manifest["tasks"])),
+                "mtu_export.source_sha256": manifest["source"]["sha256"],
+                "mtu_export.versions": json.dumps(manifest["versions"], sort_keys=True),
+                "mtu_export.opset": str(self.config.opset),
+                "mtu_export.parity": json.dumps(rows, sort_keys=True),
+            }
+            if component.startswith("unet"):
+                props["mtu_export.routing"] = json.dumps(
+                    {t: v["routing_probabilities"] for t, v in manifest["tasks"].items()}
+                )
+            model = onnx.load(str(folder / MODEL), load_external_data=False)
+            del model.metadata_props[:]
+            for key, value in props.items():
+                model.metadata_props.add(key=key, value=value)
+            onnx.save_model(model, str(folder / MODEL))
+
+    def _raise_on_drift(self) -> None:
+        failed = [r for r in self.parity if not r.ok]
+        if failed and not self.config.allow_drift:
+            listed = "; ".join(r.describe() for r in failed)
+            raise ParityError(
+                f"{len(failed)} exported output(s) drift from torch: {listed}; nothing was written "
+                "(pass --allow-drift to keep such an export)"
+            )
+        for row in failed:
+            self.log(f"warning: drift kept (--allow-drift): {row.describe()}")
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate_graph(spec: GraphSpec, module, path: Path, feeds: list[dict], task: str | None, floor: float):
+    """Run the graph in onnxruntime and the torch module on every feed; one GraphParity per output."""
+    sess = session(path)
+    outputs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in spec.outputs}
+    for feed in feeds:
+        reference = module(*(feed[name] for name in spec.inputs))
+        reference = reference if isinstance(reference, tuple) else (reference,)
+        exported = run(sess, {name: feed[name] for name in spec.inputs})
+        for name, ref, got in zip(spec.outputs, reference, exported, strict=True):
+            outputs[name].append((ref.float().numpy(), got.astype(np.float32)))
+    rows = []
+    for name, pairs in outputs.items():
+        ref = np.concatenate([r.ravel() for r, _ in pairs])
+        got = np.concatenate([g.ravel() for _, g in pairs])
+        diff = float(np.abs(ref - got).max())
+        rows.append(GraphParity(spec.component, task, name, len(feeds), diff, psnr_db(ref, got), floor))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------- files
+def _save(model, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _numpy(feed: dict) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in feed.items()}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

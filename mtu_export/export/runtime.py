@@ -1,0 +1,99 @@
+"""Exported graphs on onnxruntime behind the interface the torch samplers use, so one sampling loop
+(`sample.sample_examples`) runs torch and ONNX alike: `OrtTextEncoder(ids)[0]`, `OrtVae.encode(x).latent_dist`,
+`OrtVae.decode(z).sample`, and a UNet denoiser `(sample, timestep, encoder_hidden_states) -> ε`.
+
+Imports nothing from the package; onnxruntime is imported inside `session`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+def session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session; `threads` caps intra-op threads (phone-class CPUs), None lets ORT decide."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers in quantized graphs
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run(sess, feeds: dict[str, torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+    """Run `sess` on torch or numpy feeds, cast to the graph's input types (as optimum does)."""
+    types = {i.name: i.type for i in sess.get_inputs()}
+    arrays = {}
+    for name, value in feeds.items():
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        arrays[name] = array.astype(_NUMPY[types[name]], copy=False)
+    return sess.run(None, arrays)
+
+
+_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+class OrtTextEncoder:
+    device = torch.device("cpu")
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        self.session = session(path, threads)
+
+    def __call__(self, input_ids: torch.Tensor):
+        hidden, pooled = run(self.session, {"input_ids": input_ids})
+        return torch.from_numpy(hidden).float(), torch.from_numpy(pooled).float()
+
+
+class OrtVae:
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, encoder: Path | None, decoder: Path, config: dict, threads: int | None = None) -> None:
+        self.encoder = None if encoder is None else session(encoder, threads)
+        self.decoder = session(decoder, threads)
+        self.config = SimpleNamespace(**config)
+
+    def encode(self, sample: torch.Tensor):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.encoder is None:
+            raise RuntimeError("this export has no VAE encoder")
+        (moments,) = run(self.encoder, {"sample": sample})
+        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(torch.from_numpy(moments).float()))
+
+    def decode(self, latent_sample: torch.Tensor):
+        (image,) = run(self.decoder, {"latent_sample": latent_sample})
+        return SimpleNamespace(sample=torch.from_numpy(image).float())
+
+
+class OrtUNet:
+    """A UNet graph as a sampler denoiser. For an all-task bundle give `task_id` and `channels` (the bundle's input
+    width): the task's sample is zero-padded to it."""
+
+    def __init__(self, path: Path, threads: int | None = None, task_id: int | None = None, channels: int = 0):
+        self.session = session(path, threads)
+        self.task_id, self.channels = task_id, channels
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        feeds = {
+            "sample": sample,
+            "timestep": timestep.reshape(-1)[0].float(),
+            "encoder_hidden_states": encoder_hidden_states,
+        }
+        if self.task_id is not None:
+            pad = self.channels - sample.shape[1]
+            feeds["sample"] = torch.nn.functional.pad(sample, (0, 0, 0, 0, 0, pad))
+            feeds["task_id"] = torch.tensor(self.task_id, dtype=torch.int64)
+        (out,) = run(self.session, feeds)
+        return torch.from_numpy(out).float()

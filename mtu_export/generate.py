@@ -1,0 +1,174 @@
+"""`mtu-export generate`: run one task of an ONNX export end to end on onnxruntime, seeded and reproducible.
+
+A single-task `t2i` or `inpaint` export runs in optimum's `ORTStableDiffusionPipeline` /
+`ORTStableDiffusionInpaintPipeline`, as users of optimum would run it. `edit` and `sr` (no optimum pipeline takes
+an 8- or 7-channel UNet) and every task of an all-task bundle (its UNet takes a `task_id`) run in this project's
+own sampler (`sample.sample_latents`) over the exported graphs, with text and image guidance as in training.
+
+Imports errors, storage, conditioning, sample, vocab, world_grid and the export runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtu_export.conditioning import encode_batch, task_condition, to_uint8
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
+from mtu_export.sample import SamplerConfig, encode_prompts, sample_latents
+from mtu_export.storage import read_json
+from mtu_export.world import Example
+from mtu_export.world_grid import save_png
+
+OPTIMUM_TASKS = {"t2i": "ORTStableDiffusionPipeline", "inpaint": "ORTStableDiffusionInpaintPipeline"}
+NEEDS = {"edit": ("image",), "sr": ("image",), "inpaint": ("image", "mask")}
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    task: str
+    prompt: str
+    image: Path | None = None
+    mask: Path | None = None
+    steps: int = 25
+    guidance: float = 3.0
+    image_guidance: float = 1.5
+    seed: int = 0
+    threads: int | None = None
+    use_optimum: bool = True  # t2i / inpaint single-task exports: optimum's pipelines
+
+
+def generate(export_dir: Path, request: GenerateRequest, out: Path, progress: Progress | None = None) -> str:
+    """Write the generated PNG to `out`; returns which runner made it."""
+    export_dir = Path(export_dir)
+    manifest = _manifest(export_dir)
+    if request.task not in manifest["tasks"]:
+        known = ", ".join(manifest["tasks"])
+        raise ConfigError(f"{export_dir} was exported for {known}, not {request.task!r}; pass --task one of those")
+    for needed in NEEDS.get(request.task, ()):
+        if getattr(request, needed) is None:
+            raise ConfigError(f"task {request.task!r} needs --{needed} PNG")
+    size = read_json(export_dir / "unet" / "config.json").get("sample_size") or 64
+    vae_config = read_json(export_dir / "vae_decoder" / "config.json")
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    pixels = (size[0] if isinstance(size, list) else size) * factor
+    if manifest["kind"] == "task" and request.task in OPTIMUM_TASKS and request.use_optimum:
+        image = _optimum(export_dir, request, pixels, progress)
+        runner = f"optimum {OPTIMUM_TASKS[request.task]}"
+    else:
+        image = _own(export_dir, manifest, request, pixels, factor, vae_config, progress)
+        runner = "mtu-export ORT sampler"
+    save_png(Path(out), image)
+    return runner
+
+
+def _manifest(export_dir: Path) -> dict:
+    if not (export_dir / "manifest.json").is_file():
+        raise InputError(f"{export_dir} is not an `mtu-export onnx` folder (no manifest.json); export it first")
+    return read_json(export_dir / "manifest.json")
+
+
+def _read_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            picture = picture.convert(mode)
+            if picture.size != (size, size):
+                picture = picture.resize((size, size), Image.BICUBIC if mode == "RGB" else Image.NEAREST)
+            return np.asarray(picture)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from None
+
+
+def _inputs(request: GenerateRequest, pixels: int, factor: int) -> Example:
+    """The request as an Example, so the training code builds the conditioning. `target` only sets the shape."""
+    source = mask = None
+    if request.task == "edit":
+        source = _read_image(request.image, pixels)
+    elif request.task == "sr":
+        source = _read_image(request.image, pixels // factor)  # the low-res image lives at latent resolution
+    elif request.task == "inpaint":
+        source = _read_image(request.image, pixels)
+        mask = _read_image(request.mask, pixels, "L") > 127  # white = repaint
+    target = source if request.task in ("edit", "inpaint") else np.zeros((pixels, pixels, 3), np.uint8)
+    return Example(request.task, request.prompt, target, None, source, mask)
+
+
+@torch.no_grad()
+def _own(export_dir, manifest, request, pixels, factor, vae_config, progress) -> np.ndarray:
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    scheduler_config = read_json(export_dir / "scheduler" / "scheduler_config.json")
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    tokenizer = CLIPTokenizer.from_pretrained(export_dir / "tokenizer")
+    text_encoder = OrtTextEncoder(export_dir / "text_encoder" / "model.onnx", request.threads)
+    vae = OrtVae(
+        export_dir / "vae_encoder" / "model.onnx",
+        export_dir / "vae_decoder" / "model.onnx",
+        vae_config,
+        request.threads,
+    )
+    task_info = manifest["tasks"][request.task]
+    bundle = (
+        {}
+        if task_info["task_id"] is None
+        else {"task_id": task_info["task_id"], "channels": manifest["unet_input_channels"]}
+    )
+    unet = OrtUNet(export_dir / "unet" / "model.onnx", request.threads, **bundle)
+    example = _inputs(request, pixels, factor)
+    scaling = vae.config.scaling_factor
+    encoded = encode_batch(request.task, vae, [example])
+    condition = task_condition(request.task, encoded, scaling, torch.Generator().manual_seed(request.seed + 1))
+    text = encode_prompts(text_encoder, tokenizer, [request.prompt])
+    empty = encode_prompts(text_encoder, tokenizer, [""])
+    sampler = SamplerConfig(request.steps, request.guidance, request.image_guidance, request.seed)
+    calls = [0]
+
+    def denoise(x, t, h):
+        calls[0] += 1
+        if progress:
+            progress(calls[0], request.steps)
+        return unet(x, t, h)
+
+    latents = sample_latents(
+        denoise, request.task, scheduler, text, empty, condition, tuple(encoded["target_mean"].shape), sampler
+    )
+    return to_uint8(vae.decode(latents / scaling).sample)[0]
+
+
+def _optimum(export_dir, request, pixels, progress) -> np.ndarray:
+    import optimum.onnxruntime as ort_pipelines
+    from PIL import Image
+
+    pipeline_class = getattr(ort_pipelines, OPTIMUM_TASKS[request.task])
+    options = None
+    if request.threads:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = request.threads
+    pipe = pipeline_class.from_pretrained(export_dir, session_options=options)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        generator=torch.Generator().manual_seed(request.seed),
+        height=pixels,
+        width=pixels,
+        output_type="np",
+    )
+    if progress:
+        kwargs["callback_on_step_end"] = lambda p, i, t, kw: (progress(i + 1, request.steps), kw)[1]
+    if request.task == "inpaint":
+        kwargs["image"] = Image.fromarray(_read_image(request.image, pixels))
+        kwargs["mask_image"] = Image.fromarray((_read_image(request.mask, pixels, "L") > 127).astype(np.uint8) * 255)
+    images = pipe(request.prompt, **kwargs).images  # (1, H, W, 3) floats in [0, 1]
+    return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,108 @@
+"""Quantization of exported graphs: one verb per format, one handler per scheme (torchao's `quantize_` pattern).
+
+ONNX (`quantize_onnx`, applied to the UNet, which runs once per sampling step; the text encoder and VAE stay fp32):
+- `dynamic-int8`: weights int8, activations quantized at run time, MatMul/Gemm only — ConvInteger is slower than
+  fp32 Conv on x86 CPUs (DESIGN.md §3);
+- `static-int8`: QDQ int8 (MatMul, Gemm, Conv; per-channel weights) calibrated on recorded UNet inputs of the
+  task's own sampling trajectories (train split), never on random tensors;
+- `fp16`: weights and compute in float16 with float32 inputs and outputs (GPU and mobile execution providers).
+
+Core ML (`quantize_coreml`, applied to every weight of an `.mlpackage`'s model): `int8` linear weights, `palettize-6`
+/ `palettize-4` k-means lookup tables, `int4-block` (iOS18, per-block int4 with block size 32).
+
+Imports errors only; onnxruntime and coremltools are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mtu_export.errors import ConfigError
+
+Feeds = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------------------- ONNX
+def _dynamic_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+
+
+def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise ConfigError("static int8 quantization needs calibration inputs; none were recorded")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds: Iterable[Feeds]) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> Feeds | None:
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def _fp16(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    # Resize's scales must stay float32; the converter casts around blocked ops.
+    blocked = [*DEFAULT_OP_BLOCK_LIST, "Resize"]
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked)
+    onnx.save_model(model, str(dst))
+
+
+ONNX_HANDLERS: dict[str, Callable[[Path, Path, list[Feeds] | None], None]] = {
+    "dynamic-int8": _dynamic_int8,
+    "static-int8": _static_int8,
+    "fp16": _fp16,
+}
+
+
+def quantize_onnx(mode: str, src: Path, dst: Path, calibration: list[Feeds] | None = None) -> None:
+    """Write the `mode`-quantized version of the graph `src` to `dst` (a single file: fine up to 2 GB)."""
+    if mode not in ONNX_HANDLERS:
+        raise ConfigError(f"unknown ONNX quantization {mode!r}; choose {', '.join(ONNX_HANDLERS)}")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing on the root logger, every call
+    try:
+        ONNX_HANDLERS[mode](Path(src), Path(dst), calibration)
+    finally:
+        root.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------------------- Core ML
+def quantize_coreml(mode: str, model):
+    """The `mode`-compressed copy of a Core ML mlprogram (`ct.models.MLModel`)."""
+    import coremltools.optimize.coreml as cto
+
+    if mode == "int8":
+        config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=512)
+        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=config))
+    if mode in ("palettize-6", "palettize-4"):
+        nbits = int(mode[-1])
+        config = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, weight_threshold=512)
+        return cto.palettize_weights(model, cto.OptimizationConfig(global_config=config))
+    if mode == "int4-block":
+        config = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32, weight_threshold=512
+        )
+        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=config))
+    raise ConfigError(f"unknown Core ML quantization {mode!r}; choose int8, palettize-6, palettize-4, int4-block")
