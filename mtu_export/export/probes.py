@@ -70,7 +70,8 @@ def trajectory_probes(
     """Record every graph's inputs for `examples` (one trajectory each) of `task` sampled with `unet`.
 
     `unet` is the task's folded diffusers UNet; with `bundle` = (task id, channels) the recorded UNet feeds are
-    zero-padded to the bundle's channels and carry `task_id` (the trajectory itself is the folded model's, which the bundle equals).
+    zero-padded to the bundle's channels and carry `task_id` (the trajectory itself is the folded model's, which
+    the bundle equals).
     """
     vae, text_encoder, tokenizer, scheduler = components
     probes = Probes()
