@@ -398,6 +398,54 @@ def onnx_command(
     console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
 
 
+@app.command("coreml")
+@handles_errors
+def coreml_command(
+    checkpoint: Annotated[Path, typer.Argument(help="MTU checkpoint folder (from upcycle or train).")],
+    out: OutOption,
+    task: TaskArg = "all",
+    target: Annotated[str, typer.Option(help="Minimum deployment target: iOS17 or iOS18 (all tasks: iOS18).")] = "",
+    compute_precision: Annotated[str, typer.Option(help="fp16 or fp32 compute.")] = "fp16",
+    height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
+    quantize: Annotated[str, typer.Option(help="UNet: none, int8, palettize-6, palettize-4, int4-block.")] = "none",
+    allow_drift: Annotated[bool, typer.Option(help="Keep packages that drift from torch (macOS check).")] = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fold and convert to Core ML .mlpackages (a multifunction UNet for all tasks); structure checked here,
+    numbers compared with torch on macOS."""
+    from mtu_export.export.coreml import export_coreml
+
+    chosen = target or ("iOS18" if task == "all" else "iOS17")
+    config = _export_config(
+        task,
+        target=chosen,
+        compute_precision=compute_precision,
+        height=height,
+        width=width,
+        quantize=quantize,
+        allow_drift=allow_drift,
+    )
+    manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)))
+    table = Table(title="Core ML packages (reloaded, spec read)")
+    for column in ("package", "functions", "inputs", "outputs", "ops", "MB"):
+        table.add_column(column)
+    for name, info in manifest["packages"].items():
+        ops = sum(sum(f["ops"].values()) for f in info["functions"].values())
+        table.add_row(
+            name,
+            ",".join(info["functions"]),
+            ",".join(info["inputs"]),
+            ",".join(info["outputs"]),
+            str(ops),
+            f"{info['bytes'] / 1e6:.2f}",
+        )
+    console.print(table)
+    parity = manifest["parity"]
+    console.print(escape(parity["skipped"]) if "skipped" in parity else f"{len(parity['rows'])} outputs compared")
+    console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
+
+
 @app.command("generate")
 @handles_errors
 def generate_command(

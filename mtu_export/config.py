@@ -310,7 +310,7 @@ class ExportConfig:
     image_guidance: float = 1.5
     seed: int = 0
     # Core ML
-    target: str = "iOS17"
+    target: str = "iOS17"  # a multifunction UNet (all tasks) needs iOS18
     compute_precision: str = "fp16"
 
     def __post_init__(self) -> None:

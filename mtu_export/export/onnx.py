@@ -105,17 +105,17 @@ def export_onnx(checkpoint: Path, config: ExportConfig, out: Path, overwrite: bo
     check_separate(out, checkpoint)
     check_output(out, overwrite)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    tasks = _resolve_tasks(ckpt, config)
-    components = _components(ckpt)
-    unets = _fold(ckpt, tasks, log)
-    size = _image_size(ckpt, components[0], config)
+    tasks = resolve_tasks(ckpt, config)
+    components = load_pipeline(ckpt)
+    unets = fold_tasks(ckpt, tasks, log)
+    size = image_size(ckpt, components[0], config)
     with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(out, overwrite) as tmp:
         exporter = _Exporter(ckpt, config, components, Path(scratch), tmp, log)
         manifest = exporter.run(tasks, unets, size)
     return manifest
 
 
-def _resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
+def resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
     if ckpt.model.unet.config.addition_embed_type == "text_time":
         raise ConfigError(
             "SDXL-style UNets (text_time conditioning) are not exportable yet; fold and export with optimum"
@@ -125,7 +125,7 @@ def _resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
     return tuple(ckpt.model.config.task(name).name for name in config.tasks)
 
 
-def _components(ckpt: Checkpoint):
+def load_pipeline(ckpt: Checkpoint):
     if ckpt.pipeline_dir is None:
         raise InputError(
             f"{ckpt.path} holds a UNet only; export needs the pipeline's text encoder, VAE, tokenizer and scheduler: "
@@ -134,7 +134,7 @@ def _components(ckpt: Checkpoint):
     return load_components(ckpt.pipeline_dir)
 
 
-def _fold(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch.nn.Module]:
+def fold_tasks(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch.nn.Module]:
     unets = {}
     for task in tasks:
         unets[task] = fold_task(ckpt.model, task).eval()
@@ -143,7 +143,7 @@ def _fold(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch
     return unets
 
 
-def _image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, int]:
+def image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, int]:
     """(height, width, VAE factor) of the export; the default is the UNet's sample size times the VAE's factor."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     sample = ckpt.model.unet.config.sample_size
@@ -242,17 +242,26 @@ class _Exporter:
         args = tuple(example[name] for name in spec.inputs)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape asserts: the graphs are validated
-            torch.onnx.export(
-                module.eval(),
-                args,
-                str(work / MODEL),
-                input_names=list(spec.inputs),
-                output_names=list(spec.outputs),
-                dynamic_axes=None if self.config.fixed_shapes else spec.dynamic_axes(),
-                opset_version=self.config.opset,
-                dynamo=self.config.dynamo,
-                do_constant_folding=True,
-            )
+            try:
+                torch.onnx.export(
+                    module.eval(),
+                    args,
+                    str(work / MODEL),
+                    input_names=list(spec.inputs),
+                    output_names=list(spec.outputs),
+                    dynamic_axes=None if self.config.fixed_shapes else spec.dynamic_axes(),
+                    opset_version=self.config.opset,
+                    dynamo=self.config.dynamo,
+                    do_constant_folding=True,
+                )
+            except Exception as exc:
+                if not self.config.dynamo:
+                    raise
+                summary = next((line for line in str(exc).splitlines() if "conflict" in line or "Error" in line), "")
+                raise ConfigError(
+                    f"the dynamo exporter failed on {spec.component} ({summary.strip()[:160]}); add --fixed-shapes, "
+                    "or drop --dynamo (the TorchScript exporter handles dynamic axes)"
+                ) from None
         model = onnx.load(str(work / MODEL), load_external_data=True)
         folder.mkdir(parents=True, exist_ok=True)
         external = self.config.external_data

@@ -1,0 +1,328 @@
+"""`mtu-export coreml`: an MTU checkpoint -> Core ML `.mlpackage`s (mlprogram), one per component.
+
+- `TextEncoder.mlpackage`, `VAEEncoder.mlpackage`, `VAEDecoder.mlpackage`: batch 1, fixed size;
+- `Unet.mlpackage`: one task's folded UNet, batch fixed to the task's guidance batch (2 for t2i / inpaint, 3 for
+  edit / sr with InstructPix2Pix's two-scale guidance; Core ML cannot make the diffusers UNet's batch dynamic);
+  with all tasks, one *multifunction* package, a function per task, whose identical weights Core ML stores once
+  (needs the iOS18 target).
+
+Conversion traces each module and converts it with fp16 compute by default. On Linux nothing can run a Core ML
+model, so every package is checked structurally: it is reloaded, its inputs and outputs are read from the spec and
+its MIL ops are counted (a folded task has exactly the op census of a stock UNet: no routing left). On macOS each
+package is also run on the trajectory inputs of the ONNX validation and compared with torch (PSNR per output).
+
+Imports config, errors, storage, upcycle, fold, quantize and the export helpers; coremltools inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtu_export import __version__
+from mtu_export.config import COREML_QUANTIZE, ExportConfig
+from mtu_export.errors import ConfigError, ParityError
+from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
+from mtu_export.export.onnx import (
+    IMAGE_PSNR_GOAL_DB,
+    VALIDATION_INDEX,
+    fold_tasks,
+    image_size,
+    load_pipeline,
+    psnr_db,
+    resolve_tasks,
+)
+from mtu_export.export.probes import trajectory_probes, world_example
+from mtu_export.quantize import quantize_coreml
+from mtu_export.sample import SamplerConfig
+from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
+from mtu_export.upcycle import file_sha256, load_checkpoint
+
+MANIFEST = "manifest.json"
+PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_decoder": "VAEDecoder", "unet": "Unet"}
+COREML_PSNR_FLOOR_DB = 35.0  # Apple's own converter refuses a Stable Diffusion component under 35 dB
+Log = Callable[[str], None]
+
+
+def require_coremltools():
+    # coremltools logs its untested-torch / sklearn / missing-native-runtime notices at import; the manifest
+    # records the versions instead. Its progress bars (tqdm) are silenced around conversions.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coremltools as ct
+    except ImportError:
+        raise ConfigError(
+            "Core ML export needs coremltools, which is not installed here (it has wheels for macOS and x86_64 "
+            "Linux): pip install coremltools==9.0"
+        ) from None
+    return ct
+
+
+def resolve_target(config: ExportConfig, bundled: bool) -> str:
+    """iOS17 by default; a multifunction UNet (all tasks) needs iOS18 and says so rather than changing it."""
+    if bundled and config.target != "iOS18":
+        raise ConfigError(
+            "--task all writes one multifunction UNet package, which needs Core ML's iOS18 target; "
+            "add --target iOS18, or export the tasks one by one"
+        )
+    return config.target
+
+
+def export_coreml(checkpoint: Path, config: ExportConfig, out: Path, overwrite: bool = False, log: Log = print) -> dict:
+    ct = require_coremltools()
+    out, checkpoint = Path(out), Path(checkpoint)
+    config.check_quantize(COREML_QUANTIZE, "coreml")
+    check_separate(out, checkpoint)
+    check_output(out, overwrite)
+    bundled = not config.tasks
+    target = resolve_target(config, bundled)
+    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    tasks = resolve_tasks(ckpt, config)
+    components = load_pipeline(ckpt)
+    unets = fold_tasks(ckpt, tasks, log)
+    height, _, factor = image_size(ckpt, components[0], config)
+    sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
+    probes = {}
+    for task in tasks:
+        example = world_example(task, "heldout", VALIDATION_INDEX, height, height // factor)
+        probes[task] = trajectory_probes(unets[task], task, [example], components, sampler)
+    log(f"recorded heldout trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
+    vae, text_encoder, _, _ = components
+    first = probes[tasks[0]].feeds
+    with tempfile.TemporaryDirectory(prefix="mtu-coreml-") as scratch, atomic_output_dir(out, overwrite) as tmp:
+        converter = _Converter(ct, config, target, Path(scratch), log)
+        packages = {
+            "text_encoder": converter.convert(TextEncoderGraph(text_encoder), first["text_encoder"][0], tmp),
+            "vae_encoder": converter.convert(VaeEncoderGraph(vae), first["vae_encoder"][0], tmp, "vae_encoder"),
+            "vae_decoder": converter.convert(VaeDecoderGraph(vae), first["vae_decoder"][0], tmp, "vae_decoder"),
+        }
+        unet = converter.convert_unets(unets, {t: probes[t].feeds["unet"][0] for t in tasks}, tmp, bundled)
+        packages["unet"] = unet
+        checks = {name: describe_package(ct, tmp / path) for name, path in _package_files(packages).items()}
+        parity = _mac_parity(ct, tmp, packages, unets, probes, (vae, text_encoder))
+        manifest = {
+            "format": "mtu-export-coreml/1",
+            "kind": "multifunction" if bundled else "task",
+            "tasks": list(tasks),
+            "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
+            "export": config.to_dict() | {"target": target},
+            "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
+            "packages": checks,
+            "sizes": converter.sizes,
+            "parity": parity,
+            "parity_floor_db": COREML_PSNR_FLOOR_DB,
+            "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
+        }
+        write_json(tmp / MANIFEST, manifest)
+        failed = [r for r in parity.get("rows", []) if not r["ok"]]
+        if failed and not config.allow_drift:
+            listed = "; ".join(f"{r['package']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
+            raise ParityError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
+    return manifest
+
+
+def _package_files(packages: dict) -> dict[str, str]:
+    return {name: value if isinstance(value, str) else value["path"] for name, value in packages.items()}
+
+
+class _Converter:
+    def __init__(self, ct, config: ExportConfig, target: str, scratch: Path, log: Log):
+        self.ct, self.config, self.target, self.scratch, self.log = ct, config, target, scratch, log
+        self.sizes: dict[str, int | float] = {}
+
+    def _convert(self, module, feed: dict, outputs: list[str]):
+        ct = self.ct
+        names = list(feed)
+        args = tuple(feed[n] for n in names)
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module.eval(), args, check_trace=False)
+            inputs = [
+                ct.TensorType(name=n, shape=tuple(a.shape), dtype=np.int32 if n in ("input_ids", "task_id") else None)
+                for n, a in zip(names, args, strict=True)
+            ]
+            precision = ct.precision.FLOAT16 if self.config.compute_precision == "fp16" else ct.precision.FLOAT32
+            model = ct.convert(
+                traced,
+                inputs=inputs,
+                outputs=[ct.TensorType(name=n) for n in outputs],
+                convert_to="mlprogram",
+                minimum_deployment_target=getattr(ct.target, self.target),
+                compute_precision=precision,
+                skip_model_load=True,
+            )
+        model.user_defined_metadata["mtu_export.version"] = __version__
+        return model
+
+    def convert(self, module, feed: dict, tmp: Path, component: str = "text_encoder") -> str:
+        outputs = {
+            "text_encoder": ["last_hidden_state", "pooler_output"],
+            "vae_encoder": ["latent_parameters"],
+            "vae_decoder": ["sample"],
+        }[component]
+        feed = {k: v.int() if k == "input_ids" else v for k, v in feed.items()}
+        model = self._convert(module, feed, outputs)
+        name = f"{PACKAGES[component]}.mlpackage"
+        model.save(str(tmp / name))
+        self.log(f"converted {component} -> {name}")
+        return name
+
+    def convert_unets(self, unets: dict, feeds: dict, tmp: Path, bundled: bool) -> dict:
+        paths = {}
+        for task, unet in unets.items():
+            feed = dict(feeds[task])
+            feed["timestep"] = feed["timestep"].reshape(1).expand(feed["sample"].shape[0]).contiguous()  # (B,)
+            model = self._convert(UNetGraph(unet), feed, ["out_sample"])
+            model.user_defined_metadata["mtu_export.task"] = task
+            if self.config.quantize != "none":
+                self.log(f"quantizing {task} unet: {self.config.quantize}")
+                with _quiet_tqdm():
+                    model = quantize_coreml(self.config.quantize, model)
+            path = (self.scratch if bundled else tmp) / f"Unet-{task}.mlpackage"
+            model.save(str(path))
+            paths[task] = path
+            self.log(f"converted unet {task} (batch {feed['sample'].shape[0]})")
+        if not bundled:
+            (task,) = paths
+            final = tmp / "Unet.mlpackage"
+            paths[task].rename(final)
+            return {"path": final.name, "functions": [task]}
+        return self._multifunction(paths, tmp)
+
+    def _multifunction(self, paths: dict[str, Path], tmp: Path) -> dict:
+        ct = self.ct
+        descriptor = ct.utils.MultiFunctionDescriptor()
+        for task, path in paths.items():
+            descriptor.add_function(str(path), src_function_name="main", target_function_name=task)
+        descriptor.default_function_name = next(iter(paths))
+        final = tmp / "Unet.mlpackage"
+        with warnings.catch_warnings(), _quiet_tqdm():
+            warnings.simplefilter("ignore")
+            ct.utils.save_multifunction(descriptor, str(final))
+        separate = sum(_bytes(p) for p in paths.values())
+        self.sizes = {
+            "multifunction_bytes": _bytes(final),
+            "separate_packages_bytes": separate,
+            "single_task_bytes": _bytes(next(iter(paths.values()))),
+            "ratio_to_separate": _bytes(final) / separate,
+            "ratio_to_single_task": _bytes(final) / _bytes(next(iter(paths.values()))),
+        }
+        self.log(
+            f"multifunction UNet: {_bytes(final) / 1e6:.2f} MB vs {separate / 1e6:.2f} MB as {len(paths)} packages"
+        )
+        return {"path": final.name, "functions": list(paths)}
+
+
+def describe_package(ct, path: Path) -> dict:
+    """Reload a package without running it and read its functions' inputs, outputs and MIL op census."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    functions = {}
+    program = spec.mlProgram
+    for name, function in program.functions.items():
+        census: Counter[str] = Counter()
+        for block in function.block_specializations.values():
+            _count_ops(block, census)
+        functions[name] = {
+            "inputs": {i.name: [d.constant.size for d in i.type.tensorType.dimensions] for i in function.inputs},
+            "ops": dict(sorted(census.items())),
+        }
+    description = spec.description
+    return {
+        "path": path.name,
+        "bytes": _bytes(path),
+        "spec_version": spec.specificationVersion,
+        "inputs": [i.name for i in description.input],
+        "outputs": [o.name for o in description.output],
+        "functions": functions,
+    }
+
+
+def _count_ops(block, census: Counter) -> None:
+    for op in block.operations:
+        census[op.type] += 1
+        for nested in op.blocks:
+            _count_ops(nested, census)
+
+
+def _mac_parity(ct, tmp: Path, packages: dict, unets: dict, probes: dict, modules) -> dict:
+    """Run every package on the recorded inputs and compare with torch (macOS only: Core ML prediction)."""
+    if sys.platform != "darwin":
+        return {"skipped": "Core ML prediction needs macOS; structure was checked instead"}
+    vae, text_encoder = modules
+    rows = []
+    shared = {
+        "text_encoder": TextEncoderGraph(text_encoder),
+        "vae_encoder": VaeEncoderGraph(vae),
+        "vae_decoder": VaeDecoderGraph(vae),
+    }
+    for component, module in shared.items():
+        model = ct.models.MLModel(str(tmp / packages[component]))
+        outputs = [o.name for o in model.get_spec().description.output]
+        per_output: dict[str, list] = {name: [] for name in outputs}
+        for task in unets:
+            for feed in probes[task].feeds[component]:
+                with torch.no_grad():
+                    reference = module(*feed.values())
+                reference = reference if isinstance(reference, tuple) else (reference,)
+                inputs = {k: (v.int() if k == "input_ids" else v).numpy() for k, v in feed.items()}
+                got = model.predict(inputs)
+                for name, ref in zip(outputs, reference, strict=True):
+                    per_output[name].append((ref.numpy(), got[name]))
+        rows += [_row(component, name, pairs) for name, pairs in per_output.items()]
+    for task, unet in unets.items():
+        functions = packages["unet"]["functions"]
+        kwargs = {"function_name": task} if len(functions) > 1 else {}
+        model = ct.models.MLModel(str(tmp / packages["unet"]["path"]), **kwargs)
+        pairs = []
+        for feed in probes[task].feeds["unet"]:
+            batch = feed["sample"].shape[0]
+            inputs = {
+                "sample": feed["sample"].numpy(),
+                "timestep": feed["timestep"].reshape(1).expand(batch).numpy(),
+                "encoder_hidden_states": feed["encoder_hidden_states"].numpy(),
+            }
+            with torch.no_grad():
+                reference = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample.numpy()
+            pairs.append((reference, model.predict(inputs)["out_sample"]))
+        rows.append(_row(f"unet[{task}]", "out_sample", pairs))
+    return {"rows": rows}
+
+
+def _row(package: str, output: str, pairs: list) -> dict:
+    ref = np.concatenate([r.ravel() for r, _ in pairs])
+    got = np.concatenate([np.asarray(g, np.float32).ravel() for _, g in pairs])
+    value = psnr_db(ref, got)
+    return {
+        "package": package,
+        "output": output,
+        "psnr_db": value,
+        "max_abs_diff": float(np.abs(ref - got).max()),
+        "ok": value is None or value >= COREML_PSNR_FLOOR_DB,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_tqdm():
+    """coremltools draws tqdm bars on stderr for every pass; this command logs one line per package instead."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,0 +1,295 @@
+"""`mtu-export onnx` and `generate` on a toy shapes-world MTU checkpoint (perturbed so tasks really differ):
+every graph reloads in onnxruntime and matches torch, optimum's ORT pipelines load the t2i and inpaint folders and
+reproduce diffusers' torch pipelines, the all-task bundle stores shared weights once, quantized modes validate,
+drift fails the command, and two exports are byte-identical."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from test_cli import assert_clean_failure, invoke
+from test_fold import perturb_
+
+from mtu_export.bundle import bundle_tasks
+from mtu_export.config import MoEConfig
+from mtu_export.export import onnx as onnx_export
+from mtu_export.export.onnx import psnr_db
+from mtu_export.fold import fold_checkpoint, fold_task
+from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
+from mtu_export.world import make_example
+
+GRAPH_PSNR_MIN_DB = 60.0  # fp32 graphs vs torch on trajectory inputs
+PIPELINE_PSNR_MIN_DB = 40.0  # optimum's ORT pipeline vs diffusers' torch pipeline, same seed, uint8 images
+BUNDLE_RATIO_MAX = 1.05  # all-task bundle bytes / one single-task export
+BUNDLE_ATOL = 1e-5  # bundle (task_id) vs routed model, fp32
+FAST = ("--image-count", "1")
+PROMPT = "a large red circle in the middle on a white background"
+
+
+@pytest.fixture(scope="module")
+def mtu_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig()), scale=0.1)
+    return save_checkpoint(mtu, tmp_path_factory.mktemp("mtu") / "ckpt", pipeline_dir=world_pipeline)
+
+
+@pytest.fixture(scope="module")
+def exports(mtu_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for task in ("all", "t2i", "inpaint"):
+        result = invoke("onnx", mtu_world, "--task", task, "--out", root / task, *FAST)
+        assert result.exit_code == 0, result.output
+        out[task] = root / task
+    return out
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_bundle_with_task_id_equals_the_routed_model_for_every_task(mtu_world):
+    from conftest import unet_inputs
+
+    from mtu_export.upcycle import load_checkpoint
+
+    mtu = load_checkpoint(mtu_world).model
+    bundle = bundle_tasks(mtu)
+    for spec in mtu.config.tasks:
+        inputs = unet_inputs(spec.in_channels, size=16, seed=3)
+        inputs["encoder_hidden_states"] = torch.randn(2, 7, mtu.unet.config.cross_attention_dim)
+        with torch.no_grad():
+            routed = mtu(**inputs, task=spec.name).sample
+            got = bundle(
+                bundle.pad(inputs["sample"]),
+                inputs["timestep"],
+                inputs["encoder_hidden_states"],
+                bundle.task_id(spec.name),
+            )
+        assert (routed - got).abs().max().item() <= BUNDLE_ATOL
+
+
+def test_every_graph_reloads_in_onnxruntime_and_matches_torch(exports):
+    import onnxruntime as ort
+
+    for name, folder in exports.items():
+        manifest = _manifest(folder)
+        rows = manifest["graph_parity"]
+        components = {r["component"] for r in rows}
+        assert components == {"text_encoder", "vae_encoder", "vae_decoder", "unet"}
+        assert all(r["ok"] and (r["psnr_db"] is None or r["psnr_db"] >= GRAPH_PSNR_MIN_DB) for r in rows), rows
+        tasks = {r["task"] for r in rows if r["component"] == "unet"}
+        assert tasks == ({"t2i", "edit", "sr", "inpaint"} if name == "all" else {name})
+        for component in components:
+            ort.InferenceSession(str(folder / component / "model.onnx"), providers=["CPUExecutionProvider"])
+            assert (folder / component / "config.json").is_file()
+        assert all(r["psnr_db"] is None or r["psnr_db"] >= PIPELINE_PSNR_MIN_DB for r in manifest["image_parity"])
+
+
+def test_graphs_carry_their_validation_in_onnx_metadata(exports):
+    model = onnx.load(str(exports["t2i"] / "unet" / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["mtu_export.tasks"]) == ["t2i"]
+    assert props["mtu_export.source_sha256"] == _manifest(exports["t2i"])["source"]["sha256"]
+    parity = json.loads(props["mtu_export.parity"])
+    assert parity and all(r["component"] == "unet" and r["ok"] for r in parity)
+    assert "t2i" in json.loads(props["mtu_export.routing"])
+
+
+def test_bundle_stores_shared_weights_once(exports):
+    sizes = _manifest(exports["all"])["sizes"]
+    assert sizes["tasks"] == 4
+    assert sizes["ratio"] <= BUNDLE_RATIO_MAX, sizes
+    unet = onnx.load(str(exports["all"] / "unet" / "model.onnx"))
+    assert [i.name for i in unet.graph.input] == ["sample", "timestep", "encoder_hidden_states", "task_id"]
+
+
+def test_optimum_pipelines_load_the_exports_and_match_diffusers(exports, mtu_world, tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionInpaintPipeline, ORTStableDiffusionPipeline
+
+    example = make_example("inpaint", "heldout", 1)
+    image, mask = Image.fromarray(example.target), Image.fromarray(example.mask.astype(np.uint8) * 255)
+    cases = {
+        "t2i": (ORTStableDiffusionPipeline, StableDiffusionPipeline, {}),
+        "inpaint": (
+            ORTStableDiffusionInpaintPipeline,
+            StableDiffusionInpaintPipeline,
+            {"image": image, "mask_image": mask},
+        ),
+    }
+    for task, (ort_class, torch_class, extra) in cases.items():
+        folded = fold_checkpoint(mtu_world, task, tmp_path / f"folded-{task}").path
+        kwargs = dict(num_inference_steps=6, guidance_scale=3.0, output_type="np", height=64, width=64, **extra)
+        ort_pipe = ort_class.from_pretrained(exports[task])
+        torch_pipe = torch_class.from_pretrained(folded, safety_checker=None)
+        got = ort_pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+        want = torch_pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert got.shape == want.shape == (1, 64, 64, 3)
+        value = psnr_db((want * 255).round(), (got * 255).round(), peak=255.0)
+        assert value is None or value >= PIPELINE_PSNR_MIN_DB, (task, value)
+
+
+def test_generate_runs_every_task_reproducibly(exports, tmp_path):
+    example = make_example("inpaint", "heldout", 2)
+    Image.fromarray(example.target).save(tmp_path / "image.png")
+    Image.fromarray(example.mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    inputs = ("--image", tmp_path / "image.png", "--mask", tmp_path / "mask.png")
+    for task in ("t2i", "edit", "sr", "inpaint"):
+        outs = []
+        for run in range(2):
+            out = tmp_path / f"{task}-{run}.png"
+            result = invoke(
+                "generate", exports["all"], "--task", task, "--prompt", PROMPT, "--out", out, "--steps", "4", *inputs
+            )
+            assert result.exit_code == 0, result.output
+            outs.append(out.read_bytes())
+        assert outs[0] == outs[1], task
+        assert np.asarray(Image.open(tmp_path / f"{task}-0.png")).shape == (64, 64, 3)
+
+
+def test_generate_through_optimum_equals_the_own_sampler(exports, tmp_path):
+    outs = {}
+    for flag in ("--optimum", "--no-optimum"):
+        out = tmp_path / f"t2i{flag}.png"
+        result = invoke(
+            "generate", exports["t2i"], "--task", "t2i", "--prompt", PROMPT, "--out", out, "--steps", "5", flag
+        )
+        assert result.exit_code == 0, result.output
+        assert ("optimum ORTStableDiffusionPipeline" in result.output) == (flag == "--optimum")
+        outs[flag] = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(outs["--optimum"] - outs["--no-optimum"]).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["dynamic-int8", "static-int8", "fp16"])
+def test_quantized_exports_validate_and_keep_the_fp32_reference(mtu_world, tmp_path, mode):
+    out = tmp_path / mode
+    result = invoke("onnx", mtu_world, "--task", "t2i", "--quantize", mode, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    rows = [r for r in manifest["graph_parity"] if r["component"] == f"unet[{mode}]"]
+    assert len(rows) == 1 and rows[0]["ok"] and rows[0]["psnr_db"] < GRAPH_PSNR_MIN_DB * 3
+    assert (out / "unet_fp32" / "model.onnx").is_file() and manifest["quantized"]["unet"] == mode
+    assert manifest["image_parity"][0]["task"] == "t2i"
+    ops = {n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node}
+    expected = {"dynamic-int8": "DynamicQuantizeLinear", "static-int8": "QuantizeLinear", "fp16": "Cast"}[mode]
+    assert expected in ops
+
+
+def test_a_drifting_graph_fails_the_export_and_writes_nothing(mtu_world, tmp_path, monkeypatch):
+    original = onnx_export._Exporter.write_graph
+
+    def tampered(self, spec, module, example, folder):
+        path = original(self, spec, module, example, folder)
+        if spec.component == "unet" and folder.name == "unet":
+            model = onnx.load(str(path))
+            weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+            array = onnx.numpy_helper.to_array(weight).copy()
+            array.flat[: array.size // 4] += 0.5
+            weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+            onnx.save_model(model, str(path))
+        return path
+
+    monkeypatch.setattr(onnx_export._Exporter, "write_graph", tampered)
+    result = invoke("onnx", mtu_world, "--task", "t2i", "--out", tmp_path / "bad", "--image-count", "0")
+    assert_clean_failure(result, "drift from torch", exit_code=6)
+    assert "unet[t2i].out_sample" in result.stderr
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    kept = invoke("onnx", mtu_world, "--task", "t2i", "--out", tmp_path / "kept", "--image-count", "0", "--allow-drift")
+    assert kept.exit_code == 0, kept.output
+    assert not all(r["ok"] for r in _manifest(tmp_path / "kept")["graph_parity"])
+
+
+def test_two_exports_are_byte_identical(mtu_world, tmp_path):
+    for name in ("a", "b"):
+        result = invoke("onnx", mtu_world, "--task", "sr", "--out", tmp_path / name, "--image-count", "0")
+        assert result.exit_code == 0, result.output
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 8
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_fixed_shapes_and_external_data(mtu_world, tmp_path):
+    out = tmp_path / "fixed"
+    result = invoke(
+        "onnx", mtu_world, "--task", "edit", "--fixed-shapes", "--external-data", "--out", out, "--image-count", "0"
+    )
+    assert result.exit_code == 0, result.output
+    unet = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False)
+    dims = [d.dim_value for d in unet.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [3, 8, 16, 16]  # InstructPix2Pix guidance batch, 4 + 4 channels, 16x16 latents
+    assert (out / "unet" / "model.onnx_data").is_file()
+
+
+def test_dynamo_exporter_round_trips_with_fixed_shapes(mtu_world, tmp_path):
+    args = ("--task", "t2i", "--dynamo", "--fixed-shapes", "--image-count", "0")
+    result = invoke("onnx", mtu_world, *args, "--out", tmp_path / "dyn")
+    assert result.exit_code == 0, result.output
+    assert all(r["ok"] for r in _manifest(tmp_path / "dyn")["graph_parity"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (("--task", "inpait"), "did you mean 'inpaint'", 3),
+        (("--task", "t2i,edit"), "one task or all", 3),
+        (("--dynamo", "--opset", "17"), "dynamo exporter needs opset >= 18", 3),
+        (("--opset", "9"), "--opset 9 is not supported", 3),
+        (("--quantize", "int3"), "is not a mode", 3),
+        (("--height", "60"), "multiple of 8", 3),
+    ],
+)
+def test_bad_export_options_are_one_line_errors(mtu_world, tmp_path, args, message, code):
+    result = invoke("onnx", mtu_world, "--out", tmp_path / "x", *args)
+    assert_clean_failure(result, message, exit_code=code)
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_non_mtu_input_and_existing_output(world_pipeline, mtu_world, tmp_path):
+    assert_clean_failure(invoke("onnx", world_pipeline, "--out", tmp_path / "x"), "run `mtu-export upcycle`", 2)
+    (tmp_path / "taken").mkdir()
+    assert_clean_failure(invoke("onnx", mtu_world, "--out", tmp_path / "taken"), "already exists", 5)
+
+
+def test_generate_refuses_bad_requests(exports, tmp_path):
+    assert_clean_failure(
+        invoke("generate", exports["t2i"], "--task", "edit", "--prompt", "x", "--out", tmp_path / "o.png"),
+        "not 'edit'",
+        3,
+    )
+    assert_clean_failure(
+        invoke("generate", exports["all"], "--task", "inpaint", "--prompt", "x", "--out", tmp_path / "o.png"),
+        "needs --image",
+        3,
+    )
+    assert_clean_failure(
+        invoke("generate", tmp_path, "--task", "t2i", "--prompt", "x", "--out", tmp_path / "o.png"),
+        "no manifest.json",
+        2,
+    )
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_exported_unet_equals_the_folded_unet_of_the_same_task(mtu_world, exports):
+    from mtu_export.export.runtime import OrtUNet
+    from mtu_export.upcycle import load_checkpoint
+
+    folded = fold_task(load_checkpoint(mtu_world).model, "t2i")
+    g = torch.Generator().manual_seed(5)
+    sample, hidden = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.randn(2, 40, folded.config.cross_attention_dim, generator=g),
+    )
+    t = torch.tensor([321, 321])
+    with torch.no_grad():
+        want = folded(sample, t, hidden).sample
+    for folder, ids in ((exports["t2i"], {}), (exports["all"], {"task_id": 0, "channels": 9})):
+        got = OrtUNet(folder / "unet" / "model.onnx", **ids)(sample, t, hidden)
+        assert (want - got).abs().max().item() <= BUNDLE_ATOL * 10
