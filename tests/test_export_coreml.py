@@ -1,0 +1,133 @@
+"""`mtu-export coreml` on the toy shapes-world MTU checkpoint. Linux cannot run Core ML models, so these tests
+convert, reload and read the packages' specs (inputs, outputs, MIL op census); numeric parity runs on macOS."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import assert_clean_failure, invoke
+from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
+
+from mtu_export.config import ExportConfig
+from mtu_export.export.coreml import _Converter, describe_package, require_coremltools
+from mtu_export.export.graphs import UNetGraph
+from mtu_export.upcycle import load_unet
+
+MULTIFUNCTION_MAX_RATIO = 0.5  # four tasks in one package vs four separate packages
+COREML_PSNR_MIN_DB = 35.0
+
+
+@pytest.fixture(scope="module")
+def coreml_t2i(mtu_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("coreml") / "t2i"
+    result = invoke("coreml", mtu_world, "--task", "t2i", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_every_component_converts_and_reloads_with_the_expected_interface(coreml_t2i):
+    packages = _manifest(coreml_t2i)["packages"]
+    assert set(packages) == {"text_encoder", "vae_encoder", "vae_decoder", "unet"}
+    assert packages["text_encoder"]["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert packages["vae_decoder"]["inputs"] == ["latent_sample"]
+    unet = packages["unet"]
+    assert unet["inputs"] == ["sample", "timestep", "encoder_hidden_states"] and unet["outputs"] == ["out_sample"]
+    assert unet["functions"]["main"]["inputs"]["sample"] == [2, 4, 16, 16]  # fixed CFG batch of 2
+    for info in packages.values():
+        assert (coreml_t2i / info["path"]).is_dir() and info["bytes"] > 0
+
+
+def test_folded_task_has_the_op_census_of_a_stock_unet(coreml_t2i, world_pipeline, tmp_path):
+    """No routing op survives: the t2i package has exactly the ops of the base UNet converted the same way."""
+    import torch
+
+    ct = require_coremltools()
+    base = load_unet(world_pipeline).eval()
+    feed = {
+        "sample": torch.randn(2, 4, 16, 16),
+        "timestep": torch.tensor([500.0, 500.0]),
+        "encoder_hidden_states": torch.randn(2, 40, base.config.cross_attention_dim),
+    }
+    converter = _Converter(ct, ExportConfig(), "iOS17", tmp_path, print)
+    model = converter._convert(UNetGraph(base), feed, ["out_sample"])
+    model.save(str(tmp_path / "base.mlpackage"))
+    want = describe_package(ct, tmp_path / "base.mlpackage")["functions"]["main"]["ops"]
+    got = _manifest(coreml_t2i)["packages"]["unet"]["functions"]["main"]["ops"]
+    assert got == want
+    assert "softmax" in got  # attention is there; nothing was lost on the way
+
+
+def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(mtu_world, tmp_path):  # noqa: F811
+    out = tmp_path / "all"
+    result = invoke("coreml", mtu_world, "--task", "all", "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    unet = manifest["packages"]["unet"]
+    assert set(unet["functions"]) == {"t2i", "edit", "sr", "inpaint"}
+    assert unet["functions"]["edit"]["inputs"]["sample"] == [3, 8, 16, 16]  # two-scale guidance batch, 8 channels
+    assert manifest["export"]["target"] == "iOS18"
+    sizes = manifest["sizes"]
+    assert sizes["ratio_to_separate"] <= MULTIFUNCTION_MAX_RATIO, sizes
+
+
+def test_int8_weights_shrink_the_unet(mtu_world, coreml_t2i, tmp_path):  # noqa: F811
+    out = tmp_path / "int8"
+    result = invoke("coreml", mtu_world, "--task", "t2i", "--quantize", "int8", "--out", out)
+    assert result.exit_code == 0, result.output
+    fp16 = _manifest(coreml_t2i)["packages"]["unet"]["bytes"]
+    int8 = _manifest(out)["packages"]["unet"]["bytes"]
+    assert int8 < 0.7 * fp16
+    assert "constexpr_affine_dequantize" in json.dumps(_manifest(out)["packages"]["unet"]["functions"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--task", "all", "--target", "iOS17"), "needs Core ML's iOS18 target"),
+        (("--task", "t2i", "--quantize", "int4-block"), "int4-block needs Core ML's iOS18 target"),
+        (("--task", "t2i", "--quantize", "dynamic-int8"), "is not a mode"),
+        (("--task", "t2i", "--target", "iOS16"), "--target 'iOS16' is not supported"),
+    ],
+)
+def test_bad_coreml_options_are_one_line_errors(mtu_world, tmp_path, args, message):  # noqa: F811
+    result = invoke("coreml", mtu_world, "--out", tmp_path / "x", *args)
+    assert_clean_failure(result, message, exit_code=3)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_coremltools_is_a_one_line_error(mtu_world, tmp_path, monkeypatch):  # noqa: F811
+    real_import = builtins.__import__
+
+    def no_coremltools(name, *args, **kwargs):
+        if name == "coremltools" or name.startswith("coremltools."):
+            raise ImportError("No module named 'coremltools'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_coremltools)
+    result = invoke("coreml", mtu_world, "--task", "t2i", "--out", tmp_path / "x")
+    assert_clean_failure(result, "pip install coremltools", exit_code=3)
+    assert not (tmp_path / "x").exists()
+
+
+def test_linux_records_why_numbers_were_not_compared(coreml_t2i):
+    parity = _manifest(coreml_t2i)["parity"]
+    if sys.platform == "darwin":
+        assert parity["rows"]
+    else:
+        assert "needs macOS" in parity["skipped"]
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction exists only on macOS")
+def test_coreml_packages_match_torch_on_macos(coreml_t2i):
+    rows = _manifest(coreml_t2i)["parity"]["rows"]
+    assert {r["package"] for r in rows} >= {"text_encoder", "vae_encoder", "vae_decoder", "unet[t2i]"}
+    assert all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in rows), rows
