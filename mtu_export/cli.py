@@ -503,6 +503,78 @@ def _print_export_report(manifest: dict) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------------------- bench
+@app.command("bench")
+@handles_errors
+def bench_command(
+    checkpoint: Annotated[Path | None, typer.Argument(help="MTU checkpoint to measure.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("benchmarks/results"),
+    baseline: Annotated[
+        list[str] | None, typer.Option(help="TASK=CHECKPOINT of a trained single-task baseline.")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Base pipeline (default: the one the checkpoint was trained from).")
+    ] = None,
+    parity: Annotated[
+        Path | None, typer.Option(help="parity.json of `mtu-export parity`, quoted in the report.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (2: phone-class).")] = 2,
+    repeats: Annotated[int, typer.Option(help="Interleaved A/B pairs per comparison.")] = 9,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs of each graph.")] = 2,
+    steps: Annotated[int, typer.Option(help="Sampling steps of the end-to-end latency.")] = 10,
+    modes: Annotated[str, typer.Option(help="Quantization modes timed against fp32 (comma list, or none).")] = ",".join(
+        ("dynamic-int8", "static-int8", "fp16")
+    ),
+    image_count: Annotated[int, typer.Option(min=0, help="Images per task in each export's quality check.")] = 2,
+    check: Annotated[Path | None, typer.Option(help="Fail (exit 7) on any violation of this baseline JSON.")] = None,
+    results: Annotated[Path | None, typer.Option(help="Check this bench.json instead of measuring.")] = None,
+    save_baseline: Annotated[Path | None, typer.Option(help="Write a CI baseline from this run.")] = None,
+) -> None:
+    """Folded MTU vs single-task UNets side by side (latency, GFLOPs, size, memory, quality) -> JSON, Markdown,
+    PNG; with --check, a CI gate on ratios measured in the same run."""
+    from mtu_export.bench import BenchConfig, bench, make_baseline
+    from mtu_export.bench import check as check_results
+    from mtu_export.errors import ConfigError
+    from mtu_export.storage import read_json, write_json
+
+    if results is not None:
+        report = read_json(results)
+    else:
+        if checkpoint is None:
+            raise ConfigError("give an MTU checkpoint to measure, or --results bench.json to check")
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none")
+        config = BenchConfig(
+            threads=threads, repeats=repeats, warmup=warmup, e2e_steps=steps, modes=chosen, image_count=image_count
+        )
+        baselines = dict(_task_path(item) for item in baseline or [])
+        report = bench(checkpoint, out, config, baselines, base, parity, log=lambda m: console.print(escape(m)))
+        console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+        for task, row in report["tasks"].items():
+            lat = row["unet_latency"]["mtu_vs_single"]
+            console.print(f"{task}: folded / single-task UNet latency {lat['ratio']:.3f}, {row['gflops']:.4f} GFLOPs")
+        console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
+    if save_baseline is not None:
+        write_json(save_baseline, make_baseline(report))
+        console.print(f"wrote {save_baseline}")
+    if check is not None:
+        problems = check_results(report, read_json(check))
+        if problems:
+            for problem in problems:
+                stderr.print(f"[bold red]violation:[/] {escape(problem)}", highlight=False)
+            stderr.print(f"[bold red]error:[/] {len(problems)} benchmark violation(s) against {escape(str(check))}")
+            raise typer.Exit(7)
+        console.print(f"bench check passed against {check}")
+
+
+def _task_path(item: str) -> tuple[str, Path]:
+    from mtu_export.errors import ConfigError
+
+    task, _, path = item.partition("=")
+    if not path:
+        raise ConfigError(f"--baseline {item!r} is not TASK=CHECKPOINT, as in 'edit=models/shapes-single-edit'")
+    return task, Path(path)
+
+
 def _routing_table(summary: dict) -> Table:
     tasks = [t["name"] for t in summary["tasks"]]
     table = Table(title="routing probabilities per layer, % per expert 1..N")

@@ -1,0 +1,563 @@
+"""`mtu-export bench`: what a folded MTU task costs next to a single-task model, measured side by side in one run.
+
+For each task, the folded MTU UNet and the single-task baseline's UNet (a trained baseline checkpoint, or — when
+none is given — the base UNet with the task's conv_in, which has the same architecture) are exported to ONNX with
+fixed shapes and timed on onnxruntime in *interleaved* runs (A B, B A, A B, …, after warm-up), so machine noise
+hits both alike; the headline is the median of the per-pair latency ratios. The same is done end to end (text
+encoder, `steps` guided UNet calls, VAE decoder) and for each quantization mode against fp32. GFLOPs per UNet call
+come from torch's FlopCounterMode (with CPU SDPA counted) and are cross-checked against a count of the exported
+graph's Conv / MatMul / Gemm ops; parameters, bytes on disk, peak memory (a child process per graph) and quality
+(exported-vs-torch PSNR per task and mode; the trainer's parity table when given) complete the report.
+
+`check` compares a result with a committed baseline (ratios only, never absolute times) and lists every violation.
+
+Imports config, errors, storage, upcycle, fold, export and the samplers; nothing imports bench but cli.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtu_export import __version__
+from mtu_export.config import ExportConfig
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.export.graphs import UNET, UNetGraph
+from mtu_export.export.onnx import export_onnx
+from mtu_export.export.runtime import session
+from mtu_export.fold import fold_task
+from mtu_export.sample import TWO_SCALE_TASKS
+from mtu_export.storage import read_json, write_json
+from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
+
+Log = Callable[[str], None]
+QUANT_MODES = ("dynamic-int8", "static-int8", "fp16")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 2  # onnxruntime intra-op threads (2 ≈ a phone's big cores)
+    repeats: int = 9  # timed A/B pairs per comparison
+    warmup: int = 2
+    e2e_steps: int = 10  # sampling steps of the end-to-end latency
+    e2e_repeats: int = 3
+    modes: tuple[str, ...] = QUANT_MODES  # quantization modes timed against fp32 (all-task bundle)
+    image_count: int = 2  # end-to-end images per task in each export's quality check
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.repeats < 1 or self.warmup < 0 or self.e2e_steps < 1 or self.e2e_repeats < 0:
+            raise ConfigError("bench needs --threads >= 1, --repeats >= 1, --warmup >= 0, --steps >= 1")
+        unknown = [m for m in self.modes if m not in QUANT_MODES]
+        if unknown:
+            raise ConfigError(
+                f"unknown quantization mode(s) {', '.join(unknown)}; choose from {', '.join(QUANT_MODES)}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------- FLOPs
+def _register_cpu_sdpa() -> None:
+    """FlopCounterMode skips CPU SDPA (16 % of SD1.5's FLOPs); count it as the two matmuls it is (DESIGN.md §3)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@torch.no_grad()
+def torch_flops(unet, feed: dict) -> int:
+    """FLOPs (2 × MACs) of one UNet call on `feed`, by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"])
+    return int(counter.get_total_flops())
+
+
+def onnx_flops(path: Path) -> int:
+    """FLOPs (2 × MACs) of the Conv, MatMul and Gemm nodes of a fixed-shape ONNX graph.
+
+    Shapes come from onnxruntime's symbolic shape inference (ONNX's own leaves the traced UNet's reshapes unknown);
+    weights stay on disk, only their dims are read. A node whose shapes stay unknown is an error, never a zero."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = SymbolicShapeInference.infer_shapes(onnx.load(str(path), load_external_data=False), auto_merge=True)
+    shapes = {}
+    for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shapes.update({init.name: list(init.dims) for init in model.graph.initializer})
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        a, b, out = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
+        if any(s is None or None in s for s in (a, b, out)):
+            raise RuntimeError(f"cannot count FLOPs of {node.name} in {path}: its shapes are not static")
+        if node.op_type == "Conv":
+            total += 2 * math.prod(out) * math.prod(b[1:])  # (C_in / groups) · kH · kW MACs per output
+        elif node.op_type == "MatMul":
+            total += 2 * math.prod(out) * a[-1]
+        else:
+            trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+            total += 2 * math.prod(out) * (a[0] if trans_a else a[1])
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------- latency
+def interleaved(run_a: Callable[[], object], run_b: Callable[[], object], repeats: int, warmup: int) -> dict:
+    """Time A and B alternately (A B, B A, …); medians, spreads and the median of per-pair ratios A ÷ B."""
+    for _ in range(warmup):
+        run_a(), run_b()
+    times_a, times_b = [], []
+    for i in range(repeats):
+        order = ((run_a, times_a), (run_b, times_b)) if i % 2 == 0 else ((run_b, times_b), (run_a, times_a))
+        for fn, sink in order:
+            start = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times_a, times_b, strict=True)]
+    return {
+        "a_median_ms": 1e3 * statistics.median(times_a),
+        "b_median_ms": 1e3 * statistics.median(times_b),
+        "a_spread_ms": 1e3 * (max(times_a) - min(times_a)),
+        "b_spread_ms": 1e3 * (max(times_b) - min(times_b)),
+        "ratio": statistics.median(ratios),
+        "ratio_of_medians": statistics.median(times_a) / statistics.median(times_b),
+        "repeats": repeats,
+    }
+
+
+def unet_feed(unet_config: dict, task_channels: int, batch: int, tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    size = unet_config["sample_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, task_channels, size, size, generator=g),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(batch, tokens, unet_config["cross_attention_dim"], generator=g),
+    }
+
+
+def peak_rss_mb(path: Path, feed: dict[str, torch.Tensor], threads: int) -> float:
+    """Peak resident memory of a fresh process that loads `path` in onnxruntime and runs it once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "feed.npz", **{k: v.numpy() for k, v in feed.items()})
+        code = (
+            "import resource, sys, numpy as np, onnxruntime as ort\n"
+            "o = ort.SessionOptions(); o.intra_op_num_threads = int(sys.argv[3])\n"
+            "s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+            "f = dict(np.load(sys.argv[2])); s.run(None, f)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(Path(tmp) / "feed.npz"), str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    kb = int(result.stdout.strip().splitlines()[-1])
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20  # Linux reports KiB, macOS bytes
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+@dataclass
+class _Models:
+    """The torch UNets compared for one task: the folded MTU task and its single-task reference."""
+
+    mtu: torch.nn.Module
+    single: torch.nn.Module
+    single_kind: str  # "trained baseline <path>" or "architecture stand-in (base UNet + task conv_in)"
+    base: torch.nn.Module | None = None  # t2i: the untouched base UNet
+
+
+def bench(
+    checkpoint: Path,
+    out: Path,
+    config: BenchConfig,
+    baselines: dict[str, Path] | None = None,
+    base: Path | None = None,
+    parity: Path | None = None,
+    log: Log = print,
+) -> dict:
+    """Measure everything for every task of `checkpoint`; write bench.json, bench.md and plots into `out`."""
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    base = Path(base) if base else _base_of(ckpt)
+    baselines = {k: Path(v) for k, v in (baselines or {}).items()}
+    for task in baselines:
+        ckpt.model.config.task(task)  # unknown task -> one-line error
+    base_unet = load_unet(base).float().eval()
+    tokens = _tokens(ckpt)
+    results: dict = {
+        "format": "mtu-export-bench/1",
+        "checkpoint": str(checkpoint),
+        "base": str(base),
+        "config": asdict(config),
+        "machine": _machine(config),
+        "tasks": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="mtu-bench-") as scratch:
+        scratch = Path(scratch)
+        for task in ckpt.model.config.task_names:
+            models = _models(ckpt, task, base_unet, baselines.get(task))
+            results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, log)
+        results["bundle"] = _bench_bundle(checkpoint, scratch, config, log)
+    results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
+    results["coreml"] = _coreml_row()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench.json", results)
+    (out / "bench.md").write_text(render_markdown(results))
+    _plots(results, out)
+    return results
+
+
+def _base_of(ckpt) -> Path:
+    recorded = ckpt.meta.get("training", {}).get("base")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    raise InputError(
+        f"{ckpt.path} does not record a usable base pipeline (it was not made by `mtu-export train` here); "
+        "pass --base path/to/base-pipeline"
+    )
+
+
+def _tokens(ckpt) -> int:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ckpt.pipeline_dir / "tokenizer").model_max_length
+
+
+def _models(ckpt, task: str, base_unet, baseline: Path | None) -> _Models:
+    mtu = fold_task(ckpt.model, task).eval()
+    if baseline is not None:
+        single_ckpt = load_checkpoint(baseline, dtype=torch.float32)
+        single = fold_task(single_ckpt.model, single_ckpt.model.config.task(task).name).eval()
+        kind = f"trained baseline {baseline}"
+    else:
+        single = _stand_in(base_unet, ckpt.model.config.task(task))
+        kind = "architecture stand-in (base UNet with the task's conv_in, untrained)"
+    return _Models(mtu, single, kind, base_unet if task == "t2i" else None)
+
+
+def _stand_in(base_unet, spec):
+    import copy
+
+    unet = copy.deepcopy(base_unet)
+    unet.conv_in = task_conv_in(base_unet.conv_in, spec)
+    unet.register_to_config(in_channels=spec.in_channels)
+    return unet.eval()
+
+
+def _bench_task(task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, log: Log) -> dict:
+    batch = 3 if task in TWO_SCALE_TASKS else 2  # the guidance batch the task's sampler uses
+    channels = models.mtu.config.in_channels
+    feed = unet_feed(dict(models.mtu.config), channels, batch, tokens, config.seed)
+    one = {k: (v[:1] if v.dim() else v) for k, v in feed.items()}
+    graphs = {}
+    for name, unet in (("mtu", models.mtu), ("single", models.single), ("base", models.base)):
+        if unet is not None:
+            graphs[name] = _export_fixed(unet, feed, scratch / name)
+    row: dict = {"single_kind": models.single_kind, "batch": batch, "in_channels": channels}
+    row["parameters"] = {"mtu": _params(models.mtu), "single": _params(models.single)}
+    row["bytes"] = {name: _file_bytes(path) for name, path in graphs.items()}
+    flops = {}
+    for name, unet in (("mtu", models.mtu), ("single", models.single), ("base", models.base)):
+        if unet is not None:
+            flops[name] = {
+                "torch": torch_flops(unet, one),
+                "onnx": onnx_flops(_export_fixed(unet, one, scratch / f"{name}-b1")),
+            }
+    row["flops_per_call_batch1"] = flops
+    row["gflops"] = flops["mtu"]["torch"] / 1e9
+    sessions = {name: session(path, config.threads) for name, path in graphs.items()}
+    feeds = {k: v.numpy() for k, v in feed.items()}
+    call = lambda name: lambda: sessions[name].run(None, feeds)  # noqa: E731
+    log(f"{task}: timing the folded MTU UNet against the single-task UNet ({config.repeats} interleaved pairs)")
+    row["unet_latency"] = {"mtu_vs_single": interleaved(call("mtu"), call("single"), config.repeats, config.warmup)}
+    if "base" in sessions:
+        row["unet_latency"]["mtu_vs_base"] = interleaved(call("mtu"), call("base"), config.repeats, config.warmup)
+    if config.e2e_repeats:
+        steps = lambda name: lambda: [sessions[name].run(None, feeds) for _ in range(config.e2e_steps)]  # noqa: E731
+        row["e2e_unet_latency"] = interleaved(steps("mtu"), steps("single"), config.e2e_repeats, 1)
+        row["e2e_unet_latency"]["steps"] = config.e2e_steps
+    row["peak_rss_mb"] = {name: peak_rss_mb(path, feed, config.threads) for name, path in graphs.items()}
+    ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
+    log(f"{task}: {row['gflops']:.3f} GFLOPs/call (batch 1); folded / single latency {ratio:.3f}")
+    return row
+
+
+def _export_fixed(unet, feed: dict, folder: Path) -> Path:
+    """A fixed-shape fp32 ONNX graph of `unet` (TorchScript exporter, opset 18), external data past 2 GB."""
+    import warnings
+
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    if path.exists():
+        return path
+    args = tuple(feed[name] for name in UNET.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            UNetGraph(unet),
+            args,
+            str(path),
+            input_names=list(UNET.inputs),
+            output_names=list(UNET.outputs),
+            opset_version=18,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log) -> dict:
+    """Export the all-task bundle in fp32 and each quantization mode; sizes, quality, latency of mode ÷ fp32."""
+    rows: dict = {}
+    folders = {}
+    for mode in ("none", *config.modes):
+        log(f"exporting the all-task bundle ({mode})")
+        export_config = ExportConfig(quantize=mode, image_count=config.image_count, seed=config.seed)
+        folders[mode] = scratch / f"bundle-{mode}"
+        manifest = export_onnx(checkpoint, export_config, folders[mode], log=lambda m: None)
+        unet_rows = [
+            r for r in manifest["graph_parity"] if r["component"] == ("unet" if mode == "none" else f"unet[{mode}]")
+        ]
+        rows[mode] = {
+            "unet_bytes": _file_bytes(folders[mode] / "unet" / "model.onnx"),
+            "graph_psnr_db": {r["task"]: r["psnr_db"] for r in unet_rows},
+            "image_psnr_db": {r["task"]: r["psnr_db"] for r in manifest["image_parity"]},
+            "sizes": manifest["sizes"],
+        }
+    fp32 = session(folders["none"] / "unet" / "model.onnx", config.threads)
+    feeds = _bundle_feed(folders["none"], config.seed)
+    for mode in config.modes:
+        quantized = session(folders[mode] / "unet" / "model.onnx", config.threads)
+        log(f"timing the {mode} bundle UNet against fp32 ({config.repeats} interleaved pairs)")
+        rows[mode]["latency_vs_fp32"] = interleaved(
+            lambda q=quantized: q.run(None, feeds), lambda: fp32.run(None, feeds), config.repeats, config.warmup
+        )
+    return {"modes": rows, "size_ratio": rows["none"]["sizes"]["ratio"]}
+
+
+def _bundle_feed(folder: Path, seed: int) -> dict[str, np.ndarray]:
+    manifest = read_json(folder / "manifest.json")
+    unet_config = read_json(folder / "unet" / "config.json")
+    tokens = read_json(folder / "tokenizer" / "tokenizer_config.json").get("model_max_length", 77)
+    feed = unet_feed(unet_config, manifest["unet_input_channels"], 2, tokens, seed)
+    feed["task_id"] = torch.tensor(0, dtype=torch.int64)
+    return {k: v.numpy() for k, v in feed.items()}
+
+
+def _params(unet) -> int:
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).parent.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
+
+
+def _machine(config: BenchConfig) -> dict:
+    import os
+    import platform
+
+    import onnxruntime
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": config.threads,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "mtu_export": __version__,
+    }
+
+
+def _coreml_row() -> dict:
+    if sys.platform != "darwin":
+        return {"skipped": "Core ML latency needs macOS (coremltools cannot run models on this platform)"}
+    return {"skipped": "Core ML latency rows are not implemented yet; run `mtu-export coreml` and Xcode's profiler"}
+
+
+# --------------------------------------------------------------------------------------------------------- check
+DEFAULT_TOLERANCES = {"latency_ratio_max": 1.10, "bundle_ratio_slack": 0.0, "graph_psnr_min_db": 60.0}
+
+
+def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
+    """A CI baseline from a run: exact FLOPs per task, the bundle ratio, PSNR floors, ratio tolerances."""
+    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    return {
+        "format": "mtu-export-bench-baseline/1",
+        "latency_ratio_max": tol["latency_ratio_max"],
+        "flops": {task: row["flops_per_call_batch1"]["mtu"]["torch"] for task, row in results["tasks"].items()},
+        "bundle_ratio_max": results["bundle"]["size_ratio"] + tol["bundle_ratio_slack"],
+        "graph_psnr_min_db": tol["graph_psnr_min_db"],
+        "image_psnr_min_db": {
+            mode: math.floor(min(v for v in row["image_psnr_db"].values() if v is not None) - 3.0)
+            if any(v is not None for v in row["image_psnr_db"].values())
+            else None
+            for mode, row in results["bundle"]["modes"].items()
+        },
+    }
+
+
+def check(results: dict, baseline: dict) -> list[str]:
+    """Every way `results` violates `baseline` (empty: the gate passes). Ratios only; no absolute times."""
+    problems = []
+    limit = baseline["latency_ratio_max"]
+    for task, row in results["tasks"].items():
+        ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
+        if ratio > limit:
+            problems.append(f"{task}: folded / single-task UNet latency {ratio:.3f} exceeds {limit:.3f}")
+        flops = row["flops_per_call_batch1"]
+        want = baseline["flops"].get(task)
+        if want is None:
+            problems.append(f"{task}: no FLOPs in the baseline; regenerate it with --save-baseline")
+        elif flops["mtu"]["torch"] != want:
+            problems.append(
+                f"{task}: GFLOPs per call changed: {flops['mtu']['torch'] / 1e9:.6f}, baseline {want / 1e9:.6f}"
+            )
+        if flops["mtu"]["torch"] != flops["mtu"]["onnx"]:
+            problems.append(
+                f"{task}: torch counts {flops['mtu']['torch']} FLOPs, the ONNX graph {flops['mtu']['onnx']}"
+            )
+        if flops["mtu"]["torch"] != flops["single"]["torch"]:
+            pair = f"{flops['mtu']['torch']} vs {flops['single']['torch']}"
+            problems.append(f"{task}: folded MTU and single-task FLOPs differ ({pair})")
+    bundle = results["bundle"]
+    if bundle["size_ratio"] > baseline["bundle_ratio_max"]:
+        problems.append(
+            f"bundle bytes / one model {bundle['size_ratio']:.4f} exceeds {baseline['bundle_ratio_max']:.4f}"
+        )
+    for mode, row in bundle["modes"].items():
+        if mode == "none":
+            for task, value in row["graph_psnr_db"].items():
+                if value is not None and value < baseline["graph_psnr_min_db"]:
+                    problems.append(
+                        f"{task}: exported UNet PSNR {value:.1f} dB below {baseline['graph_psnr_min_db']} dB"
+                    )
+        floor = baseline["image_psnr_min_db"].get(mode)
+        for task, value in row["image_psnr_db"].items():
+            if floor is not None and value is not None and value < floor:
+                problems.append(f"{task} [{mode}]: end-to-end image PSNR {value:.1f} dB below its floor {floor} dB")
+    return problems
+
+
+# -------------------------------------------------------------------------------------------------------- report
+def render_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# mtu-export bench",
+        "",
+        f"`{results['checkpoint']}` on {m['processor']} ({m['cpus']} CPUs), onnxruntime {m['onnxruntime']} with "
+        f"{m['threads']} threads; {results['config']['repeats']} interleaved pairs after {results['config']['warmup']} "
+        "warm-up runs. Ratios are medians of per-pair ratios measured side by side in this run.",
+        "",
+        "## Folded MTU task vs single-task UNet",
+        "",
+        "| task | single-task reference | GFLOPs/call (torch = ONNX) | params MTU / single | UNet ms MTU / single | "
+        "ratio | e2e UNet ratio | t2i: ratio vs base | peak RSS MB MTU / single |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, row in results["tasks"].items():
+        flops = row["flops_per_call_batch1"]["mtu"]
+        same = "=" if flops["torch"] == flops["onnx"] else "≠"
+        lat = row["unet_latency"]["mtu_vs_single"]
+        base = row["unet_latency"].get("mtu_vs_base")
+        e2e = row.get("e2e_unet_latency")
+        cells = [
+            task,
+            row["single_kind"],
+            f"{flops['torch'] / 1e9:.4f} {same} {flops['onnx'] / 1e9:.4f}",
+            f"{row['parameters']['mtu']:,} / {row['parameters']['single']:,}",
+            f"{lat['a_median_ms']:.2f} / {lat['b_median_ms']:.2f}",
+            f"**{lat['ratio']:.3f}**",
+            f"{e2e['ratio']:.3f} ({e2e['steps']} steps)" if e2e else "–",
+            f"{base['ratio']:.3f}" if base else "–",
+            f"{row['peak_rss_mb']['mtu']:.0f} / {row['peak_rss_mb']['single']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    bundle = results["bundle"]
+    sizes = bundle["modes"]["none"]["sizes"]
+    lines += [
+        "",
+        "## All-task bundle and quantization",
+        "",
+        f"Bundle of {sizes['tasks']} tasks: {sizes['bundle_bytes'] / 1e6:.2f} MB = **{sizes['ratio']:.3f}** × one "
+        f"single-task export ({sizes['single_task_bytes'] / 1e6:.2f} MB); UNet alone {sizes['unet_ratio']:.3f} ×.",
+        "",
+        "| mode | UNet MB | UNet latency ÷ fp32 | " + " | ".join(f"{t} image PSNR dB" for t in results["tasks"]) + " |",
+        "|---|---|---|" + "---|" * len(results["tasks"]),
+    ]
+    for mode, row in bundle["modes"].items():
+        latency = row.get("latency_vs_fp32")
+        psnr = ["identical" if v is None else f"{v:.1f}" for v in row["image_psnr_db"].values()]
+        name = "fp32" if mode == "none" else mode
+        ratio = f"{latency['ratio']:.3f}" if latency else "1"
+        lines.append(f"| {name} | {row['unet_bytes'] / 1e6:.2f} | {ratio} | " + " | ".join(psnr) + " |")
+    if results.get("parity"):
+        lines += [
+            "",
+            "## Quality parity (trainer, held-out split)",
+            "",
+            "| task | metric | MTU | single | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for task, entry in results["parity"]["parity"].items():
+            row = entry["metrics"][entry["primary"]]
+            lines.append(
+                f"| {task} | {entry['primary']} | {row['mtu']:.4f} | {row['single']:.4f} | {row['ratio']:.4f} |"
+            )
+    lines += ["", f"Core ML: {results['coreml']['skipped']}", ""]
+    return "\n".join(lines)
+
+
+def _plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    mtu = [results["tasks"][t]["unet_latency"]["mtu_vs_single"]["a_median_ms"] for t in tasks]
+    single = [results["tasks"][t]["unet_latency"]["mtu_vs_single"]["b_median_ms"] for t in tasks]
+    x = np.arange(len(tasks))
+    axes[0].bar(x - 0.2, mtu, 0.4, label="folded MTU")
+    axes[0].bar(x + 0.2, single, 0.4, label="single-task")
+    axes[0].set_xticks(x, tasks)
+    axes[0].set_ylabel("UNet call, ms (median)")
+    axes[0].legend()
+    modes = results["bundle"]["modes"]
+    for mode, row in modes.items():
+        values = [v for v in row["image_psnr_db"].values() if v is not None]
+        quality = min(values) if values else 100.0
+        axes[1].scatter(row["unet_bytes"] / 1e6, quality, label=mode if mode != "none" else "fp32")
+    axes[1].set_xlabel("bundle UNet, MB")
+    axes[1].set_ylabel("worst task image PSNR vs torch, dB")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=110)
+    plt.close(fig)

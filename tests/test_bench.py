@@ -1,0 +1,89 @@
+"""`mtu-export bench`: FLOP counts that agree between torch and the exported graph, interleaved timing, the
+report files, and the CI gate failing on a doctored result with every violation named. No test here judges a
+time: latency is only ever compared as a ratio inside one run, by the gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_unet
+from test_cli import invoke
+from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
+
+from mtu_export.bench import _export_fixed, interleaved, onnx_flops, torch_flops, unet_feed
+
+
+def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
+    unet = tiny_unet().eval()
+    feed = unet_feed(dict(unet.config), 4, 1, 7, seed=0)
+    counted = torch_flops(unet, feed)
+    assert counted == onnx_flops(_export_fixed(unet, feed, tmp_path / "g"))
+    # CPU SDPA is counted: without it torch would report fewer FLOPs than the graph's MatMuls.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"])
+    per_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert per_op.get("aten._scaled_dot_product_flash_attention_for_cpu", 0) > 0
+
+
+def test_interleaving_alternates_the_order_of_a_and_b():
+    calls: list[str] = []
+    result = interleaved(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert result["repeats"] == 4 and result["ratio"] > 0
+
+
+@pytest.fixture(scope="module")
+def report(mtu_world: Path, world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("bench")
+    args = ("--base", world_pipeline, "--repeats", "2", "--warmup", "1", "--steps", "2", "--modes", "dynamic-int8")
+    result = invoke("bench", mtu_world, "--out", out, *args, "--image-count", "1", "--save-baseline", out / "base.json")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bench_writes_json_markdown_and_plots(report):
+    results = json.loads((report / "bench.json").read_text())
+    assert set(results["tasks"]) == {"t2i", "edit", "sr", "inpaint"}
+    for row in results["tasks"].values():
+        flops = row["flops_per_call_batch1"]
+        assert flops["mtu"]["torch"] == flops["mtu"]["onnx"] == flops["single"]["torch"]
+        assert row["parameters"]["mtu"] == row["parameters"]["single"]
+        assert row["unet_latency"]["mtu_vs_single"]["repeats"] == 2
+    t2i = results["tasks"]["t2i"]["flops_per_call_batch1"]
+    assert t2i["base"]["torch"] == t2i["mtu"]["torch"]  # folded t2i costs exactly what the base model costs
+    assert set(results["bundle"]["modes"]) == {"none", "dynamic-int8"}
+    assert "latency_vs_fp32" in results["bundle"]["modes"]["dynamic-int8"]
+    assert "skipped" in results["coreml"]
+    markdown = (report / "bench.md").read_text()
+    assert "Folded MTU task vs single-task UNet" in markdown and "dynamic-int8" in markdown
+    assert (report / "bench.png").stat().st_size > 1000
+
+
+def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, tmp_path):
+    results = json.loads((report / "bench.json").read_text())
+    baseline = json.loads((report / "base.json").read_text())
+    baseline["latency_ratio_max"] = 100.0  # this test doctors the numbers; real noise must not decide it
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    (tmp_path / "honest.json").write_text(json.dumps(results))
+    ok = invoke("bench", "--results", tmp_path / "honest.json", "--check", tmp_path / "baseline.json")
+    assert ok.exit_code == 0, ok.output
+
+    doctored = copy.deepcopy(results)
+    doctored["tasks"]["edit"]["unet_latency"]["mtu_vs_single"]["ratio"] = 150.0
+    doctored["tasks"]["sr"]["flops_per_call_batch1"]["mtu"]["torch"] += 2
+    doctored["bundle"]["size_ratio"] = 1.5
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    bad = invoke("bench", "--results", tmp_path / "doctored.json", "--check", tmp_path / "baseline.json")
+    assert bad.exit_code == 7, bad.output
+    assert "edit: folded / single-task UNet latency 150.000 exceeds" in bad.stderr
+    assert "sr: GFLOPs per call changed" in bad.stderr
+    assert "sr: torch counts" in bad.stderr  # the torch and ONNX counts no longer agree either
+    assert "sr: folded MTU and single-task FLOPs differ" in bad.stderr
+    assert "bundle bytes / one model 1.5000 exceeds" in bad.stderr
+    assert "5 benchmark violation(s)" in bad.stderr
