@@ -1,0 +1,268 @@
+"""`make bench-sd15`: the fold's cost claims at Stable Diffusion v1.5 scale, with random weights.
+
+The architecture is what costs: weights change neither FLOPs nor latency. A UNet is built from the SD1.5 config
+(seeded), upcycled to four tasks with N=4, and its routers are set to a seeded non-uniform state (so every task's
+fold differs from the base, as after training). For each task a child process rebuilds that model, folds the
+task and exports its UNet to ONNX (fixed shapes: the CFG batch of 2 at 64×64 latents, 77 tokens; external data),
+and the parent records the child's wall time and peak RSS; the single-task reference (base UNet with the task's
+conv_in) is exported the same way. Then, side by side in this process: GFLOPs per call (torch, cross-checked on
+the graph), parameters, folded ÷ single-task latency in interleaved pairs on `threads` threads, and the bytes of
+the all-task bundle (one graph with a task_id input) ÷ one task's graph.
+
+Run: `python -m mtu_export.bench_sd15 --out benchmarks/results` (about 20 minutes and 8 GB RAM on 2 cores).
+Imports config, upcycle, fold, bundle, bench and the export graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from mtu_export.config import SD15_UNET_CONFIG, MoEConfig
+from mtu_export.export.graphs import BUNDLE, UNET, BundleGraph, UNetGraph
+
+TASKS = ("t2i", "edit", "sr", "inpaint")
+BATCH, LATENT, TOKENS = 2, 64, 77
+
+
+def build_base(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+
+
+def build_mtu(seed: int = 0):
+    """The seeded base, upcycled (the base's own tensors are released), with trained-like routing."""
+    from mtu_export.upcycle import upcycle_unet
+
+    mtu = upcycle_unet(build_base(seed), MoEConfig())
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, moe in mtu.moe_layers():  # a non-uniform routing per task, as after training
+            last = moe.router.net[2]
+            last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.5)
+        mtu.task_embedding.weight.copy_(torch.randn(mtu.task_embedding.weight.shape, generator=g))
+    return mtu
+
+
+def feed(in_channels: int, batch: int = BATCH) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "sample": torch.randn(batch, in_channels, LATENT, LATENT, generator=g),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(batch, TOKENS, 768, generator=g),
+    }
+
+
+def export_one(kind: str, task: str, out: Path) -> None:
+    """Child process: build, fold (or stand in, or bundle) and export one UNet graph with external data."""
+    import copy
+
+    import onnx
+
+    from mtu_export.bundle import bundle_tasks
+    from mtu_export.fold import fold_task
+    from mtu_export.upcycle import task_conv_in
+
+    spec = MoEConfig().task(task)
+    if kind == "single":
+        base = build_base()
+        unet = copy.deepcopy(base)
+        unet.conv_in = task_conv_in(base.conv_in, spec)
+        unet.register_to_config(in_channels=spec.in_channels)
+        del base
+        module, io, args = UNetGraph(unet.eval()), UNET, feed(spec.in_channels)
+    elif kind == "mtu":
+        mtu = build_mtu()
+        module, io, args = UNetGraph(fold_task(mtu, task).eval()), UNET, feed(spec.in_channels)
+        del mtu
+    else:
+        mtu = build_mtu()
+        bundle = bundle_tasks(mtu)
+        del mtu
+        module, io = BundleGraph(bundle), BUNDLE
+        args = {**feed(bundle.in_channels), "task_id": torch.tensor(0, dtype=torch.int64)}
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out))
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(args[n] for n in io.inputs),
+            str(scratch / "model.onnx"),
+            input_names=list(io.inputs),
+            output_names=list(io.outputs),
+            opset_version=18,
+            dynamo=False,
+        )
+    del module
+    model = onnx.load(str(scratch / "model.onnx"))
+    onnx.save_model(
+        model,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx_data",
+        size_threshold=1024,
+    )
+    del model
+    for f in scratch.iterdir():
+        f.unlink()
+    scratch.rmdir()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    print(json.dumps({"export_seconds": seconds, "peak_rss_mb": peak}))
+
+
+def _child(kind: str, task: str, out: Path) -> dict:
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "mtu_export.bench_sd15", "--export", kind, "--task", task, "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"export of {kind} {task} failed: {result.stderr.strip().splitlines()[-1:]}")
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    info["process_seconds"] = time.perf_counter() - start
+    return info
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print) -> dict:
+    from mtu_export.bench import interleaved, onnx_flops, torch_flops
+    from mtu_export.export.runtime import session
+    from mtu_export.fold import fold_task
+
+    work = Path(tempfile.mkdtemp(prefix="mtu-sd15-"))
+    results: dict = {
+        "config": {
+            "batch": BATCH,
+            "latent": LATENT,
+            "tokens": TOKENS,
+            "threads": threads,
+            "repeats": repeats,
+            "experts": 4,
+            "tasks": list(tasks),
+        },
+        "tasks": {},
+    }
+    base = build_base()
+    one = {k: (v[:1] if v.dim() else v) for k, v in feed(4).items()}
+    results["gflops_base_batch1"] = torch_flops(base, one) / 1e9
+    base_parameters = sum(p.numel() for p in base.parameters())
+    del base
+    mtu = build_mtu()
+    results["parameters"] = {"base": base_parameters, "mtu": sum(p.numel() for p in mtu.parameters())}
+    log(f"SD1.5 base: {results['parameters']['base']:,} parameters, {results['gflops_base_batch1']:.1f} GFLOPs/call")
+    folded = {}
+    for task in tasks:
+        spec = mtu.config.task(task)
+        folded[task] = {"gflops_batch2_torch": torch_flops(fold_task(mtu, task).eval(), feed(spec.in_channels)) / 1e9}
+    del mtu
+    for task in tasks:
+        row = folded[task]
+        for kind in ("mtu", "single"):
+            log(f"{task}: exporting the {kind} UNet in a child process")
+            row[f"export_{kind}"] = _child(kind, task, work / task / kind)
+        row["gflops_batch2_onnx"] = onnx_flops(work / task / "mtu" / "model.onnx") / 1e9
+        row["gflops_batch2_single_onnx"] = onnx_flops(work / task / "single" / "model.onnx") / 1e9
+        row["bytes"] = {kind: _bytes(work / task / kind) for kind in ("mtu", "single")}
+        sessions = {kind: session(work / task / kind / "model.onnx", threads) for kind in ("mtu", "single")}
+        inputs = {k: v.numpy() for k, v in feed(MoEConfig().task(task).in_channels).items()}
+        log(f"{task}: timing folded vs single-task ({repeats} interleaved pairs, batch {BATCH}, {threads} threads)")
+        mtu_run, single_run = (lambda s=sessions[k], x=inputs: s.run(None, x) for k in ("mtu", "single"))
+        row["latency"] = interleaved(mtu_run, single_run, repeats, 1)
+        sessions.clear()
+        results["tasks"][task] = row
+        log(f"{task}: ratio {row['latency']['ratio']:.3f}, export peak {row['export_mtu']['peak_rss_mb']:.0f} MiB")
+        for kind in ("mtu", "single"):
+            if task != tasks[0] or kind != "mtu":
+                _clear(work / task / kind)
+    log("exporting the all-task bundle in a child process")
+    results["bundle"] = _child("bundle", tasks[0], work / "bundle")
+    results["bundle"]["bytes"] = _bytes(work / "bundle")
+    results["bundle"]["ratio_to_one_task"] = results["bundle"]["bytes"] / results["tasks"][tasks[0]]["bytes"]["mtu"]
+    _clear(work / "bundle")
+    _clear(work / tasks[0] / "mtu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sd15.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "sd15.md").write_text(markdown(results))
+    return results
+
+
+def _clear(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def markdown(r: dict) -> str:
+    c = r["config"]
+    lines = [
+        "# Stable Diffusion v1.5 scale (random weights)",
+        "",
+        "Made by `make bench-sd15` (`python -m mtu_export.bench_sd15 --out benchmarks/results`). UNet from the SD1.5 "
+        f"config, upcycled to {len(c['tasks'])} tasks with N={c['experts']}, routers set to a seeded non-uniform "
+        f"state; each task folded and exported to ONNX (opset 18, fixed shapes: batch {c['batch']}, "
+        f"{c['latent']}×{c['latent']} latents, {c['tokens']} tokens); onnxruntime on {c['threads']} threads, "
+        f"{c['repeats']} interleaved pairs.",
+        "",
+        f"Parameters: base {r['parameters']['base']:,}; MTU {r['parameters']['mtu']:,} "
+        f"({r['parameters']['mtu'] / r['parameters']['base']:.5f} ×). GFLOPs per call (batch 1, torch with CPU SDPA "
+        f"counted): **{r['gflops_base_batch1']:.1f}**.",
+        "",
+        "| task | GFLOPs batch 2 torch / ONNX (single ONNX) | folded ms | single ms | folded ÷ single | export s | "
+        "export peak RSS MiB | graph GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, row in r["tasks"].items():
+        lat = row["latency"]
+        lines.append(
+            f"| {task} | {row['gflops_batch2_torch']:.2f} / {row['gflops_batch2_onnx']:.2f} "
+            f"({row['gflops_batch2_single_onnx']:.2f}) | {lat['a_median_ms']:.0f} | {lat['b_median_ms']:.0f} | "
+            f"**{lat['ratio']:.3f}** | {row['export_mtu']['export_seconds']:.0f} | "
+            f"{row['export_mtu']['peak_rss_mb']:.0f} | {row['bytes']['mtu'] / 1e9:.2f} |"
+        )
+    b = r["bundle"]
+    lines += [
+        "",
+        f"All-task bundle (one graph, task_id input): {b['bytes'] / 1e9:.3f} GB = **{b['ratio_to_one_task']:.4f}** × "
+        f"one task's graph; its export took {b['export_seconds']:.0f} s at {b['peak_rss_mb']:.0f} MiB peak RSS.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--export", choices=("mtu", "single", "bundle"), help=argparse.SUPPRESS)
+    parser.add_argument("--task", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.export:
+        export_one(args.export, args.task, args.out)
+        return
+    results = run(args.out, args.threads, args.repeats, tuple(t for t in args.tasks.split(",") if t))
+    print(f"wrote {args.out / 'sd15.md'}: bundle {results['bundle']['ratio_to_one_task']:.4f} x one task")
+
+
+if __name__ == "__main__":
+    main()
