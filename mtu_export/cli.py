@@ -150,6 +150,23 @@ def world(
     console.print(f"wrote {path}")
 
 
+@app.command("pack")
+@handles_errors
+def pack(
+    checkpoint: Annotated[Path, typer.Argument(help="MTU checkpoint folder.")],
+    out: OutOption,
+    pipeline_ref: Annotated[
+        str, typer.Option(help="Pipeline folder to share, as a path relative to --out (e.g. ../shapes-base).")
+    ],
+    dtype: Annotated[str, typer.Option(help="Weights dtype: fp16, bf16 or fp32.")] = "fp16",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Re-save a checkpoint for shipping: weights in --dtype, the base pipeline shared by reference, not copied."""
+    from mtu_export.upcycle import pack_checkpoint
+
+    console.print(f"wrote {pack_checkpoint(checkpoint, out, pipeline_ref, dtype, overwrite)}")
+
+
 @app.command()
 @handles_errors
 def pretrain(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,22 +207,30 @@ def save_checkpoint(
     pipeline_dir: Path | None = None,
     overwrite: bool = False,
     extra: dict | None = None,
+    pipeline_ref: str | None = None,
 ) -> Path:
-    """Write `mtu_config.json` + `mtu_unet.safetensors` (+ the frozen pipeline components) atomically."""
+    """Write `mtu_config.json` + `mtu_unet.safetensors` (+ the frozen pipeline components) atomically.
+
+    With `pipeline_ref` (a path relative to `out`, e.g. '../shapes-base') the checkpoint points at a pipeline
+    folder it shares with others instead of holding a copy."""
     from safetensors.torch import save_file
 
     out = Path(out)
     with atomic_output_dir(out, overwrite) as tmp:
         state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items()}
         save_file(state, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
-        if pipeline_dir is not None:
+        if pipeline_ref is not None:
+            shared = Path(os.path.normpath(out / pipeline_ref))  # `out` itself does not exist yet
+            if not (shared / PIPELINE_INDEX).is_file():
+                raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
+        elif pipeline_dir is not None:
             link_or_copy_tree(Path(pipeline_dir), tmp / CHECKPOINT_PIPELINE, skip=("unet",))
         meta = {
             "format": CHECKPOINT_FORMAT,
             "mtu_export_version": __version__,
             "moe": mtu.config.to_dict(),
             "unet_config": {k: v for k, v in mtu.unet.config.items() if not k.startswith("_")},
-            "pipeline": CHECKPOINT_PIPELINE if pipeline_dir is not None else None,
+            "pipeline": pipeline_ref or (CHECKPOINT_PIPELINE if pipeline_dir is not None else None),
             **(extra or {}),
         }
         write_json(tmp / CHECKPOINT_CONFIG, meta)
@@ -243,10 +252,11 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             "re-run `mtu-export upcycle` with this version"
         )
     config = _checkpoint_moe(meta, path)
-    if meta.get("pipeline") not in (CHECKPOINT_PIPELINE, None):
+    ref = meta.get("pipeline")
+    if ref is not None and (not isinstance(ref, str) or not ref or Path(ref).is_absolute()):
         raise CheckpointError(
-            f"{path / CHECKPOINT_CONFIG}: 'pipeline' must be {CHECKPOINT_PIPELINE!r} or null, "
-            f"found {meta.get('pipeline')!r}; restore the file or re-run `mtu-export upcycle`"
+            f"{path / CHECKPOINT_CONFIG}: 'pipeline' must be a relative folder ({CHECKPOINT_PIPELINE!r}, or a shared "
+            f"one such as '../shapes-base') or null, found {ref!r}; restore the file or re-run `mtu-export upcycle`"
         )
     if not isinstance(meta.get("unet_config"), dict):
         raise CheckpointError(
@@ -260,8 +270,23 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     model = model.to(dtype) if dtype is not None else model
     pipeline = path / meta["pipeline"] if meta.get("pipeline") else None
     if pipeline is not None and not (pipeline / PIPELINE_INDEX).is_file():
-        raise CheckpointError(f"{pipeline} lacks {PIPELINE_INDEX}; the checkpoint was copied incompletely")
+        raise CheckpointError(
+            f"the checkpoint's pipeline {ref!r} ({pipeline}) has no {PIPELINE_INDEX}; the checkpoint was copied "
+            "incompletely or without the pipeline folder it shares"
+        )
     return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
+
+
+def pack_checkpoint(source: Path, out: Path, pipeline_ref: str, dtype: str = "fp16", overwrite: bool = False) -> Path:
+    """Re-save a checkpoint for shipping: weights cast to `dtype`, the pipeline shared by reference."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise ConfigError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    check_separate(Path(out), Path(source))
+    ckpt = load_checkpoint(Path(source), dtype=dtypes[dtype])
+    own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline")
+    extra = {k: v for k, v in ckpt.meta.items() if k not in own}
+    return save_checkpoint(ckpt.model, Path(out), overwrite=overwrite, extra=extra, pipeline_ref=pipeline_ref)
 
 
 def _checkpoint_moe(meta: dict, path: Path) -> MoEConfig:

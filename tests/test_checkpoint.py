@@ -91,7 +91,7 @@ def _edit_meta(path, edit) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m.update(pipeline="../../elsewhere"), "'pipeline' must be 'pipeline' or null"),
+        (lambda m: m.update(pipeline="/abs/elsewhere"), "'pipeline' must be a relative folder"),
         (lambda m: m["moe"].update(num_experts=2.7), "num_experts must be an integer, found 2.7"),
         (lambda m: m["moe"]["tasks"][0].update(in_channels=4.7), "in_channels must be an integer"),
         (lambda m: m["moe"].update(num_experts=0), "--experts must be a positive integer"),
@@ -105,3 +105,27 @@ def test_damaged_config_is_a_checkpoint_error(trained, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message) as err:
         load_checkpoint(tmp_path / "ckpt")
     assert err.value.exit_code == 4
+
+
+def test_pack_shares_the_base_pipeline_and_casts_to_fp16(trained, pipeline_dir, tmp_path):
+    """Shipped checkpoints point at the base pipeline they share ('../shapes-base') instead of copying it."""
+    import shutil
+
+    from mtu_export.upcycle import pack_checkpoint
+
+    shutil.copytree(pipeline_dir, tmp_path / "models" / "base")
+    source = save_checkpoint(trained, tmp_path / "full", pipeline_dir=pipeline_dir, extra={"training": {"steps": 3}})
+    packed = pack_checkpoint(source, tmp_path / "models" / "mtu", "../base", dtype="fp16")
+    assert not (packed / "pipeline").exists()
+    loaded = load_checkpoint(packed)
+    assert loaded.pipeline_dir.resolve() == (tmp_path / "models" / "base").resolve()
+    assert loaded.meta["training"] == {"steps": 3} and loaded.meta["pipeline"] == "../base"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float16}
+    want = dict(load_checkpoint(source).model.state_dict())
+    got = loaded.model.state_dict()
+    assert max((want[k].half().float() - got[k].float()).abs().max().item() for k in want) == 0.0
+    with pytest.raises(InputError, match="not a pipeline folder"):
+        pack_checkpoint(source, tmp_path / "models" / "other", "../missing")
+    shutil.rmtree(tmp_path / "models" / "base")
+    with pytest.raises(CheckpointError, match="has no model_index.json"):
+        load_checkpoint(packed)
