@@ -401,6 +401,60 @@ def _coreml_row() -> dict:
     return {"skipped": "Core ML latency rows are not implemented yet; run `mtu-export coreml` and Xcode's profiler"}
 
 
+# -------------------------------------------------------------------------------------------------- training step
+def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup: int = 2, log: Log = print) -> dict:
+    """MTU training step (the paper's trainable split) ÷ full fine-tune step of the same model on the same batch,
+    timed in interleaved pairs (forward, backward, AdamW step)."""
+    from mtu_export.config import TrainConfig
+    from mtu_export.pretrain import training_scheduler
+    from mtu_export.train import CACHE_BATCH, TaskLoss, build_cache, load_base, load_cache, make_batches, prepare_model
+    from mtu_export.vocab import tokenize
+
+    vae, text_encoder, tokenizer, unet = load_base(Path(base))
+    cache_size = min(CACHE_BATCH, 4 * batch_size)
+    configs = {
+        kind: TrainConfig(batch_size=batch_size, cache_size=cache_size, trainable=kind) for kind in ("mtu", "full")
+    }
+    with tempfile.TemporaryDirectory(prefix="mtu-train-bench-") as work:
+        caches = {}
+        for task in configs["mtu"].weights():
+            build_cache(task, vae, tokenizer, cache_size, Path(work) / f"cache-{task}.safetensors")
+            caches[task] = load_cache(Path(work), task, cache_size)
+    batch = make_batches(
+        configs["mtu"],
+        caches,
+        text_encoder,
+        tokenize(tokenizer, [""]),
+        training_scheduler(),
+        vae.config.scaling_factor,
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+    )
+    steps = {}
+    counts = {}
+    for kind, config in configs.items():
+        model = TaskLoss(prepare_model(config, unet), config.min_snr_gamma).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        counts[kind] = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = model(batch)
+            loss.backward()
+            optimizer.step()
+
+        steps[kind] = step
+    log(f"timing MTU vs full fine-tune training steps (batch {batch_size}, {repeats} interleaved pairs)")
+    timing = interleaved(steps["mtu"], steps["full"], repeats, warmup)
+    return {
+        "batch_size": batch_size,
+        "trainable_parameters": counts,
+        "mtu_vs_full": timing,
+        "threads": torch.get_num_threads(),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------- check
 DEFAULT_TOLERANCES = {"latency_ratio_max": 1.10, "bundle_ratio_slack": 0.0, "graph_psnr_min_db": 60.0}
 

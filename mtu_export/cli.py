@@ -583,6 +583,30 @@ def bench_command(
         console.print(f"bench check passed against {check}")
 
 
+@app.command("bench-train")
+@handles_errors
+def bench_train(
+    base: Annotated[Path, typer.Argument(help="Base pipeline folder (e.g. models/shapes-base).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON to write.")] = Path(
+        "benchmarks/results/train_step.json"
+    ),
+    batch_size: Annotated[int, typer.Option(min=4, help="Rows per step (mixed tasks).")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved step pairs.")] = 8,
+) -> None:
+    """Training throughput: an MTU step (experts, routers, task LNs, conv_ins) ÷ a full fine-tune step, same batch."""
+    from mtu_export.bench import train_step_ratio
+    from mtu_export.storage import write_json
+
+    result = train_step_ratio(base, batch_size, repeats, log=lambda m: console.print(escape(m)))
+    write_json(out, result)
+    t = result["mtu_vs_full"]
+    console.print(
+        f"MTU step {t['a_median_ms']:.0f} ms vs full fine-tune {t['b_median_ms']:.0f} ms: ratio {t['ratio']:.3f} "
+        f"({result['trainable_parameters']['mtu']:,} vs {result['trainable_parameters']['full']:,} trainable); "
+        f"wrote {out}"
+    )
+
+
 def _task_path(item: str) -> tuple[str, Path]:
     from mtu_export.errors import ConfigError
 

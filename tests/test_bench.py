@@ -87,3 +87,13 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     assert "sr: folded MTU and single-task FLOPs differ" in bad.stderr
     assert "bundle bytes / one model 1.5000 exceeds" in bad.stderr
     assert "5 benchmark violation(s)" in bad.stderr
+
+
+def test_training_step_benchmark_compares_the_mtu_split_with_a_full_fine_tune(world_pipeline, tmp_path):
+    out = tmp_path / "train_step.json"
+    result = invoke("bench-train", world_pipeline, "--batch-size", "8", "--repeats", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    counts = report["trainable_parameters"]
+    assert 0 < counts["mtu"] < counts["full"]
+    assert report["mtu_vs_full"]["repeats"] == 1 and report["batch_size"] == 8
