@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint demo base-model eval-base mtu-models parity clean
+.PHONY: install test test-slow lint demo base-model eval-base mtu-models ship-models parity bench bench-check bench-train bench-sd15 clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,13 +29,20 @@ TASKS := t2i edit sr inpaint
 
 MODEL := models/shapes-base
 
-# The main job (it grows into export + bench as those land): upcycle the shipped base model to 4 tasks, fold each
-# task back into a plain diffusers pipeline (each fold checks itself against the routed model), report.
+SHIPPED := models/shapes-mtu
+BASELINES := $(foreach t,$(TASKS),--baseline $(t)=models/shapes-single-$(t))
+RESULTS := benchmarks/results
+
+# The main job, end to end on the shipped models: export the 4-task MTU model to ONNX (one bundle, every graph
+# validated against torch), generate one image per task on onnxruntime, then bench the folded tasks against the
+# single-task baselines (quick settings) and print where the report is.
 demo: $(STAMP)
-	$(BIN)/mtu-export upcycle $(MODEL) --out $(DEMO)/mtu --tasks t2i,edit,sr,inpaint --experts 4 --overwrite
-	for t in $(TASKS); do $(BIN)/mtu-export fold $(DEMO)/mtu --task $$t --out $(DEMO)/folded/$$t --overwrite || exit 1; done
-	$(BIN)/mtu-export info $(DEMO)/mtu
-	@echo "folded pipelines: $(DEMO)/folded/{$$(echo $(TASKS) | tr ' ' ',')}"
+	$(BIN)/mtu-export onnx $(SHIPPED) --task all --out $(DEMO)/onnx --overwrite
+	$(BIN)/python -m mtu_export.world_grid $(DEMO)/inputs
+	for t in $(TASKS); do $(BIN)/mtu-export generate $(DEMO)/onnx --task $$t --prompt "$$(cat $(DEMO)/inputs/$$t.txt)" \
+	  --image $(DEMO)/inputs/$$t.png --mask $(DEMO)/inputs/mask.png --out $(DEMO)/generated/$$t.png || exit 1; done
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out $(DEMO)/bench --repeats 5 --modes dynamic-int8 --image-count 1
+	@echo "exported bundle: $(DEMO)/onnx   images: $(DEMO)/generated/   report: $(DEMO)/bench/bench.md"
 
 EVAL := $(MODEL)/eval
 GUIDANCE ?= 3
@@ -67,11 +74,34 @@ mtu-models: $(STAMP)
 	    --batch-size 16 $(MTU_TRAIN) || exit 1; \
 	done
 
+# Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference (80 MB budget for models/).
+ship-models: $(STAMP)
+	$(BIN)/mtu-export pack $(RUNS)/shapes-mtu --out $(SHIPPED) --pipeline-ref ../shapes-base --overwrite
+	for t in $(TASKS); do $(BIN)/mtu-export pack $(RUNS)/single-$$t --out models/shapes-single-$$t \
+	  --pipeline-ref ../shapes-base --overwrite || exit 1; done
+	du -sh models
+
 # MTU vs the single-task baselines on the held-out split (parity.json, parity.md, a grid per task).
 PARITY_COUNT ?= 100
 parity: $(STAMP)
-	$(BIN)/mtu-export parity $(RUNS)/shapes-mtu $(foreach t,$(TASKS),--baseline $(t)=$(RUNS)/single-$(t)) \
-	  --count $(PARITY_COUNT) --guidance $(GUIDANCE) --out benchmarks/results/parity --overwrite
+	$(BIN)/mtu-export parity $(SHIPPED) $(BASELINES) --count $(PARITY_COUNT) --guidance $(GUIDANCE) \
+	  --out $(RESULTS)/parity --overwrite
+
+# The full report on the shipped models (all quantization modes); about 10 minutes on 2 cores.
+bench: $(STAMP)
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --out $(RESULTS)
+
+# The CI gate: the same measurements (quick settings), checked against benchmarks/baseline.json.
+bench-check: $(STAMP)
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out out/bench-check --modes dynamic-int8 --image-count 1 \
+	  --check benchmarks/baseline.json
+
+bench-train: $(STAMP)
+	$(BIN)/mtu-export bench-train $(MODEL) --out $(RESULTS)/train_step.json
+
+# Stable Diffusion v1.5 scale with random weights: about 20 minutes and 8 GB of RAM on 2 cores.
+bench-sd15: $(STAMP)
+	$(BIN)/python -m mtu_export.bench_sd15 --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

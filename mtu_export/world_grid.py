@@ -57,3 +57,26 @@ def save_png(out: Path, picture: np.ndarray) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out
+
+
+def write_demo_inputs(folder: Path, index: int = 0) -> Path:
+    """One held-out example per task as files `generate` takes: `<task>.png` (the task's input image; t2i: its
+    ground truth, for reference), `<task>.txt` (prompt or instruction) and `mask.png` (inpainting, white = hole)."""
+    from mtu_export.world import make_example
+
+    folder = Path(folder)
+    for task in TASKS:
+        example = make_example(task, "heldout", index)
+        picture = example.target if example.source is None else example.source
+        if task == "inpaint":
+            picture = example.target  # generate masks it itself, as the diffusers inpainting pipeline does
+            save_png(folder / "mask.png", example.mask.astype(np.uint8) * 255)
+        save_png(folder / f"{task}.png", picture)
+        (folder / f"{task}.txt").write_text(example.prompt + "\n")
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"wrote {write_demo_inputs(Path(sys.argv[1]))}")
