@@ -48,6 +48,45 @@ def markdown(table: dict[str, dict], config: EvalConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def routing_summary(mtu_path: Path) -> dict[str, dict]:
+    """What the routers learned, per task: mean weight of each expert over layers, the mean top-expert probability
+    and the normalised entropy (1 = uniform routing, 0 = one expert per layer)."""
+    import torch
+
+    from mtu_export.upcycle import load_checkpoint
+
+    model = load_checkpoint(Path(mtu_path), dtype=torch.float32).model
+    summary = {}
+    for task in model.config.task_names:
+        probs = torch.stack(list(model.routing_probabilities(task).values()))  # (layers, N)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / np.log(probs.shape[-1])
+        summary[task] = {
+            "mean_per_expert": [round(float(v), 4) for v in probs.mean(0)],
+            "mean_top_probability": round(float(probs.max(-1).values.mean()), 4),
+            "max_top_probability": round(float(probs.max()), 4),
+            "normalised_entropy": round(float(entropy.mean()), 4),
+            "layers": probs.shape[0],
+        }
+    return summary
+
+
+def routing_markdown(summary: dict[str, dict]) -> str:
+    lines = [
+        "",
+        "Router weights learned per task (softmax over experts, averaged over the MoE layers; 1/N each at start):",
+        "",
+        "| task | mean weight per expert | mean top-expert prob. | largest prob. | normalised entropy |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for task, row in summary.items():
+        experts = " / ".join(f"{v:.3f}" for v in row["mean_per_expert"])
+        lines.append(
+            f"| {task} | {experts} | {row['mean_top_probability']:.3f} | {row['max_top_probability']:.3f} | "
+            f"{row['normalised_entropy']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _task_input(task: str, split: str, index: int) -> np.ndarray:
     example = make_example(task, split, index)
     if task == "sr":
@@ -71,9 +110,10 @@ def write_report(
     table = parity(mtu_results, single_results)
     report = {"mtu": str(mtu_path), "baselines": {t: str(p) for t, p in baselines.items()}, "parity": table}
     report["config"] = {"split": config.split, "count": config.count, "steps": config.steps, "seed": config.seed}
+    report["routing"] = routing_summary(mtu_path)
     with atomic_output_dir(out, overwrite) as tmp:
         write_json(tmp / "parity.json", report)
-        (tmp / "parity.md").write_text(markdown(table, config))
+        (tmp / "parity.md").write_text(markdown(table, config) + routing_markdown(report["routing"]))
         for task in tasks:
             rows = []
             for i in range(min(8, config.count)):

@@ -170,3 +170,7 @@ def test_parity_report_end_to_end(world_pipeline, tmp_path):
     assert "bicubic_psnr" in report["parity"]["sr"]["metrics"]
     grid = Image.open(tmp_path / "report" / "grid-sr.png")
     assert grid.size == (4 * 66 * 2, 2 * 66 * 2)  # 4 columns (input, MTU, single, truth) x 2 rows, zoom 2
+    routing = report["routing"]["sr"]
+    assert len(routing["mean_per_expert"]) == 4 and sum(routing["mean_per_expert"]) == pytest.approx(1, abs=1e-3)
+    assert 0 < routing["normalised_entropy"] <= 1
+    assert "Router weights learned per task" in (tmp_path / "report" / "parity.md").read_text()
