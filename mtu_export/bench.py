@@ -49,7 +49,7 @@ class BenchConfig:
     threads: int = 2  # onnxruntime intra-op threads (2 ≈ a phone's big cores)
     repeats: int = 9  # timed A/B pairs per comparison
     warmup: int = 2
-    e2e_steps: int = 10  # sampling steps of the end-to-end latency
+    e2e_steps: int = 10  # sampling steps of the end-to-end latency (text encoder, guided UNet calls, VAE decoder)
     e2e_repeats: int = 3
     modes: tuple[str, ...] = QUANT_MODES  # quantization modes timed against fp32 (all-task bundle)
     image_count: int = 2  # end-to-end images per task in each export's quality check
@@ -217,10 +217,11 @@ def bench(
     }
     with tempfile.TemporaryDirectory(prefix="mtu-bench-") as scratch:
         scratch = Path(scratch)
+        results["bundle"] = _bench_bundle(checkpoint, scratch, config, log)
+        pipeline = _PipelineParts(scratch / "bundle-none", config.threads)
         for task in ckpt.model.config.task_names:
             models = _models(ckpt, task, base_unet, baselines.get(task))
-            results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, log)
-        results["bundle"] = _bench_bundle(checkpoint, scratch, config, log)
+            results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline, log)
     results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
     results["coreml"] = _coreml_row()
     out = Path(out)
@@ -268,7 +269,34 @@ def _stand_in(base_unet, spec):
     return unet.eval()
 
 
-def _bench_task(task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, log: Log) -> dict:
+class _PipelineParts:
+    """The exported text encoder and VAE decoder, shared by both sides of an end-to-end comparison."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        self.text_encoder = session(folder / "text_encoder" / "model.onnx", threads)
+        self.vae_decoder = session(folder / "vae_decoder" / "model.onnx", threads)
+        tokens = read_json(folder / "tokenizer" / "tokenizer_config.json").get("model_max_length", 77)
+        latent = read_json(folder / "unet" / "config.json")["sample_size"]
+        latent = latent[0] if isinstance(latent, list) else latent
+        self.ids = np.zeros((1, tokens), np.int64)
+        self.latent = np.random.default_rng(0).standard_normal((1, 4, latent, latent)).astype(np.float32)
+
+    def end_to_end(self, unet, feeds: dict, steps: int) -> Callable[[], None]:
+        """Prompt and empty prompt through the text encoder, `steps` guided UNet calls, one VAE decode."""
+
+        def run() -> None:
+            self.text_encoder.run(None, {"input_ids": self.ids})
+            self.text_encoder.run(None, {"input_ids": self.ids})
+            for _ in range(steps):
+                unet.run(None, feeds)
+            self.vae_decoder.run(None, {"latent_sample": self.latent})
+
+        return run
+
+
+def _bench_task(
+    task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, pipeline: _PipelineParts, log: Log
+) -> dict:
     batch = 3 if task in TWO_SCALE_TASKS else 2  # the guidance batch the task's sampler uses
     channels = models.mtu.config.in_channels
     feed = unet_feed(dict(models.mtu.config), channels, batch, tokens, config.seed)
@@ -297,9 +325,9 @@ def _bench_task(task: str, models: _Models, scratch: Path, config: BenchConfig, 
     if "base" in sessions:
         row["unet_latency"]["mtu_vs_base"] = interleaved(call("mtu"), call("base"), config.repeats, config.warmup)
     if config.e2e_repeats:
-        steps = lambda name: lambda: [sessions[name].run(None, feeds) for _ in range(config.e2e_steps)]  # noqa: E731
-        row["e2e_unet_latency"] = interleaved(steps("mtu"), steps("single"), config.e2e_repeats, 1)
-        row["e2e_unet_latency"]["steps"] = config.e2e_steps
+        mtu_run, single_run = (pipeline.end_to_end(sessions[k], feeds, config.e2e_steps) for k in ("mtu", "single"))
+        row["e2e_latency"] = interleaved(mtu_run, single_run, config.e2e_repeats, 1)
+        row["e2e_latency"]["steps"] = config.e2e_steps
     row["peak_rss_mb"] = {name: peak_rss_mb(path, feed, config.threads) for name, path in graphs.items()}
     ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
     log(f"{task}: {row['gflops']:.3f} GFLOPs/call (batch 1); folded / single latency {ratio:.3f}")
@@ -532,7 +560,7 @@ def render_markdown(results: dict) -> str:
         "## Folded MTU task vs single-task UNet",
         "",
         "| task | single-task reference | GFLOPs/call (torch = ONNX) | params MTU / single | UNet ms MTU / single | "
-        "ratio | e2e UNet ratio | t2i: ratio vs base | peak RSS MB MTU / single |",
+        "ratio | end-to-end ratio | t2i: ratio vs base | peak RSS MB MTU / single |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for task, row in results["tasks"].items():
@@ -540,7 +568,7 @@ def render_markdown(results: dict) -> str:
         same = "=" if flops["torch"] == flops["onnx"] else "≠"
         lat = row["unet_latency"]["mtu_vs_single"]
         base = row["unet_latency"].get("mtu_vs_base")
-        e2e = row.get("e2e_unet_latency")
+        e2e = row.get("e2e_latency")
         cells = [
             task,
             row["single_kind"],
