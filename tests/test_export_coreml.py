@@ -57,7 +57,7 @@ def test_folded_task_has_the_op_census_of_a_stock_unet(coreml_t2i, world_pipelin
         "encoder_hidden_states": torch.randn(2, 40, base.config.cross_attention_dim),
     }
     converter = _Converter(ct, ExportConfig(), "iOS17", tmp_path, print)
-    model = converter._convert(UNetGraph(base), feed, ["out_sample"])
+    model = converter.convert_module(UNetGraph(base), feed, ["out_sample"])
     model.save(str(tmp_path / "base.mlpackage"))
     want = describe_package(ct, tmp_path / "base.mlpackage")["functions"]["main"]["ops"]
     got = _manifest(coreml_t2i)["packages"]["unet"]["functions"]["main"]["ops"]

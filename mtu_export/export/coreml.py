@@ -142,7 +142,8 @@ class _Converter:
         self.ct, self.config, self.target, self.scratch, self.log = ct, config, target, scratch, log
         self.sizes: dict[str, int | float] = {}
 
-    def _convert(self, module, feed: dict, outputs: list[str]):
+    def convert_module(self, module, feed: dict, outputs: list[str]):
+        """Trace `module` on `feed` and convert it to an mlprogram (not saved, not loaded)."""
         ct = self.ct
         names = list(feed)
         args = tuple(feed[n] for n in names)
@@ -173,7 +174,7 @@ class _Converter:
             "vae_decoder": ["sample"],
         }[component]
         feed = {k: v.int() if k == "input_ids" else v for k, v in feed.items()}
-        model = self._convert(module, feed, outputs)
+        model = self.convert_module(module, feed, outputs)
         name = f"{PACKAGES[component]}.mlpackage"
         model.save(str(tmp / name))
         self.log(f"converted {component} -> {name}")
@@ -184,7 +185,7 @@ class _Converter:
         for task, unet in unets.items():
             feed = dict(feeds[task])
             feed["timestep"] = feed["timestep"].reshape(1).expand(feed["sample"].shape[0]).contiguous()  # (B,)
-            model = self._convert(UNetGraph(unet), feed, ["out_sample"])
+            model = self.convert_module(UNetGraph(unet), feed, ["out_sample"])
             model.user_defined_metadata["mtu_export.task"] = task
             if self.config.quantize != "none":
                 self.log(f"quantizing {task} unet: {self.config.quantize}")

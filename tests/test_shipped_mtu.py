@@ -1,0 +1,52 @@
+"""The shipped 4-task MTU model and its single-task baselines (`models/shapes-mtu`, `models/shapes-single-*`): they
+load, share the base pipeline, fold into plain diffusers pipelines that run, fit the size budget of `models/`, and
+their model card quotes the committed parity table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtu_export.fold import fold_task, verify_fold
+from mtu_export.upcycle import load_checkpoint
+
+MODELS = Path(__file__).parents[1] / "models"
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
+TASKS = ("t2i", "edit", "sr", "inpaint")
+MODELS_BUDGET_MB = 80
+
+
+def test_mtu_checkpoint_loads_with_four_tasks_and_four_experts():
+    ckpt = load_checkpoint(MODELS / "shapes-mtu")
+    assert ckpt.model.config.task_names == TASKS and ckpt.model.config.num_experts == 4
+    assert ckpt.pipeline_dir.resolve() == (MODELS / "shapes-base").resolve()
+    assert ckpt.meta["training"]["steps"] >= 1000
+    model = load_checkpoint(MODELS / "shapes-mtu", dtype=torch.float32).model
+    for task in TASKS:
+        verify_fold(model, fold_task(model, task), task)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_baseline_is_a_single_task_full_fine_tune(task):
+    ckpt = load_checkpoint(MODELS / f"shapes-single-{task}")
+    assert ckpt.model.config.task_names == (task,) and ckpt.model.config.num_experts == 1
+    assert ckpt.meta["training"]["config"]["trainable"] == "full"
+    assert ckpt.pipeline_dir.resolve() == (MODELS / "shapes-base").resolve()
+
+
+def test_models_fit_their_budget_and_hold_only_safetensors():
+    files = [p for p in MODELS.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) / 1e6 < MODELS_BUDGET_MB
+
+
+def test_model_card_quotes_the_parity_table():
+    card = (MODELS / "shapes-mtu" / "README.md").read_text()
+    report = json.loads((RESULTS / "parity" / "parity.json").read_text())
+    for task, entry in report["parity"].items():
+        row = entry["metrics"][entry["primary"]]
+        assert f"{row['ratio']:.3f}" in card, task
