@@ -143,7 +143,7 @@ def world(
     start: Annotated[int, typer.Option(min=0, help="Index of the first example.")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Render a PNG grid of shapes-world examples: [input(s) |] target per row, one block per task."""
+    """Render a PNG grid of shapes-world examples: the inputs (if any), then the target, per row; a block per task."""
     from mtu_export.world_grid import write_grid
 
     path = write_grid(out, task, split, count, start, overwrite=overwrite)
