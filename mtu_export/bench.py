@@ -47,8 +47,8 @@ QUANT_MODES = ("dynamic-int8", "static-int8", "fp16")
 @dataclass(frozen=True)
 class BenchConfig:
     threads: int = 2  # onnxruntime intra-op threads (2 ≈ a phone's big cores)
-    repeats: int = 9  # timed A/B pairs per comparison
-    warmup: int = 2
+    repeats: int = 15  # timed A/B pairs per comparison
+    warmup: int = 3
     e2e_steps: int = 10  # sampling steps of the end-to-end latency (text encoder, guided UNet calls, VAE decoder)
     e2e_repeats: int = 3
     modes: tuple[str, ...] = QUANT_MODES  # quantization modes timed against fp32 (all-task bundle)
@@ -123,17 +123,29 @@ def onnx_flops(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- latency
-def interleaved(run_a: Callable[[], object], run_b: Callable[[], object], repeats: int, warmup: int) -> dict:
-    """Time A and B alternately (A B, B A, …); medians, spreads and the median of per-pair ratios A ÷ B."""
-    for _ in range(warmup):
+MIN_SAMPLE_SECONDS = 0.25  # a timed sample repeats a short call until it lasts this long (timer and noise floor)
+
+
+def interleaved(
+    run_a: Callable[[], object], run_b: Callable[[], object], repeats: int, warmup: int, min_seconds: float = 0.0
+) -> dict:
+    """Time A and B alternately (A B, B A, …); medians, spreads and the median of per-pair ratios A ÷ B.
+
+    With `min_seconds`, each sample runs the call `inner` times (the same count for A and B, from the warm-up's
+    timing) so that a sample lasts at least that long; times are then per call."""
+    start = time.perf_counter()
+    for _ in range(max(1, warmup)):
         run_a(), run_b()
+    per_pair = (time.perf_counter() - start) / max(1, warmup)
+    inner = max(1, math.ceil(2 * min_seconds / per_pair)) if min_seconds else 1
     times_a, times_b = [], []
     for i in range(repeats):
         order = ((run_a, times_a), (run_b, times_b)) if i % 2 == 0 else ((run_b, times_b), (run_a, times_a))
         for fn, sink in order:
             start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
+            for _ in range(inner):
+                fn()
+            sink.append((time.perf_counter() - start) / inner)
     ratios = [a / b for a, b in zip(times_a, times_b, strict=True)]
     return {
         "a_median_ms": 1e3 * statistics.median(times_a),
@@ -143,6 +155,7 @@ def interleaved(run_a: Callable[[], object], run_b: Callable[[], object], repeat
         "ratio": statistics.median(ratios),
         "ratio_of_medians": statistics.median(times_a) / statistics.median(times_b),
         "repeats": repeats,
+        "calls_per_sample": inner,
     }
 
 
@@ -321,9 +334,10 @@ def _bench_task(
     feeds = {k: v.numpy() for k, v in feed.items()}
     call = lambda name: lambda: sessions[name].run(None, feeds)  # noqa: E731
     log(f"{task}: timing the folded MTU UNet against the single-task UNet ({config.repeats} interleaved pairs)")
-    row["unet_latency"] = {"mtu_vs_single": interleaved(call("mtu"), call("single"), config.repeats, config.warmup)}
+    pair = lambda a, b: interleaved(call(a), call(b), config.repeats, config.warmup, MIN_SAMPLE_SECONDS)  # noqa: E731
+    row["unet_latency"] = {"mtu_vs_single": pair("mtu", "single")}
     if "base" in sessions:
-        row["unet_latency"]["mtu_vs_base"] = interleaved(call("mtu"), call("base"), config.repeats, config.warmup)
+        row["unet_latency"]["mtu_vs_base"] = pair("mtu", "base")
     if config.e2e_repeats:
         mtu_run, single_run = (pipeline.end_to_end(sessions[k], feeds, config.e2e_steps) for k in ("mtu", "single"))
         row["e2e_latency"] = interleaved(mtu_run, single_run, config.e2e_repeats, 1)
@@ -385,7 +399,11 @@ def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log
         quantized = session(folders[mode] / "unet" / "model.onnx", config.threads)
         log(f"timing the {mode} bundle UNet against fp32 ({config.repeats} interleaved pairs)")
         rows[mode]["latency_vs_fp32"] = interleaved(
-            lambda q=quantized: q.run(None, feeds), lambda: fp32.run(None, feeds), config.repeats, config.warmup
+            lambda q=quantized: q.run(None, feeds),
+            lambda: fp32.run(None, feeds),
+            config.repeats,
+            config.warmup,
+            MIN_SAMPLE_SECONDS,
         )
     return {"modes": rows, "size_ratio": rows["none"]["sizes"]["ratio"]}
 
