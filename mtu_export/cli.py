@@ -536,7 +536,7 @@ def bench_command(
         Path | None, typer.Option(help="parity.json of `mtu-export parity`, quoted in the report.")
     ] = None,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (2: phone-class).")] = 2,
-    repeats: Annotated[int, typer.Option(help="Interleaved A/B pairs per comparison.")] = 15,
+    repeats: Annotated[int, typer.Option(help="Interleaved A/B pairs per comparison.")] = 25,
     warmup: Annotated[int, typer.Option(help="Warm-up runs of each graph.")] = 3,
     steps: Annotated[int, typer.Option(help="Sampling steps of the end-to-end latency.")] = 10,
     modes: Annotated[str, typer.Option(help="Quantization modes timed against fp32 (comma list, or none).")] = ",".join(
