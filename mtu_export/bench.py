@@ -99,7 +99,14 @@ def onnx_flops(path: Path) -> int:
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    model = SymbolicShapeInference.infer_shapes(onnx.load(str(path), load_external_data=False), auto_merge=True)
+    model = onnx.load(str(path), load_external_data=False)
+    # Weights kept in external data become shaped graph inputs, so inference never reads them (nor needs the file).
+    external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    kept = [i for i in model.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in external)
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     shapes = {}
     for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
