@@ -187,6 +187,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
         log(f"{task}: timing folded vs single-task ({repeats} interleaved pairs, batch {BATCH}, {threads} threads)")
         mtu_run, single_run = (lambda s=sessions[k], x=inputs: s.run(None, x) for k in ("mtu", "single"))
         row["latency"] = interleaved(mtu_run, single_run, repeats, 1)
+        del mtu_run, single_run  # the closures hold the sessions (3.4 GB each) until released
         sessions.clear()
         results["tasks"][task] = row
         log(f"{task}: ratio {row['latency']['ratio']:.3f}, export peak {row['export_mtu']['peak_rss_mb']:.0f} MiB")
