@@ -189,7 +189,10 @@ def peak_rss_mb(path: Path, feed: dict[str, torch.Tensor], threads: int) -> floa
             "o = ort.SessionOptions(); o.intra_op_num_threads = int(sys.argv[3])\n"
             "s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
             "f = dict(np.load(sys.argv[2])); s.run(None, f)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (it survives fork and exec).
+            "linux = sys.platform == 'linux'\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')] if linux else []\n"
+            "print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
         )
         result = subprocess.run(
             [sys.executable, "-c", code, str(path), str(Path(tmp) / "feed.npz"), str(threads)],
@@ -197,8 +200,7 @@ def peak_rss_mb(path: Path, feed: dict[str, torch.Tensor], threads: int) -> floa
             text=True,
             check=True,
         )
-    kb = int(result.stdout.strip().splitlines()[-1])
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20  # Linux reports KiB, macOS bytes
+    return int(result.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
 
 
 # ------------------------------------------------------------------------------------------------------ the run

@@ -2,12 +2,13 @@
 
 The architecture is what costs: weights change neither FLOPs nor latency. A UNet is built from the SD1.5 config
 (seeded), upcycled to four tasks with N=4, and its routers are set to a seeded non-uniform state (so every task's
-fold differs from the base, as after training). For each task a child process rebuilds that model, folds the
-task and exports its UNet to ONNX (fixed shapes: the CFG batch of 2 at 64×64 latents, 77 tokens; external data),
-and the parent records the child's wall time and peak RSS; the single-task reference (base UNet with the task's
-conv_in) is exported the same way. Then, side by side in this process: GFLOPs per call (torch, cross-checked on
-the graph), parameters, folded ÷ single-task latency in interleaved pairs on `threads` threads, and the bytes of
-the all-task bundle (one graph with a task_id input) ÷ one task's graph.
+fold differs from the base, as after training). The MTU checkpoint and the base UNet are saved once; for each
+task a child process loads the checkpoint as `mtu-export onnx` would, folds the task, frees the rest and exports
+its UNet to ONNX (fixed shapes: the CFG batch of 2 at 64×64 latents, 77 tokens; external data), and the parent
+records the child's wall time and peak RSS; the single-task reference (base UNet with the task's conv_in) is
+exported the same way. Then, side by side in this process: GFLOPs per call (torch, cross-checked on the graph),
+parameters, folded ÷ single-task latency in interleaved pairs on `threads` threads, and the bytes of the all-task
+bundle (one graph with a task_id input) ÷ one task's graph.
 
 Run: `python -m mtu_export.bench_sd15 --out benchmarks/results` (about 20 minutes and 8 GB RAM on 2 cores).
 Imports config, upcycle, fold, bundle, bench and the export graphs.
@@ -64,71 +65,72 @@ def feed(in_channels: int, batch: int = BATCH) -> dict[str, torch.Tensor]:
     }
 
 
-def export_one(kind: str, task: str, out: Path) -> None:
-    """Child process: build, fold (or stand in, or bundle) and export one UNet graph with external data."""
-    import copy
+def release() -> None:
+    """Return freed model memory to the OS (glibc keeps large freed blocks otherwise, and peak RSS counts them)."""
+    import ctypes
+    import gc
 
-    import onnx
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
+
+def export_one(kind: str, task: str, out: Path, models: Path) -> None:
+    """Child process, the user's path: load the saved checkpoint (or base UNet), fold (or stand in, or bundle),
+    free the rest, export one UNet graph (weights in external data, as torch.onnx writes them past 2 GB)."""
     from mtu_export.bundle import bundle_tasks
     from mtu_export.fold import fold_task
-    from mtu_export.upcycle import task_conv_in
+    from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
 
     spec = MoEConfig().task(task)
     if kind == "single":
-        base = build_base()
-        unet = copy.deepcopy(base)
-        unet.conv_in = task_conv_in(base.conv_in, spec)
+        unet = load_unet(models / "base")
+        unet.conv_in = task_conv_in(unet.conv_in, spec)
         unet.register_to_config(in_channels=spec.in_channels)
-        del base
         module, io, args = UNetGraph(unet.eval()), UNET, feed(spec.in_channels)
-    elif kind == "mtu":
-        mtu = build_mtu()
-        module, io, args = UNetGraph(fold_task(mtu, task).eval()), UNET, feed(spec.in_channels)
-        del mtu
     else:
-        mtu = build_mtu()
-        bundle = bundle_tasks(mtu)
+        mtu = load_checkpoint(models / "mtu").model
+        if kind == "mtu":
+            module, io, args = UNetGraph(fold_task(mtu, task).eval()), UNET, feed(spec.in_channels)
+        else:
+            bundle = bundle_tasks(mtu)
+            module, io = BundleGraph(bundle), BUNDLE
+            args = {**feed(bundle.in_channels), "task_id": torch.tensor(0, dtype=torch.int64)}
         del mtu
-        module, io = BundleGraph(bundle), BUNDLE
-        args = {**feed(bundle.in_channels), "task_id": torch.tensor(0, dtype=torch.int64)}
+    release()
     out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out))
     start = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             tuple(args[n] for n in io.inputs),
-            str(scratch / "model.onnx"),
+            str(out / "model.onnx"),
             input_names=list(io.inputs),
             output_names=list(io.outputs),
             opset_version=18,
             dynamo=False,
         )
-    del module
-    model = onnx.load(str(scratch / "model.onnx"))
-    onnx.save_model(
-        model,
-        str(out / "model.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx_data",
-        size_threshold=1024,
-    )
-    del model
-    for f in scratch.iterdir():
-        f.unlink()
-    scratch.rmdir()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    print(json.dumps({"export_seconds": seconds, "peak_rss_mb": peak}))
+    print(json.dumps({"export_seconds": seconds, "peak_rss_mb": _peak_rss_mb()}))
 
 
-def _child(kind: str, task: str, out: Path) -> dict:
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. Not getrusage: on Linux a child's ru_maxrss starts at its parent's peak at
+    fork (the forked address space's high-water mark survives exec), which hid the children's own figures."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
+
+
+def _child(kind: str, task: str, out: Path, models: Path) -> dict:
     start = time.perf_counter()
+    command = ["--export", kind, "--task", task, "--out", str(out), "--models", str(models)]
     result = subprocess.run(
-        [sys.executable, "-m", "mtu_export.bench_sd15", "--export", kind, "--task", task, "--out", str(out)],
+        [sys.executable, "-m", "mtu_export.bench_sd15", *command],
         capture_output=True,
         text=True,
     )
@@ -161,24 +163,32 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
         },
         "tasks": {},
     }
+    from mtu_export.upcycle import save_checkpoint
+
+    models = work / "models"  # the children load these, as a user's export loads a checkpoint
     base = build_base()
     one = {k: (v[:1] if v.dim() else v) for k, v in feed(4).items()}
     results["gflops_base_batch1"] = torch_flops(base, one) / 1e9
     base_parameters = sum(p.numel() for p in base.parameters())
+    base.save_pretrained(models / "base", safe_serialization=True)
     del base
+    release()
     mtu = build_mtu()
+    save_checkpoint(mtu, models / "mtu")
     results["parameters"] = {"base": base_parameters, "mtu": sum(p.numel() for p in mtu.parameters())}
     log(f"SD1.5 base: {results['parameters']['base']:,} parameters, {results['gflops_base_batch1']:.1f} GFLOPs/call")
     folded = {}
     for task in tasks:
         spec = mtu.config.task(task)
         folded[task] = {"gflops_batch2_torch": torch_flops(fold_task(mtu, task).eval(), feed(spec.in_channels)) / 1e9}
+        release()
     del mtu
+    release()
     for task in tasks:
         row = folded[task]
         for kind in ("mtu", "single"):
             log(f"{task}: exporting the {kind} UNet in a child process")
-            row[f"export_{kind}"] = _child(kind, task, work / task / kind)
+            row[f"export_{kind}"] = _child(kind, task, work / task / kind, models)
         row["gflops_batch2_onnx"] = onnx_flops(work / task / "mtu" / "model.onnx") / 1e9
         row["gflops_batch2_single_onnx"] = onnx_flops(work / task / "single" / "model.onnx") / 1e9
         row["bytes"] = {kind: _bytes(work / task / kind) for kind in ("mtu", "single")}
@@ -189,17 +199,19 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
         row["latency"] = interleaved(mtu_run, single_run, repeats, 1)
         del mtu_run, single_run  # the closures hold the sessions (3.4 GB each) until released
         sessions.clear()
+        release()
         results["tasks"][task] = row
         log(f"{task}: ratio {row['latency']['ratio']:.3f}, export peak {row['export_mtu']['peak_rss_mb']:.0f} MiB")
         for kind in ("mtu", "single"):
             if task != tasks[0] or kind != "mtu":
                 _clear(work / task / kind)
     log("exporting the all-task bundle in a child process")
-    results["bundle"] = _child("bundle", tasks[0], work / "bundle")
+    results["bundle"] = _child("bundle", tasks[0], work / "bundle", models)
     results["bundle"]["bytes"] = _bytes(work / "bundle")
     results["bundle"]["ratio_to_one_task"] = results["bundle"]["bytes"] / results["tasks"][tasks[0]]["bytes"]["mtu"]
     _clear(work / "bundle")
     _clear(work / tasks[0] / "mtu")
+    _clear(models)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sd15.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "sd15.md").write_text(markdown(results))
@@ -257,9 +269,10 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--export", choices=("mtu", "single", "bundle"), help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
+    parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export:
-        export_one(args.export, args.task, args.out)
+        export_one(args.export, args.task, args.out, args.models)
         return
     results = run(args.out, args.threads, args.repeats, tuple(t for t in args.tasks.split(",") if t))
     print(f"wrote {args.out / 'sd15.md'}: bundle {results['bundle']['ratio_to_one_task']:.4f} x one task")
