@@ -326,20 +326,17 @@ def _bench_task(
     channels = models.mtu.config.in_channels
     feed = unet_feed(dict(models.mtu.config), channels, batch, tokens, config.seed)
     one = {k: (v[:1] if v.dim() else v) for k, v in feed.items()}
-    graphs = {}
-    for name, unet in (("mtu", models.mtu), ("single", models.single), ("base", models.base)):
-        if unet is not None:
-            graphs[name] = _export_fixed(unet, feed, scratch / name)
+    unets = {
+        name: u for name, u in (("mtu", models.mtu), ("single", models.single), ("base", models.base)) if u is not None
+    }
+    graphs = {name: _export_fixed(unet, feed, scratch / name) for name, unet in unets.items()}
     row: dict = {"single_kind": models.single_kind, "batch": batch, "in_channels": channels}
     row["parameters"] = {"mtu": _params(models.mtu), "single": _params(models.single)}
     row["bytes"] = {name: _file_bytes(path) for name, path in graphs.items()}
-    flops = {}
-    for name, unet in (("mtu", models.mtu), ("single", models.single), ("base", models.base)):
-        if unet is not None:
-            flops[name] = {
-                "torch": torch_flops(unet, one),
-                "onnx": onnx_flops(_export_fixed(unet, one, scratch / f"{name}-b1")),
-            }
+    flops = {
+        name: {"torch": torch_flops(unet, one), "onnx": onnx_flops(_export_fixed(unet, one, scratch / f"{name}-b1"))}
+        for name, unet in unets.items()
+    }
     row["flops_per_call_batch1"] = flops
     row["gflops"] = flops["mtu"]["torch"] / 1e9
     sessions = {name: session(path, config.threads) for name, path in graphs.items()}

@@ -30,6 +30,7 @@ import torch
 
 from mtu_export.config import SD15_UNET_CONFIG, MoEConfig
 from mtu_export.export.graphs import BUNDLE, UNET, BundleGraph, UNetGraph
+from mtu_export.storage import tree_bytes
 
 TASKS = ("t2i", "edit", "sr", "inpaint")
 BATCH, LATENT, TOKENS = 2, 64, 77
@@ -141,10 +142,6 @@ def _child(kind: str, task: str, out: Path, models: Path) -> dict:
     return info
 
 
-def _bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-
-
 def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print) -> dict:
     from mtu_export.bench import interleaved, onnx_flops, torch_flops
     from mtu_export.export.runtime import session
@@ -191,7 +188,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
             row[f"export_{kind}"] = _child(kind, task, work / task / kind, models)
         row["gflops_batch2_onnx"] = onnx_flops(work / task / "mtu" / "model.onnx") / 1e9
         row["gflops_batch2_single_onnx"] = onnx_flops(work / task / "single" / "model.onnx") / 1e9
-        row["bytes"] = {kind: _bytes(work / task / kind) for kind in ("mtu", "single")}
+        row["bytes"] = {kind: tree_bytes(work / task / kind) for kind in ("mtu", "single")}
         sessions = {kind: session(work / task / kind / "model.onnx", threads) for kind in ("mtu", "single")}
         inputs = {k: v.numpy() for k, v in feed(MoEConfig().task(task).in_channels).items()}
         log(f"{task}: timing folded vs single-task ({repeats} interleaved pairs, batch {BATCH}, {threads} threads)")
@@ -207,7 +204,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
                 _clear(work / task / kind)
     log("exporting the all-task bundle in a child process")
     results["bundle"] = _child("bundle", tasks[0], work / "bundle", models)
-    results["bundle"]["bytes"] = _bytes(work / "bundle")
+    results["bundle"]["bytes"] = tree_bytes(work / "bundle")
     results["bundle"]["ratio_to_one_task"] = results["bundle"]["bytes"] / results["tasks"][tasks[0]]["bytes"]["mtu"]
     _clear(work / "bundle")
     _clear(work / tasks[0] / "mtu")

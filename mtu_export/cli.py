@@ -314,17 +314,11 @@ def parity_report(
 ) -> None:
     """MTU vs single-task baselines, task by task: parity.json, parity.md and a grid per task
     (input | MTU | single-task | ground truth)."""
-    from mtu_export.errors import ConfigError
     from mtu_export.evaluate import EvalConfig
     from mtu_export.parity import write_report
     from mtu_export.sample import SamplerConfig
 
-    baselines = {}
-    for item in baseline:
-        task, _, path = item.partition("=")
-        if not path:
-            raise ConfigError(f"--baseline {item!r} is not TASK=CHECKPOINT, as in 'edit=runs/edit'")
-        baselines[task] = Path(path)
+    baselines = dict(_task_path(item) for item in baseline)
     config = EvalConfig(split=split, count=count, steps=steps, guidance=guidance, seed=seed)
     sampler = SamplerConfig(steps, guidance, image_guidance, seed)
     report = write_report(mtu, baselines, config, sampler, out, overwrite)

@@ -179,6 +179,12 @@ def pipeline_components(pipeline_dir: Path) -> list[str]:
     ]
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder (an .mlpackage, an export folder)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output path unless `overwrite` (called before heavy work, and again on commit)."""
     if out.exists() and not overwrite:

@@ -45,7 +45,7 @@ from mtu_export.export.onnx import (
 from mtu_export.export.probes import trajectory_probes, world_example
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
-from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
+from mtu_export.storage import atomic_output_dir, check_output, check_separate, tree_bytes, write_json
 from mtu_export.upcycle import file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
@@ -212,17 +212,16 @@ class _Converter:
         with warnings.catch_warnings(), _quiet_tqdm():
             warnings.simplefilter("ignore")
             ct.utils.save_multifunction(descriptor, str(final))
-        separate = sum(_bytes(p) for p in paths.values())
+        merged, separate = tree_bytes(final), sum(tree_bytes(p) for p in paths.values())
+        single = tree_bytes(next(iter(paths.values())))
         self.sizes = {
-            "multifunction_bytes": _bytes(final),
+            "multifunction_bytes": merged,
             "separate_packages_bytes": separate,
-            "single_task_bytes": _bytes(next(iter(paths.values()))),
-            "ratio_to_separate": _bytes(final) / separate,
-            "ratio_to_single_task": _bytes(final) / _bytes(next(iter(paths.values()))),
+            "single_task_bytes": single,
+            "ratio_to_separate": merged / separate,
+            "ratio_to_single_task": merged / single,
         }
-        self.log(
-            f"multifunction UNet: {_bytes(final) / 1e6:.2f} MB vs {separate / 1e6:.2f} MB as {len(paths)} packages"
-        )
+        self.log(f"multifunction UNet: {merged / 1e6:.2f} MB vs {separate / 1e6:.2f} MB as {len(paths)} packages")
         return {"path": final.name, "functions": list(paths)}
 
 
@@ -245,7 +244,7 @@ def describe_package(ct, path: Path) -> dict:
     description = spec.description
     return {
         "path": path.name,
-        "bytes": _bytes(path),
+        "bytes": tree_bytes(path),
         "spec_version": spec.specificationVersion,
         "inputs": [i.name for i in description.input],
         "outputs": [o.name for o in description.output],
@@ -322,8 +321,3 @@ def _quiet_tqdm():
     """coremltools draws tqdm bars on stderr for every pass; this command logs one line per package instead."""
     with contextlib.redirect_stderr(io.StringIO()):
         yield
-
-
-def _bytes(path: Path) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

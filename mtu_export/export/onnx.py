@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +50,16 @@ from mtu_export.export.probes import Probes, trajectory_probes, world_example
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
 from mtu_export.fold import TASK_PIPELINES, fold_task, verify_fold
 from mtu_export.quantize import quantize_onnx
-from mtu_export.sample import SamplerConfig, sample_examples
-from mtu_export.storage import PIPELINE_INDEX, atomic_output_dir, check_output, check_separate, read_json, write_json
+from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
+from mtu_export.storage import (
+    PIPELINE_INDEX,
+    atomic_output_dir,
+    check_output,
+    check_separate,
+    read_json,
+    tree_bytes,
+    write_json,
+)
 from mtu_export.upcycle import Checkpoint, file_sha256, load_checkpoint, load_components
 
 MANIFEST = "manifest.json"
@@ -288,7 +296,7 @@ class _Exporter:
         for task in tasks:
             feeds = probes[task].feeds["unet"]
             rows = validate_graph(spec, module, self.tmp / "unet" / MODEL, feeds, task, GRAPH_PSNR_FLOOR[mode])
-            self.parity += [GraphParity(**{**asdict(r), "component": f"unet[{mode}]"}) for r in rows]
+            self.parity += [replace(r, component=f"unet[{mode}]") for r in rows]
 
     # -- end to end ----------------------------------------------------------------------------------------------
     def _image_check(self, tasks, unets, bundle) -> list[dict]:
@@ -308,15 +316,9 @@ class _Exporter:
             examples = [world_example(task, "heldout", i, height, height // factor) for i in range(count)]
             ids = {} if bundle is None else {"task_id": bundle.tasks.index(task), "channels": bundle.in_channels}
             ort_unet = OrtUNet(self.tmp / "unet" / MODEL, **ids)
+            torch_denoiser = denoiser_for(unets[task])
             torch_images = sample_examples(
-                lambda x, t, h, u=unets[task]: u(x, t, h).sample,
-                task,
-                examples,
-                vae,
-                text_encoder,
-                tokenizer,
-                scheduler,
-                sampler,
+                torch_denoiser, task, examples, vae, text_encoder, tokenizer, scheduler, sampler
             )
             ort_images = sample_examples(ort_unet, task, examples, ort_vae, ort_te, tokenizer, scheduler, sampler)
             value = psnr_db(torch_images, ort_images, peak=255.0)
@@ -343,9 +345,9 @@ class _Exporter:
         example = dict(probes[task].feeds["unet"][0])
         example["sample"] = example["sample"][:, : self.ckpt.model.config.task(task).in_channels]  # unpad
         single = self.write_graph(UNET, UNetGraph(unets[task]), example, self.scratch / "single")
-        single_unet = _folder_bytes(single.parent)
-        bundle_unet = _folder_bytes(self.tmp / "unet")
-        shared = sum(_folder_bytes(self.tmp / c) for c in ("text_encoder", "vae_encoder", "vae_decoder"))
+        single_unet = tree_bytes(single.parent)
+        bundle_unet = tree_bytes(self.tmp / "unet")
+        shared = sum(tree_bytes(self.tmp / c) for c in ("text_encoder", "vae_encoder", "vae_decoder"))
         return {
             "tasks": len(tasks),
             "bundle_unet_bytes": bundle_unet,
@@ -478,7 +480,3 @@ def _save(model, path: Path, external: bool) -> None:
 
 def _numpy(feed: dict) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in feed.items()}
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
