@@ -206,6 +206,9 @@ def train(
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Rows per step, split across tasks by weight.")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    input_lr_scale: Annotated[
+        float, typer.Option(help="Learning-rate multiplier for conv_in (its condition channels start at zero).")
+    ] = 1.0,
     cfg_dropout: Annotated[float, typer.Option(help="InstructPix2Pix-style condition dropout p.")] = 0.05,
     cache_size: Annotated[int, typer.Option(help="Train examples per task, VAE-encoded once.")] = 4000,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 250,
@@ -229,6 +232,7 @@ def train(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        input_lr_scale=input_lr_scale,
         cfg_dropout=cfg_dropout,
         cache_size=cache_size,
         checkpoint_every=checkpoint_every,

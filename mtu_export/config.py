@@ -222,6 +222,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-4
+    input_lr_scale: float = 1.0  # lr multiplier for the conv_ins, whose condition channels start at zero
     warmup: int = 100
     weight_decay: float = 0.0
     checkpoint_every: int = 250
@@ -247,6 +248,8 @@ class TrainConfig:
                 raise ConfigError("--task-weights needs one non-negative weight per task, e.g. t2i=1,edit=2,sr=1")
             if sum(self.task_weights) <= 0:
                 raise ConfigError("--task-weights must not all be zero")
+        if not self.input_lr_scale > 0:
+            raise ConfigError(f"--input-lr-scale must be > 0, got {self.input_lr_scale}")
         if not 0 <= self.cfg_dropout < 1 / 3:
             raise ConfigError(f"--cfg-dropout must be in [0, 1/3), got {self.cfg_dropout}")
         if self.batch_size < len(self.weights()):

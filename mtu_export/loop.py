@@ -83,6 +83,16 @@ def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
     return factor
 
 
+def _param_groups(modules: list[nn.Module], lr: float, lr_scale: Callable[[str], float] | None) -> list[dict]:
+    """One AdamW group per distinct learning rate, parameters in module order (one group when nothing is scaled)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for module in modules:
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(lr * (lr_scale(name) if lr_scale else 1.0), []).append(param)
+    return [{"params": group, "lr": group_lr} for group_lr, group in groups.items()]
+
+
 def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
     """Save model, optimiser, LR schedule, EMA and RNG state; replace the previous checkpoint only when complete."""
     partial = state_dir.with_name(state_dir.name + ".partial")
@@ -151,11 +161,13 @@ def run_stage(
     ema_decay: float | None = None,
     stop_at: int | None = None,
     find_unused_parameters: bool = False,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> tuple[list[nn.Module], dict]:
     """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator, accelerator)` (a loss,
     or (loss, metrics)), resuming from `workdir/<name>-state` when it exists and checkpointing there (also at
     `stop_at`, where this call ends early).
     Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
+    `lr_scale(name)` multiplies the learning rate of the parameter called `name` in its module (default 1).
     Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -163,8 +175,9 @@ def run_stage(
     process_state()  # set up first, so the process group is the one the launcher made
     accelerator = Accelerator(cpu=_cpu_only(), kwargs_handlers=[ddp])
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
+    optimizer = torch.optim.AdamW(_param_groups(modules, stage.lr, lr_scale), weight_decay=stage.weight_decay)
+    factor = _lr_lambda(stage)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     *wrapped, optimizer, schedule = accelerator.prepare(*modules, optimizer, schedule)
     ema = EMA(params, ema_decay) if ema_decay else None
     if ema is not None:
@@ -190,7 +203,7 @@ def run_stage(
         if ema is not None:
             ema.update(params)
         done = step + 1
-        metrics = {"loss": loss.item(), **metrics, "lr": schedule.get_last_lr()[0]}
+        metrics = {"loss": loss.item(), **metrics, "lr": stage.lr * factor(done)}  # unscaled groups' lr
         reporter.step(done, metrics, seconds=time.perf_counter() - started)
         if done % stage.checkpoint_every == 0 or done == end:
             progress = {"step": done, "seconds": time.perf_counter() - started}

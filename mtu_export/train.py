@@ -176,9 +176,12 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
         loss, per_task = wrapped(batches)
         return loss, {f"loss_{t}": v.item() for t, v in per_task.items()}
 
+    def lr_scale(name: str) -> float:
+        return config.input_lr_scale if ".conv_in." in name else 1.0
+
     stage, ema = config.stage(), config.ema_decay or None
     (model,), progress = run_stage(
-        "train", [model], loss_fn, stage, workdir, config.seed, ema, stop_at=config.stop_at, find_unused_parameters=True
+        "train", [model], loss_fn, stage, workdir, config.seed, ema, config.stop_at, True, lr_scale
     )
     return model.mtu, progress
 
@@ -202,7 +205,8 @@ def _check_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
         return
     if not resume:
         raise ConfigError(f"{workdir} holds an earlier run; pass --resume to continue it, or choose another --work")
-    earlier = json.loads(saved.read_text())
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # settings added since an earlier run kept defaults
+    earlier = {**defaults, **json.loads(saved.read_text())}
     now = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as the saved file has them
     changed = sorted(k for k in now if k != "stop_at" and earlier.get(k) != now[k])
     if changed:

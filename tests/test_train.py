@@ -16,7 +16,7 @@ from test_cli import assert_clean_failure, invoke
 
 from mtu_export.config import TrainConfig
 from mtu_export.train import fit, train
-from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet
+from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet, upcycle_unet
 
 TINY = dict(steps=4, batch_size=8, cache_size=16, checkpoint_every=2, warmup=1, lr=1e-3)
 
@@ -57,6 +57,21 @@ def test_only_the_paper_split_trains(world_pipeline, tmp_path):
     assert any(not torch.allclose(p, torch.full_like(p, 0.25)) for p in routed.values())  # routers moved
 
 
+def test_input_lr_scale_gives_the_conv_ins_their_own_learning_rate(world_pipeline, tmp_path):
+    # AdamW's first step moves every parameter with a gradient by exactly lr (sign of the gradient), so the largest
+    # change per tensor shows the learning rate each one got.
+    config = TrainConfig(**{**TINY, "steps": 1}, input_lr_scale=10.0)
+    torch.manual_seed(config.seed)  # as fit() does before upcycling (router initialisation)
+    before = upcycle_unet(load_unet(world_pipeline).float(), config.moe()).state_dict()
+    mtu, _ = fit(config, world_pipeline, tmp_path / "w")
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in mtu.trainable_parameters()}
+    conv_in = [v for n, v in moved.items() if ".conv_in." in n and n.endswith("weight")]
+    others = [v for n, v in moved.items() if ".conv_in." not in n and n.endswith("weight") and v > 0]
+    assert conv_in and others
+    assert all(v == pytest.approx(10 * TINY["lr"], rel=1e-3) for v in conv_in)
+    assert all(v == pytest.approx(TINY["lr"], rel=1e-3) for v in others)
+
+
 def test_single_task_baseline_is_a_full_fine_tune_that_folds_into_its_pipeline(world_pipeline, tmp_path):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
@@ -91,8 +106,9 @@ def test_work_folder_of_an_earlier_run_needs_resume(world_pipeline, tmp_path):
         (["--task-weights", "edit=2,sx=1"], "not a trained task"),
         (["--task-weights", "edit=lots"], "is not task=number"),
         (["--batch-size", "2"], "smaller than the number of tasks"),
+        (["--input-lr-scale", "0"], "--input-lr-scale must be > 0"),
     ],
-    ids=["unknown baseline task", "unknown weight task", "bad weight", "tiny batch"],
+    ids=["unknown baseline task", "unknown weight task", "bad weight", "tiny batch", "zero input lr scale"],
 )
 def test_bad_train_options_fail_before_any_work(world_pipeline, tmp_path, extra, message):
     result = invoke("train", world_pipeline, "--work", tmp_path / "w", "--out", tmp_path / "o", *extra)
