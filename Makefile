@@ -80,10 +80,14 @@ mtu-models: $(STAMP)
 	done
 
 # Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference (80 MB budget for models/).
+# The model cards (README.md) are kept across the overwrite; update their numbers after `make parity`.
 ship-models: $(STAMP)
-	$(BIN)/mtu-export pack $(RUNS)/shapes-mtu --out $(SHIPPED) --pipeline-ref ../shapes-base --overwrite
-	for t in $(TASKS); do $(BIN)/mtu-export pack $(RUNS)/single-$$t --out models/shapes-single-$$t \
-	  --pipeline-ref ../shapes-base --overwrite || exit 1; done
+	for m in shapes-mtu $(foreach t,$(TASKS),shapes-single-$(t)); do \
+	  src=$$( [ $$m = shapes-mtu ] && echo $(RUNS)/shapes-mtu || echo $(RUNS)/$${m#shapes-} ); \
+	  card=$$(mktemp); cp models/$$m/README.md $$card 2>/dev/null || rm -f $$card; \
+	  $(BIN)/mtu-export pack $$src --out models/$$m --pipeline-ref ../shapes-base --overwrite || exit 1; \
+	  if [ -f "$$card" ]; then mv $$card models/$$m/README.md; fi; \
+	done
 	du -sh models
 
 # MTU vs the single-task baselines on the held-out split (parity.json, parity.md, a grid per task).
@@ -99,7 +103,7 @@ bench: $(STAMP)
 # The CI gate: the same measurements (quick settings), checked against benchmarks/baseline.json.
 bench-check: $(STAMP)
 	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out out/bench-check --modes dynamic-int8 --image-count 1 \
-	  --check benchmarks/baseline.json
+	  --rounds 4 --pairs 50 --check benchmarks/baseline.json
 
 bench-train: $(STAMP)
 	$(BIN)/mtu-export bench-train $(MODEL) --out $(RESULTS)/train_step.json

@@ -47,7 +47,9 @@ QUANT_MODES = ("dynamic-int8", "static-int8", "fp16")
 @dataclass(frozen=True)
 class BenchConfig:
     threads: int = 2  # onnxruntime intra-op threads (2 ≈ a phone's big cores)
-    repeats: int = 25  # timed A/B pairs per comparison
+    repeats: int = 25  # timed A/B pairs per comparison (end to end, quantization modes)
+    rounds: int = 8  # UNet latency: rounds, each with fresh sessions of both graphs ...
+    pairs: int = 100  # ... and this many A/B pairs of single calls
     warmup: int = 3
     e2e_steps: int = 10  # sampling steps of the end-to-end latency (text encoder, guided UNet calls, VAE decoder)
     e2e_repeats: int = 3
@@ -56,8 +58,9 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.threads < 1 or self.repeats < 1 or self.warmup < 0 or self.e2e_steps < 1 or self.e2e_repeats < 0:
-            raise ConfigError("bench needs --threads >= 1, --repeats >= 1, --warmup >= 0, --steps >= 1")
+        counts = (self.threads, self.repeats, self.rounds, self.pairs, self.e2e_steps)
+        if min(counts) < 1 or self.warmup < 0 or self.e2e_repeats < 0:
+            raise ConfigError("bench needs --threads, --repeats, --rounds, --pairs, --steps >= 1 and --warmup >= 0")
         unknown = [m for m in self.modes if m not in QUANT_MODES]
         if unknown:
             raise ConfigError(
@@ -127,6 +130,30 @@ def onnx_flops(path: Path) -> int:
             trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
             total += 2 * math.prod(out) * (a[0] if trans_a else a[1])
     return total
+
+
+def graph_signature(path: Path) -> str:
+    """A hash of an ONNX graph's structure with its weight values left out: every node's op, attributes and wiring
+    (tensors numbered in order of appearance, weights by dims and dtype). Two graphs with the same signature run
+    the same kernels on the same shapes; only the numbers in their weights differ."""
+    import hashlib
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name: ("weight", tuple(i.dims), i.data_type) for i in graph.initializer}
+    numbering: dict[str, int] = {}
+
+    def tensor(name: str):
+        return weights[name] if name in weights else numbering.setdefault(name, len(numbering))
+
+    parts = [[tensor(i.name) for i in graph.input]]
+    for node in graph.node:
+        attributes = sorted(a.SerializeToString() for a in node.attribute)
+        parts.append([node.op_type, node.domain, [tensor(n) for n in node.input], [tensor(n) for n in node.output]])
+        parts.append([a.hex() for a in attributes])
+    parts.append([tensor(o.name) for o in graph.output])
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------- latency
@@ -294,12 +321,56 @@ def _stand_in(base_unet, spec):
     return unet.eval()
 
 
+def interleaved_rounds(
+    open_a: Callable[[], Callable[[], object]],
+    open_b: Callable[[], Callable[[], object]],
+    rounds: int,
+    pairs: int,
+    warmup: int,
+) -> dict:
+    """Time two graphs call by call, alternating (A B, B A, …), in `rounds` rounds that each open both afresh
+    (`open_x()` returns a fresh session's call; the side opened first alternates too). Per round the ratio is
+    median(A) ÷ median(B) over its `pairs` pairs; the headline `ratio` is the median of the round ratios.
+
+    The sessions must not spin (`session(..., spinning=False)`): with onnxruntime's default, the threads of the
+    session that just ran busy-wait while the other one runs, and the same graph timed against itself scattered by
+    ±10 % per round on 2 cores (±1 % without). Fresh sessions per round keep one session's memory placement from
+    biasing a whole comparison; timing each call alone keeps a burst of machine noise from spreading over a sample."""
+    round_ratios, medians_a, medians_b = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            run_a, run_b = open_a(), open_b()
+        else:
+            run_b, run_a = open_b(), open_a()
+        for _ in range(max(1, warmup)):
+            run_a(), run_b()
+        times_a, times_b = [], []
+        for i in range(pairs):
+            order = ((run_a, times_a), (run_b, times_b)) if (i + r) % 2 == 0 else ((run_b, times_b), (run_a, times_a))
+            for fn, sink in order:
+                start = time.perf_counter()
+                fn()
+                sink.append(time.perf_counter() - start)
+        medians_a.append(statistics.median(times_a))
+        medians_b.append(statistics.median(times_b))
+        round_ratios.append(medians_a[-1] / medians_b[-1])
+        del run_a, run_b
+    return {
+        "ratio": statistics.median(round_ratios),
+        "round_ratios": round_ratios,
+        "a_median_ms": 1e3 * statistics.median(medians_a),
+        "b_median_ms": 1e3 * statistics.median(medians_b),
+        "rounds": rounds,
+        "pairs_per_round": pairs,
+    }
+
+
 class _PipelineParts:
     """The exported text encoder and VAE decoder, shared by both sides of an end-to-end comparison."""
 
     def __init__(self, folder: Path, threads: int) -> None:
-        self.text_encoder = session(folder / "text_encoder" / "model.onnx", threads)
-        self.vae_decoder = session(folder / "vae_decoder" / "model.onnx", threads)
+        self.text_encoder = session(folder / "text_encoder" / "model.onnx", threads, spinning=False)
+        self.vae_decoder = session(folder / "vae_decoder" / "model.onnx", threads, spinning=False)
         tokens = read_json(folder / "tokenizer" / "tokenizer_config.json").get("model_max_length", 77)
         latent = read_json(folder / "unet" / "config.json")["sample_size"]
         latent = latent[0] if isinstance(latent, list) else latent
@@ -333,20 +404,31 @@ def _bench_task(
     row: dict = {"single_kind": models.single_kind, "batch": batch, "in_channels": channels}
     row["parameters"] = {"mtu": _params(models.mtu), "single": _params(models.single)}
     row["bytes"] = {name: _file_bytes(path) for name, path in graphs.items()}
+    signatures = {name: graph_signature(path) for name, path in graphs.items()}
+    row["same_structure"] = signatures["mtu"] == signatures["single"]  # same ops, wiring and shapes; weights aside
     flops = {
         name: {"torch": torch_flops(unet, one), "onnx": onnx_flops(_export_fixed(unet, one, scratch / f"{name}-b1"))}
         for name, unet in unets.items()
     }
     row["flops_per_call_batch1"] = flops
     row["gflops"] = flops["mtu"]["torch"] / 1e9
-    sessions = {name: session(path, config.threads) for name, path in graphs.items()}
     feeds = {k: v.numpy() for k, v in feed.items()}
-    call = lambda name: lambda: sessions[name].run(None, feeds)  # noqa: E731
-    log(f"{task}: timing the folded MTU UNet against the single-task UNet ({config.repeats} interleaved pairs)")
-    pair = lambda a, b: interleaved(call(a), call(b), config.repeats, config.warmup, MIN_SAMPLE_SECONDS)  # noqa: E731
-    row["unet_latency"] = {"mtu_vs_single": pair("mtu", "single")}
-    if "base" in sessions:
+
+    def opener(name: str) -> Callable[[], Callable[[], object]]:
+        def open_session() -> Callable[[], object]:
+            graph = session(graphs[name], config.threads, spinning=False)
+            return lambda: graph.run(None, feeds)
+
+        return open_session
+
+    rounds = f"{config.rounds} rounds of {config.pairs} interleaved calls"
+    log(f"{task}: timing the folded MTU UNet against the single-task UNet, and that against itself ({rounds})")
+    pair = lambda a, b: interleaved_rounds(opener(a), opener(b), config.rounds, config.pairs, config.warmup)  # noqa: E731
+    # single vs single: the same graph against itself shows how far this protocol on this machine can resolve.
+    row["unet_latency"] = {"mtu_vs_single": pair("mtu", "single"), "single_vs_single": pair("single", "single")}
+    if "base" in graphs:
         row["unet_latency"]["mtu_vs_base"] = pair("mtu", "base")
+    sessions = {name: session(path, config.threads, spinning=False) for name, path in graphs.items()}
     if config.e2e_repeats:
         mtu_run, single_run = (pipeline.end_to_end(sessions[k], feeds, config.e2e_steps) for k in ("mtu", "single"))
         row["e2e_latency"] = interleaved(mtu_run, single_run, config.e2e_repeats, 1)
@@ -402,10 +484,10 @@ def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log
             "image_psnr_db": {r["task"]: r["psnr_db"] for r in manifest["image_parity"]},
             "sizes": manifest["sizes"],
         }
-    fp32 = session(folders["none"] / "unet" / "model.onnx", config.threads)
+    fp32 = session(folders["none"] / "unet" / "model.onnx", config.threads, spinning=False)
     feeds = _bundle_feed(folders["none"], config.seed)
     for mode in config.modes:
-        quantized = session(folders[mode] / "unet" / "model.onnx", config.threads)
+        quantized = session(folders[mode] / "unet" / "model.onnx", config.threads, spinning=False)
         log(f"timing the {mode} bundle UNet against fp32 ({config.repeats} interleaved pairs)")
         rows[mode]["latency_vs_fp32"] = interleaved(
             lambda q=quantized: q.run(None, feeds),
@@ -564,6 +646,9 @@ def check(results: dict, baseline: dict) -> list[str]:
         ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
         if ratio > limit:
             problems.append(f"{task}: folded / single-task UNet latency {ratio:.3f} exceeds {limit:.3f}")
+        if row.get("same_structure") is not True:
+            found = "not recorded (rerun bench)" if "same_structure" not in row else "differ"
+            problems.append(f"{task}: folded and single-task graph structures {found}")
         flops = row["flops_per_call_batch1"]
         want = baseline["flops"].get(task)
         if want is None:
@@ -599,26 +684,40 @@ def check(results: dict, baseline: dict) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------------- report
+def _rounds(config: dict) -> str:
+    return (
+        f"{config.get('rounds', 1)} rounds, each opening both graphs afresh and timing {config.get('pairs', 0)} "
+        "interleaved single calls of each; ratio = median over rounds of median A ÷ median B"
+    )
+
+
+def _spread(latency: dict) -> str:
+    return f"{min(latency['round_ratios']):.3f}–{max(latency['round_ratios']):.3f}"
+
+
 def render_markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         "# mtu-export bench",
         "",
         f"`{results['checkpoint']}` on {m['processor']} ({m['cpus']} CPUs), onnxruntime {m['onnxruntime']} with "
-        f"{m['threads']} threads; {results['config']['repeats']} interleaved pairs after {results['config']['warmup']} "
-        "warm-up runs, each timed sample at least 0.25 s. Ratios are median A ÷ median B, measured side by side in "
-        "this run.",
+        f"{m['threads']} threads. UNet latency: {_rounds(results['config'])}; the single-task UNet is also timed "
+        "against itself (A/A), which shows how finely this machine resolves a ratio. End to end and quantization "
+        f"modes: {results['config']['repeats']} interleaved pairs after {results['config']['warmup']} warm-up runs, "
+        "each timed sample at least 0.25 s, median A ÷ median B. Everything is measured side by side in this run.",
         "",
         "## Folded MTU task vs single-task UNet",
         "",
-        "| task | single-task reference | GFLOPs/call (torch = ONNX) | params MTU / single | UNet ms MTU / single | "
-        "ratio | end-to-end ratio | t2i: ratio vs base | peak RSS MB MTU / single |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | single-task reference | GFLOPs/call (torch = ONNX) | params MTU / single | ONNX graph structure | "
+        "UNet ms MTU / single | ratio (rounds) | A/A: single ÷ single | end-to-end ratio | t2i: ratio vs base | "
+        "peak RSS MB MTU / single |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, row in results["tasks"].items():
         flops = row["flops_per_call_batch1"]["mtu"]
         same = "=" if flops["torch"] == flops["onnx"] else "≠"
         lat = row["unet_latency"]["mtu_vs_single"]
+        null = row["unet_latency"].get("single_vs_single")
         base = row["unet_latency"].get("mtu_vs_base")
         e2e = row.get("e2e_latency")
         cells = [
@@ -626,8 +725,10 @@ def render_markdown(results: dict) -> str:
             row["single_kind"],
             f"{flops['torch'] / 1e9:.4f} {same} {flops['onnx'] / 1e9:.4f}",
             f"{row['parameters']['mtu']:,} / {row['parameters']['single']:,}",
+            {True: "identical", False: "**differs**"}.get(row.get("same_structure"), "–"),
             f"{lat['a_median_ms']:.2f} / {lat['b_median_ms']:.2f}",
-            f"**{lat['ratio']:.3f}**",
+            f"**{lat['ratio']:.3f}**" + (f" ({_spread(lat)})" if "round_ratios" in lat else ""),
+            f"{null['ratio']:.3f} ({_spread(null)})" if null else "–",
             f"{e2e['ratio']:.3f} ({e2e['steps']} steps)" if e2e else "–",
             f"{base['ratio']:.3f}" if base else "–",
             f"{row['peak_rss_mb']['mtu']:.0f} / {row['peak_rss_mb']['single']:.0f}",

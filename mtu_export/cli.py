@@ -534,7 +534,9 @@ def bench_command(
         Path | None, typer.Option(help="parity.json of `mtu-export parity`, quoted in the report.")
     ] = None,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (2: phone-class).")] = 2,
-    repeats: Annotated[int, typer.Option(help="Interleaved A/B pairs per comparison.")] = 25,
+    repeats: Annotated[int, typer.Option(help="Interleaved A/B pairs (end to end, quantization modes).")] = 25,
+    rounds: Annotated[int, typer.Option(help="UNet latency: rounds, each opening both graphs afresh.")] = 8,
+    pairs: Annotated[int, typer.Option(help="UNet latency: interleaved A/B calls per round.")] = 100,
     warmup: Annotated[int, typer.Option(help="Warm-up runs of each graph.")] = 3,
     steps: Annotated[int, typer.Option(help="Sampling steps of the end-to-end latency.")] = 10,
     modes: Annotated[str, typer.Option(help="Quantization modes timed against fp32 (comma list, or none).")] = ",".join(
@@ -559,7 +561,14 @@ def bench_command(
             raise ConfigError("give an MTU checkpoint to measure, or --results bench.json to check")
         chosen = tuple(m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none")
         config = BenchConfig(
-            threads=threads, repeats=repeats, warmup=warmup, e2e_steps=steps, modes=chosen, image_count=image_count
+            threads=threads,
+            repeats=repeats,
+            rounds=rounds,
+            pairs=pairs,
+            warmup=warmup,
+            e2e_steps=steps,
+            modes=chosen,
+            image_count=image_count,
         )
         baselines = dict(_task_path(item) for item in baseline or [])
         report = bench(checkpoint, out, config, baselines, base, parity, log=lambda m: console.print(escape(m)))

@@ -32,7 +32,9 @@ Feeds = dict[str, np.ndarray]
 def _dynamic_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8, per_channel=True
+    )
 
 
 def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:

@@ -14,7 +14,15 @@ from conftest import tiny_unet
 from test_cli import invoke
 from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
 
-from mtu_export.bench import _export_fixed, interleaved, onnx_flops, torch_flops, unet_feed
+from mtu_export.bench import (
+    _export_fixed,
+    graph_signature,
+    interleaved,
+    interleaved_rounds,
+    onnx_flops,
+    torch_flops,
+    unet_feed,
+)
 
 
 def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
@@ -39,6 +47,17 @@ def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
     assert per_op.get("aten._scaled_dot_product_flash_attention_for_cpu", 0) > 0
 
 
+def test_graph_signature_ignores_weight_values_and_nothing_else(tmp_path):
+    feed = unet_feed(dict(tiny_unet().config), 4, 2, 7, seed=0)
+    one, other = (_export_fixed(tiny_unet(seed=s), feed, tmp_path / f"seed{s}") for s in (0, 1))
+    assert graph_signature(one) == graph_signature(other)  # different weights, same graph
+    wider = tiny_unet(in_channels=5)
+    wide_feed = unet_feed(dict(wider.config), 5, 2, 7, seed=0)
+    assert graph_signature(_export_fixed(wider, wide_feed, tmp_path / "wide")) != graph_signature(one)
+    deeper = _export_fixed(tiny_unet(layers_per_block=2), feed, tmp_path / "deep")
+    assert graph_signature(deeper) != graph_signature(one)
+
+
 def test_interleaving_alternates_the_order_of_a_and_b():
     calls: list[str] = []
     result = interleaved(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
@@ -46,10 +65,35 @@ def test_interleaving_alternates_the_order_of_a_and_b():
     assert result["repeats"] == 4 and result["ratio"] > 0
 
 
+def test_latency_rounds_open_fresh_sessions_and_alternate_the_order():
+    events: list[str] = []
+
+    def opener(name: str):
+        def open_session():
+            events.append(f"open {name}")
+            return lambda: events.append(name)
+
+        return open_session
+
+    result = interleaved_rounds(opener("a"), opener("b"), rounds=2, pairs=2, warmup=1)
+    assert events == ["open a", "open b", "a", "b", "a", "b", "b", "a"] + [
+        "open b",
+        "open a",
+        "a",
+        "b",
+        "b",
+        "a",
+        "a",
+        "b",
+    ]
+    assert len(result["round_ratios"]) == 2 and result["ratio"] > 0
+
+
 @pytest.fixture(scope="module")
 def report(mtu_world: Path, world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("bench")
-    args = ("--base", world_pipeline, "--repeats", "2", "--warmup", "1", "--steps", "2", "--modes", "dynamic-int8")
+    args = ("--base", world_pipeline, "--repeats", "2", "--rounds", "2", "--pairs", "3", "--warmup", "1")
+    args += ("--steps", "2", "--modes", "dynamic-int8")
     result = invoke("bench", mtu_world, "--out", out, *args, "--image-count", "1", "--save-baseline", out / "base.json")
     assert result.exit_code == 0, result.output
     return out
@@ -62,7 +106,10 @@ def test_bench_writes_json_markdown_and_plots(report):
         flops = row["flops_per_call_batch1"]
         assert flops["mtu"]["torch"] == flops["mtu"]["onnx"] == flops["single"]["torch"]
         assert row["parameters"]["mtu"] == row["parameters"]["single"]
-        assert row["unet_latency"]["mtu_vs_single"]["repeats"] == 2
+        assert row["same_structure"] is True  # same ops, wiring, shapes: only weight values differ
+        latency = row["unet_latency"]
+        assert len(latency["mtu_vs_single"]["round_ratios"]) == 2 and latency["mtu_vs_single"]["pairs_per_round"] == 3
+        assert len(latency["single_vs_single"]["round_ratios"]) == 2  # the A/A control
     t2i = results["tasks"]["t2i"]["flops_per_call_batch1"]
     assert t2i["base"]["torch"] == t2i["mtu"]["torch"]  # folded t2i costs exactly what the base model costs
     assert set(results["bundle"]["modes"]) == {"none", "dynamic-int8"}
@@ -86,6 +133,7 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     doctored["tasks"]["edit"]["unet_latency"]["mtu_vs_single"]["ratio"] = 150.0
     doctored["tasks"]["sr"]["flops_per_call_batch1"]["mtu"]["torch"] += 2
     doctored["bundle"]["size_ratio"] = 1.5
+    doctored["tasks"]["inpaint"]["same_structure"] = False
     (tmp_path / "doctored.json").write_text(json.dumps(doctored))
     bad = invoke("bench", "--results", tmp_path / "doctored.json", "--check", tmp_path / "baseline.json")
     assert bad.exit_code == 7, bad.output
@@ -94,7 +142,8 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     assert "sr: torch counts" in bad.stderr  # the torch and ONNX counts no longer agree either
     assert "sr: folded MTU and single-task FLOPs differ" in bad.stderr
     assert "bundle bytes / one model 1.5000 exceeds" in bad.stderr
-    assert "5 benchmark violation(s)" in bad.stderr
+    assert "inpaint: folded and single-task graph structures differ" in bad.stderr
+    assert "6 benchmark violation(s)" in bad.stderr
 
 
 def test_training_step_benchmark_compares_the_mtu_split_with_a_full_fine_tune(world_pipeline, tmp_path):

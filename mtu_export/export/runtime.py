@@ -14,12 +14,16 @@ import numpy as np
 import torch
 
 
-def session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session; `threads` caps intra-op threads (phone-class CPUs), None lets ORT decide."""
+def session(path: Path, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU session; `threads` caps intra-op threads (phone-class CPUs), None lets ORT decide.
+    `spinning=False` stops its idle threads from busy-waiting after a run: needed whenever sessions take turns on
+    the same cores (benchmarks), where one session's spinning threads would steal time from the next."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers in quantized graphs
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
