@@ -2,9 +2,11 @@
 
 For each task, the folded MTU UNet and the single-task baseline's UNet (a trained baseline checkpoint, or — when
 none is given — the base UNet with the task's conv_in, which has the same architecture) are exported to ONNX with
-fixed shapes and timed on onnxruntime in *interleaved* runs (A B, B A, A B, …, after warm-up), so machine noise
-hits both alike; the headline is the median of the per-pair latency ratios. The same is done end to end (text
-encoder, `steps` guided UNet calls, VAE decoder) and for each quantization mode against fp32. GFLOPs per UNet call
+fixed shapes and timed on onnxruntime call by call in *interleaved* rounds (A B, B A, …, fresh non-spinning
+sessions each round), so machine noise hits both alike; the headline is the median of the round ratios, beside an
+A/A control (the single-task graph against itself) and a structural comparison of the two graphs. End to end
+(text encoder, `steps` guided UNet calls, VAE decoder) and each quantization mode against fp32 are timed in
+interleaved samples of at least 0.25 s. GFLOPs per UNet call
 come from torch's FlopCounterMode (with CPU SDPA counted) and are cross-checked against a count of the exported
 graph's Conv / MatMul / Gemm ops; parameters, bytes on disk, peak memory (a child process per graph) and quality
 (exported-vs-torch PSNR per task and mode; the trainer's parity table when given) complete the report.
