@@ -91,7 +91,7 @@ ship-models: $(STAMP)
 	du -sh models
 
 # MTU vs the single-task baselines on the held-out split (parity.json, parity.md, a grid per task).
-PARITY_COUNT ?= 100
+PARITY_COUNT ?= 200
 parity: $(STAMP)
 	$(BIN)/mtu-export parity $(SHIPPED) $(BASELINES) --count $(PARITY_COUNT) --guidance $(GUIDANCE) \
 	  --out $(RESULTS)/parity --overwrite
