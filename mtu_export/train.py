@@ -181,7 +181,16 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
 
     stage, ema = config.stage(), config.ema_decay or None
     (model,), progress = run_stage(
-        "train", [model], loss_fn, stage, workdir, config.seed, ema, config.stop_at, True, lr_scale
+        "train",
+        [model],
+        loss_fn,
+        stage,
+        workdir,
+        config.seed,
+        ema,
+        stop_at=config.stop_at,
+        find_unused_parameters=True,
+        lr_scale=lr_scale,
     )
     return model.mtu, progress
 
