@@ -348,7 +348,9 @@ def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, j
         table.add_row(name, *("" if v is None else f"{v:.3f}" for v in cells))
     console.print(table)
     if json_out:
-        write_json(json_out, {"checkpoint": str(path), "split": config.split, "count": config.count, "tasks": results})
+        settings = {"split": config.split, "first": config.first, "count": config.count, "steps": config.steps}
+        settings |= {"guidance": config.guidance, "image_guidance": image_guidance, "seed": config.seed}
+        write_json(json_out, {"checkpoint": str(path), **settings, "tasks": results})
         console.print(f"wrote {json_out}")
     if grid:
         from mtu_export.world_grid import write_images

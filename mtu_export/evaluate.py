@@ -131,6 +131,9 @@ def example_metrics(task: str, example, image: np.ndarray) -> dict[str, float]:
     if task == "sr":
         floor = bicubic(example.source)
         out["bicubic_psnr"], out["bicubic_ssim"] = psnr(example.target, floor), ssim(example.target, floor)
+    if task == "edit":  # the floor of an edit: hand back the source unchanged
+        unchanged = example.source
+        out["source_psnr"], out["source_ssim"] = psnr(example.target, unchanged), ssim(example.target, unchanged)
     return out
 
 

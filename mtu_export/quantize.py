@@ -43,10 +43,7 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
 
     if not calibration:
         raise ConfigError("static int8 quantization needs calibration inputs; none were recorded")
-    sensitive = ("conv_in", "conv_out", "time_embedding", "time_emb_proj")
-    keep = [
-        n.name for n in onnx.load(str(src), load_external_data=False).graph.node if any(k in n.name for k in sensitive)
-    ]
+    keep = _static_exclusions(onnx.load(str(src), load_external_data=False).graph)
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: Iterable[Feeds]) -> None:
@@ -66,6 +63,21 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
         weight_type=QuantType.QInt8,
         nodes_to_exclude=keep,
     )
+
+
+def _static_exclusions(graph) -> list[str]:
+    """Nodes static int8 leaves in fp32: the input and output convolutions and the timestep embedding, and the
+    attention products whose both operands are activations (Q·Kᵀ and softmax·V: two calibrated ranges per product,
+    and the softmax output's range is dominated by its rare peaks)."""
+    sensitive = ("conv_in", "conv_out", "time_embedding", "time_emb_proj")
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    keep = []
+    for node in graph.node:
+        products = node.op_type == "MatMul" and not any(i in constants for i in node.input)
+        if products or any(k in node.name for k in sensitive):
+            keep.append(node.name)
+    return keep
 
 
 def _fp16(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:

@@ -179,6 +179,22 @@ def test_quantized_exports_validate_and_keep_the_fp32_reference(mtu_world, tmp_p
     ops = {n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node}
     expected = {"dynamic-int8": "DynamicQuantizeLinear", "static-int8": "QuantizeLinear", "fp16": "Cast"}[mode]
     assert expected in ops
+    if mode == "static-int8":
+        _assert_attention_products_stay_fp32(out)
+
+
+def _assert_attention_products_stay_fp32(out):
+    """Static int8 quantizes weight products and leaves Q·Kᵀ and softmax·V (both operands activations) in fp32."""
+    from mtu_export.quantize import _static_exclusions
+
+    kept = set(_static_exclusions(onnx.load(str(out / "unet_fp32" / "model.onnx")).graph))
+    graph = onnx.load(str(out / "unet" / "model.onnx")).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    products = [n for n in matmuls if n.name in kept]
+    assert len(products) >= 4 and all(n.name.split("/")[-2] in ("attn1", "attn2") for n in products)
+    assert not any(i in dequantized for n in products for i in n.input)
+    assert all(any(i in dequantized for i in n.input) for n in matmuls if n.name not in kept)
 
 
 def test_a_drifting_graph_fails_the_export_and_writes_nothing(mtu_world, tmp_path, monkeypatch):

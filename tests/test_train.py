@@ -190,3 +190,18 @@ def test_parity_report_end_to_end(world_pipeline, tmp_path):
     assert len(routing["mean_per_expert"]) == 4 and sum(routing["mean_per_expert"]) == pytest.approx(1, abs=1e-3)
     assert 0 < routing["normalised_entropy"] <= 1
     assert "Router weights learned per task" in (tmp_path / "report" / "parity.md").read_text()
+    args = ["eval", tmp_path / "mtu", "--task", "edit", "--count", "2", "--first", "5", "--steps", "2"]
+    assert invoke(*args, "--json", tmp_path / "edit.json").exit_code == 0
+    run = json.loads((tmp_path / "edit.json").read_text())
+    assert (run["first"], run["count"], run["steps"], run["split"]) == (5, 2, 2, "heldout")
+    assert {"psnr", "ssim", "source_psnr", "source_ssim", "reader_accuracy"} <= set(run["tasks"]["edit"])
+
+
+def test_edit_floor_is_the_unchanged_source():
+    from mtu_export.evaluate import example_metrics, psnr
+    from mtu_export.world import make_example
+
+    example = make_example("edit", "heldout", 3)
+    unchanged = example_metrics("edit", example, example.source)
+    assert unchanged["psnr"] == unchanged["source_psnr"] == psnr(example.target, example.source) < 60
+    assert example_metrics("edit", example, example.target)["psnr"] == float("inf")
