@@ -101,7 +101,7 @@ parity: $(STAMP)
 # (not the ones `make parity` reports); about an hour on 2 cores. Re-running skips finished runs.
 ablation: $(STAMP)
 	BIN=$(BIN) BASE=$(MODEL) bash benchmarks/ablation.sh
-	$(BIN)/python benchmarks/collect_runs.py runs/ablation/* --out $(RESULTS)/parity/ablation
+	$(BIN)/python benchmarks/collect_runs.py runs/ablation/* --out $(RESULTS)/sweeps/ablation
 
 # The full report on the shipped models (all quantization modes); about 10 minutes on 2 cores.
 bench: $(STAMP)

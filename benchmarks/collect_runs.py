@@ -5,7 +5,7 @@ folder (the run folder itself or its `work/`), and the `eval.json` of `mtu-expor
 the run changed, its wall time and each task's primary parity metric; where the collection holds exactly one
 single-task baseline of a task at the same step count, also MTU ÷ single-task.
 
-    python benchmarks/collect_runs.py runs/ablation/* --out benchmarks/results/parity/ablation
+    python benchmarks/collect_runs.py runs/ablation/* --out benchmarks/results/sweeps/ablation
 """
 
 from __future__ import annotations
