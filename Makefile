@@ -96,9 +96,10 @@ parity: $(STAMP)
 	$(BIN)/mtu-export parity $(SHIPPED) $(BASELINES) --count $(PARITY_COUNT) --guidance $(GUIDANCE) \
 	  --out $(RESULTS)/parity --overwrite
 
-# What the paper suggests when a task falls short of parity -- task sampling weights, N, (and the conv_in lr) --
-# each varied alone in 500-step runs next to the four baselines at 500 steps, scored on held-out scenes 1000-1099
-# (not the ones `make parity` reports); about an hour on 2 cores. Re-running skips finished runs.
+# What the paper suggests when a task falls short of parity -- task sampling weights and N -- each varied alone in
+# 500-step runs, with a second seed, the four baselines at 500 steps and the shipped 2,000-step models (the steps
+# trend), all scored on held-out scenes 1000-1099 (not the ones `make parity` reports); about an hour on 2 cores.
+# Re-running skips finished runs.
 ablation: $(STAMP)
 	BIN=$(BIN) BASE=$(MODEL) bash benchmarks/ablation.sh
 	$(BIN)/python benchmarks/collect_runs.py runs/ablation/* --out $(RESULTS)/sweeps/ablation
