@@ -42,6 +42,10 @@ run mtu-default-seed1 all $OPTIM --seed 1   # the same run on another seed: how 
 shipped() {  # shipped NAME MODEL TASKS WORK (WORK = the run's work folder, for its train_config.json and log)
   local name=$1 model=$2 tasks=$3 work=$4 dir=$RUNS/$1
   if [[ -f $dir/eval.json ]]; then echo "== $name: done"; return; fi
+  if [[ ! -f $work/train_config.json ]]; then
+    echo "== $name: skipped, $work holds no train_config.json (train the shipped models with make mtu-models first)"
+    return
+  fi
   mkdir -p "$dir" && cp "$work/train_config.json" "$work/train-log.jsonl" "$dir/"
   echo "== $name: eval"
   "$BIN/mtu-export" eval "$model" --task "$tasks" --split heldout --first 1000 --count "$COUNT" --guidance 3 \
