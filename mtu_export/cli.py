@@ -288,6 +288,9 @@ def evaluate(
     result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
     vae, acc = result["vae"], result["t2i_accuracy"]
     console.print(f"VAE reconstruction on {split}: {vae['psnr_mean_db']:.2f} dB mean, {vae['psnr_min_db']:.2f} worst")
+    ceiling = vae["reader_accuracy_on_reconstructions"]
+    shown = ", ".join(f"{k} {100 * v:.1f} %" for k, v in ceiling.items())
+    console.print(f"scene reader on those reconstructions (the ceiling through this VAE): {shown}")
     table = Table(title=f"t2i attribute accuracy on {split} ({count} captions, {steps} steps, cfg {guidance})")
     for key in acc:
         table.add_column(key, justify="right")

@@ -60,17 +60,25 @@ def load_pipeline(path: Path):
 
 
 @torch.no_grad()
-def vae_psnr(vae, config: EvalConfig) -> dict[str, float]:
-    """Mean and worst PSNR of encode (posterior mean) -> decode on the split's t2i scenes."""
+def vae_psnr(vae, config: EvalConfig) -> dict:
+    """Mean and worst PSNR of encode (posterior mean) -> decode on the split's t2i scenes, and the scene reader's
+    accuracy on those reconstructions against their captions: the ceiling of any UNet sampling through this VAE."""
     from mtu_export.conditioning import image_tensor, to_uint8
 
-    values = []
+    values, scores = [], []
     for indices in config.batches():
-        targets = [make_example("t2i", config.split, i).target for i in indices]
+        examples = [make_example("t2i", config.split, i) for i in indices]
+        targets = [e.target for e in examples]
         latents = vae.encode(image_tensor(targets)).latent_dist.mean
         recon = to_uint8(vae.decode(latents).sample)
         values += [psnr(t, r) for t, r in zip(targets, recon, strict=True)]
-    return {"psnr_mean_db": float(np.mean(values)), "psnr_min_db": float(np.min(values)), "images": len(values)}
+        scores += [score(r, e.prompt) for e, r in zip(examples, recon, strict=True)]
+    return {
+        "psnr_mean_db": float(np.mean(values)),
+        "psnr_min_db": float(np.min(values)),
+        "images": len(values),
+        "reader_accuracy_on_reconstructions": accuracy(scores),
+    }
 
 
 @torch.no_grad()

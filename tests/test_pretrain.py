@@ -96,3 +96,15 @@ def test_bad_recipe_fails_cleanly(tmp_path, text, message):
     result = invoke("pretrain", "--recipe", tmp_path / "bad.toml", "--work", tmp_path / "w", "--out", tmp_path / "p")
     assert_clean_failure(result, message)
     assert not (tmp_path / "p").exists()
+
+
+def test_eval_of_a_pipeline_reports_the_reader_ceiling_through_its_vae(world_pipeline, tmp_path):
+    import json
+
+    args = ["eval", world_pipeline, "--count", "2", "--steps", "1", "--guidance", "3", "--json", tmp_path / "e.json"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "scene reader on those reconstructions" in result.output
+    ceiling = json.loads((tmp_path / "e.json").read_text())["vae"]["reader_accuracy_on_reconstructions"]
+    assert set(ceiling) == {"colour", "shape", "size", "position", "background", "all"}
+    assert all(0 <= v <= 1 for v in ceiling.values())
