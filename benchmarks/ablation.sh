@@ -12,6 +12,12 @@ STEPS=${STEPS:-500}
 COUNT=${COUNT:-100}
 CACHES=${CACHES:-runs/mtu/work/mtu}   # VAE-encoded train caches to reuse (built on first use if absent)
 
+score() {  # score DIR MODEL TASKS: the held-out scenes 1000.. of this ablation, written to DIR/eval.json
+  "$BIN/mtu-export" eval "$2" --task "$3" --split heldout --first 1000 --count "$COUNT" --guidance 3 \
+    --json "$1/eval.json.tmp"
+  mv "$1/eval.json.tmp" "$1/eval.json"
+}
+
 run() {  # run NAME TASKS -- train options...
   local name=$1 tasks=$2; shift 2
   local dir=$RUNS/$name
@@ -23,9 +29,7 @@ run() {  # run NAME TASKS -- train options...
   echo "== $name: train $*"
   "$BIN/mtu-export" train "$BASE" --work "$dir/work" --out "$dir/out" --steps "$STEPS" --resume --overwrite "$@"
   echo "== $name: eval"
-  "$BIN/mtu-export" eval "$dir/out" --task "$tasks" --split heldout --first 1000 --count "$COUNT" --guidance 3 \
-    --json "$dir/eval.json.tmp"
-  mv "$dir/eval.json.tmp" "$dir/eval.json"
+  score "$dir" "$dir/out" "$tasks"
 }
 
 OPTIM="--batch-size 64 --lr 1e-3 --input-lr-scale 10"
@@ -48,9 +52,7 @@ shipped() {  # shipped NAME MODEL TASKS WORK (WORK = the run's work folder, for 
   fi
   mkdir -p "$dir" && cp "$work/train_config.json" "$work/train-log.jsonl" "$dir/"
   echo "== $name: eval"
-  "$BIN/mtu-export" eval "$model" --task "$tasks" --split heldout --first 1000 --count "$COUNT" --guidance 3 \
-    --json "$dir/eval.json.tmp"
-  mv "$dir/eval.json.tmp" "$dir/eval.json"
+  score "$dir" "$model" "$tasks"
 }
 SHIPPED_RUNS=${SHIPPED_RUNS:-runs/mtu}   # where `make mtu-models` trained the shipped models
 shipped shipped-mtu models/shapes-mtu all "$SHIPPED_RUNS/work/mtu"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtu_export.parity import PARITY_GOAL, PRIMARY
 
-KNOBS = ("trainable", "steps", "batch_size", "lr", "input_lr_scale", "num_experts", "task_weights")
+KNOBS = ("steps", "batch_size", "lr", "input_lr_scale", "num_experts")  # copied as they are from train_config
 
 
 def read_run(folder: Path) -> dict:
@@ -30,7 +30,7 @@ def read_run(folder: Path) -> dict:
     return {
         "name": folder.name,
         "single_task": config["single_task"],
-        **{k: config[k] for k in KNOBS if k not in ("trainable", "task_weights")},
+        **{k: config[k] for k in KNOBS},
         "trainable": trainable,
         "task_weights": dict(zip(names, weights, strict=True)) if weights else None,
         "train_seconds": log[-1]["seconds"] if log else None,
