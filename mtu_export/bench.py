@@ -569,11 +569,10 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
     """MTU training step (the paper's trainable split) ÷ full fine-tune step of the same model on the same batch,
     timed in interleaved pairs (forward, backward, AdamW step)."""
     from mtu_export.config import TrainConfig
-    from mtu_export.pretrain import training_scheduler
     from mtu_export.train import CACHE_BATCH, TaskLoss, build_cache, load_base, load_cache, make_batches, prepare_model
     from mtu_export.vocab import tokenize
 
-    vae, text_encoder, tokenizer, unet = load_base(Path(base))
+    vae, text_encoder, tokenizer, unet, scheduler = load_base(Path(base))
     cache_size = min(CACHE_BATCH, 4 * batch_size)
     configs = {
         kind: TrainConfig(batch_size=batch_size, cache_size=cache_size, trainable=kind) for kind in ("mtu", "full")
@@ -588,7 +587,7 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
         caches,
         text_encoder,
         tokenize(tokenizer, [""]),
-        training_scheduler(),
+        scheduler,
         vae.config.scaling_factor,
         torch.Generator().manual_seed(0),
         torch.device("cpu"),
@@ -596,7 +595,7 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
     steps = {}
     counts = {}
     for kind, config in configs.items():
-        model = TaskLoss(prepare_model(config, unet), config.min_snr_gamma).train()
+        model = TaskLoss(prepare_model(config, unet), config.min_snr_gamma, scheduler).train()
         params = [p for p in model.parameters() if p.requires_grad]
         counts[kind] = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=1e-6)

@@ -34,6 +34,7 @@ from mtu_export.world import make_example
 
 NUM_TRAIN_TIMESTEPS = 1000
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 ENCODE_BATCH = 250
 
 
@@ -77,10 +78,38 @@ def build_unet(recipe: BaseRecipe):
     )
 
 
-def training_scheduler():
+def training_scheduler(config: dict | None = None):
+    """DDPM that adds the training noise: on the noise schedule and prediction type of a pipeline's scheduler
+    `config` (any diffusers scheduler's), or on Stable Diffusion's schedule with ε-prediction when None."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, **NOISE_SCHEDULE)
+    if config is None:
+        return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, **NOISE_SCHEDULE)
+    scheduler = DDPMScheduler.from_config(config)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise InputError(
+            f"the scheduler config predicts {scheduler.config.prediction_type!r}; training supports "
+            f"{', '.join(PREDICTION_TYPES)}: fix prediction_type in scheduler/scheduler_config.json"
+        )
+    return scheduler
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output for `scheduler.add_noise(latents, noise, timesteps)`: ε, v or x0."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return latents if kind == "sample" else noise
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
+    """Per-sample Min-SNR-γ loss weight (Hang et al. 2023) for a model predicting ε, v or x0: the x0-loss weight
+    min(SNR, γ) expressed in the parameterisation's own loss."""
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr.clamp(min=1e-12)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped
 
 
 def sampling_scheduler():
@@ -188,8 +217,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
         pred = model(scheduler.add_noise(latents, noise, t).to(device), t.to(device), hidden).sample
         per_sample = (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))
         if recipe.min_snr_gamma > 0:
-            snr = alphas[t] / (1 - alphas[t])
-            per_sample = per_sample * (snr.clamp(max=recipe.min_snr_gamma) / snr).to(device)
+            per_sample = per_sample * min_snr_weight(alphas, t, recipe.min_snr_gamma, "epsilon").to(device)
         return per_sample.mean()
 
     (unet, text_encoder), progress = run_stage(

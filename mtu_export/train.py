@@ -1,8 +1,9 @@
 """`mtu-export train`: multi-task MTU training (and the single-task baselines) from a base pipeline folder.
 
 Every step draws a mixed-task batch (each task's share set by its sampling weight), runs one routed forward per
-task inside one module call (so DDP sees one forward per backward), and minimises the ε-prediction loss summed over
-tasks, with Min-SNR weighting. Text and image conditions are dropped as InstructPix2Pix does (one uniform draw r:
+task inside one module call (so DDP sees one forward per backward), and minimises the diffusion loss summed over
+tasks, with Min-SNR weighting, on the base pipeline's own noise schedule and prediction type (ε for Stable Diffusion
+1.5 and the shipped base, v for 2.x). Text and image conditions are dropped as InstructPix2Pix does (one uniform draw r:
 text dropped for r < 2p, image for p ≤ r < 3p), so sampling can use text and image guidance.
 
 Single-task baselines use the same base, data, steps and loss: the base UNet with the task's conv_in, fine-tuned
@@ -25,7 +26,7 @@ from mtu_export.config import TrainConfig
 from mtu_export.errors import CheckpointError, ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.moe import MTUUNet
-from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, training_scheduler
+from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.storage import check_output, locate_unet, write_json
 from mtu_export.upcycle import load_components, load_unet, save_checkpoint, upcycle_unet
 from mtu_export.vocab import tokenize
@@ -78,22 +79,24 @@ def load_cache(workdir: Path, task: str, count: int) -> dict[str, torch.Tensor]:
 class TaskLoss(nn.Module):
     """The MTU UNet plus the loss of one mixed-task batch, in one forward (what DDP wraps)."""
 
-    def __init__(self, mtu: MTUUNet, min_snr_gamma: float) -> None:
+    def __init__(self, mtu: MTUUNet, min_snr_gamma: float, scheduler) -> None:
         super().__init__()
         self.mtu = mtu
         self.min_snr_gamma = min_snr_gamma
-        self.register_buffer("alphas", training_scheduler().alphas_cumprod.float(), persistent=False)
+        self.prediction_type = scheduler.config.prediction_type
+        self.register_buffer("alphas", scheduler.alphas_cumprod.float(), persistent=False)
 
     def forward(self, batches: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`batches[task]` holds `sample` (noisy latent + condition), `timestep`, `hidden` and `noise`."""
-        total_rows = sum(b["noise"].shape[0] for b in batches.values())
+        """`batches[task]` holds `sample` (noisy latent + condition), `timestep`, `hidden` and `target`."""
+        total_rows = sum(b["target"].shape[0] for b in batches.values())
         total, per_task = 0.0, {}
         for task, b in batches.items():
             pred = self.mtu(b["sample"], b["timestep"], b["hidden"], task=task).sample
-            per_sample = (pred - b["noise"]).pow(2).mean(dim=(1, 2, 3))  # (B_task,)
+            per_sample = (pred - b["target"]).pow(2).mean(dim=(1, 2, 3))  # (B_task,)
             if self.min_snr_gamma > 0:
-                snr = self.alphas[b["timestep"]] / (1 - self.alphas[b["timestep"]])
-                per_sample = per_sample * snr.clamp(max=self.min_snr_gamma) / snr
+                per_sample = per_sample * min_snr_weight(
+                    self.alphas, b["timestep"], self.min_snr_gamma, self.prediction_type
+                )
             per_task[task] = per_sample.mean()
             total = total + per_sample.sum() / total_rows
         return total, per_task
@@ -130,18 +133,20 @@ def make_batches(config, caches, text_encoder, empty_ids, scheduler, scaling, ge
         with torch.no_grad():
             hidden = text_encoder(ids.to(device))[0]
         batches[task] = {"sample": sample.to(device), "timestep": timestep.to(device), "hidden": hidden}
-        batches[task]["noise"] = noise.to(device)
+        batches[task]["target"] = diffusion_target(scheduler, latents, noise, timestep).to(device)
     return batches
 
 
 # -------------------------------------------------------------------------------------------------------- training
 def load_base(base: Path):
-    """The frozen parts of a base pipeline (VAE, text encoder, tokenizer) in fp32, and its UNet."""
+    """The frozen parts of a base pipeline (VAE, text encoder, tokenizer) in fp32, its UNet, and the DDPM scheduler
+    that adds training noise on the pipeline's noise schedule and prediction type."""
     source = locate_unet(base)
     if source.pipeline_dir is None:
         raise InputError(f"{base} is a UNet folder; training needs a full pipeline folder (VAE, text encoder, ...)")
-    vae, text_encoder, tokenizer, _ = load_components(base)
-    return vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), tokenizer, load_unet(base)
+    vae, text_encoder, tokenizer, scheduler = load_components(base)
+    frozen = vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), tokenizer
+    return *frozen, load_unet(base), training_scheduler(dict(scheduler.config))
 
 
 def prepare_model(config: TrainConfig, unet) -> MTUUNet:
@@ -156,7 +161,7 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
     """Run (or resume) the training in `workdir` on every process; return this process's model and progress."""
     state = process_state()
     _check_workdir(workdir, config, resume)
-    vae, text_encoder, tokenizer, unet = load_base(Path(base))
+    vae, text_encoder, tokenizer, unet, scheduler = load_base(Path(base))
     if state.is_main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / "train_config.json", config.to_dict())
@@ -166,8 +171,8 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
     state.wait_for_everyone()
     caches = {task: load_cache(workdir, task, config.cache_size) for task in config.weights()}
     torch.manual_seed(config.seed)
-    model = TaskLoss(prepare_model(config, unet), config.min_snr_gamma)
-    empty, scheduler, scaling = tokenize(tokenizer, [""]), training_scheduler(), vae.config.scaling_factor
+    model = TaskLoss(prepare_model(config, unet), config.min_snr_gamma, scheduler)
+    empty, scaling = tokenize(tokenizer, [""]), vae.config.scaling_factor
 
     def loss_fn(modules, step, generator, accelerator):
         (wrapped,) = modules

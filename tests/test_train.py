@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from safetensors.torch import load_file
 from test_cli import assert_clean_failure, invoke
 
 from mtu_export.config import TrainConfig
-from mtu_export.train import fit, train
+from mtu_export.train import build_cache, fit, load_base, load_cache, make_batches, train
 from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet, upcycle_unet
+from mtu_export.vocab import tokenize
 
 TINY = dict(steps=4, batch_size=8, cache_size=16, checkpoint_every=2, warmup=1, lr=1e-3)
 
@@ -113,6 +115,43 @@ def test_work_folder_of_an_earlier_run_needs_resume(world_pipeline, tmp_path):
 def test_bad_train_options_fail_before_any_work(world_pipeline, tmp_path, extra, message):
     result = invoke("train", world_pipeline, "--work", tmp_path / "w", "--out", tmp_path / "o", *extra)
     assert_clean_failure(result, message, 3)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def _with_prediction_type(pipeline: Path, folder: Path, prediction_type: str) -> Path:
+    shutil.copytree(pipeline, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), prediction_type=prediction_type)))
+    return folder
+
+
+def _first_batch(base: Path, work: Path) -> tuple[dict, object]:
+    config = TrainConfig(**TINY, single_task="t2i", trainable="full")
+    vae, text_encoder, tokenizer, _, scheduler = load_base(base)
+    build_cache("t2i", vae, tokenizer, config.cache_size, work / "cache-t2i.safetensors")
+    caches = {"t2i": load_cache(work, "t2i", config.cache_size)}
+    generator = torch.Generator().manual_seed(0)
+    args = (text_encoder, tokenize(tokenizer, [""]), scheduler, vae.config.scaling_factor, generator)
+    return make_batches(config, caches, *args, torch.device("cpu"))["t2i"], scheduler
+
+
+def test_training_targets_follow_the_base_schedulers_prediction_type(world_pipeline, tmp_path):
+    (tmp_path / "e").mkdir(), (tmp_path / "v").mkdir()
+    eps, eps_scheduler = _first_batch(world_pipeline, tmp_path / "e")
+    v_base = _with_prediction_type(world_pipeline, tmp_path / "v-base", "v_prediction")
+    v, v_scheduler = _first_batch(v_base, tmp_path / "v")
+    assert eps_scheduler.config.prediction_type == "epsilon" and v_scheduler.config.prediction_type == "v_prediction"
+    assert torch.equal(eps["sample"], v["sample"]) and torch.equal(eps["timestep"], v["timestep"])
+    alpha = eps_scheduler.alphas_cumprod[eps["timestep"]].sqrt()[:, None, None, None]
+    sigma = (1 - alpha**2).sqrt()
+    clean = (eps["sample"] - sigma * eps["target"]) / alpha  # the ε target is the noise that made `sample`
+    torch.testing.assert_close(v["target"], alpha * eps["target"] - sigma * clean, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_prediction_type_fails_before_any_work(world_pipeline, tmp_path):
+    base = _with_prediction_type(world_pipeline, tmp_path / "base", "flow")
+    result = invoke("train", base, "--work", tmp_path / "w", "--out", tmp_path / "o")
+    assert_clean_failure(result, "fix prediction_type in scheduler/scheduler_config.json", 2)
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
