@@ -141,6 +141,9 @@ SD15_UNET_CONFIG: dict[str, Any] = {
 
 
 # ------------------------------------------------------------------------------------------------- base-model recipe
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names for ε, v and x0
+
+
 @dataclass(frozen=True)
 class StageRecipe:
     """One training stage of the base model: optimiser schedule and batch (AdamW, linear warm-up, cosine decay)."""
@@ -175,8 +178,16 @@ class BaseRecipe:
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     ema_decay: float = 0.999
     seed: int = 0
+    prediction_type: str = "epsilon"  # what the UNet predicts: one of PREDICTION_TYPES
+    zero_terminal_snr: bool = False  # rescale SD's betas so the last timestep is pure noise (Lin et al. 2024)
 
     def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}; fix the recipe"
+            )
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError("zero_terminal_snr needs prediction_type = \"v_prediction\" (ε is undefined at SNR 0)")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:

@@ -6,7 +6,7 @@ same code runs DDP under `accelerate launch`):
 1. `vae`    AutoencoderKL, 64×64×3 <-> 16×16×4, L1 + L2 reconstruction with a small KL term;
 2. `encode` the first `dataset_size` train-split t2i scenes, encoded once into latent mean / std, plus their
             tokenized captions; the latent scaling factor (SD's 0.18215) is measured here as 1 / std;
-3. `unet`   UNet2DConditionModel and CLIPTextModel trained together from scratch on ε-prediction with Min-SNR
+3. `unet`   UNet2DConditionModel and CLIPTextModel trained together from scratch on ε- (or v-) prediction, Min-SNR
             weighting, caption dropout for classifier-free guidance and an EMA of the weights.
 
 Batches are a pure function of (seed, step, rank): a resumed run sees the data and noise an uninterrupted run
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mtu_export.conditioning import image_tensor
-from mtu_export.config import BaseRecipe
+from mtu_export.config import PREDICTION_TYPES, BaseRecipe
 from mtu_export.errors import InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.storage import atomic_output_dir, check_output, write_json
@@ -34,7 +34,6 @@ from mtu_export.world import make_example
 
 NUM_TRAIN_TIMESTEPS = 1000
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 ENCODE_BATCH = 250
 
 
@@ -112,11 +111,23 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma:
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped
 
 
-def sampling_scheduler():
-    """The scheduler shipped in the pipeline: DPM-Solver++ (2M) on the training noise schedule."""
+def recipe_schedule(recipe: BaseRecipe) -> dict:
+    """The recipe's noise schedule and prediction type as diffusers scheduler-config fields."""
+    return dict(
+        NOISE_SCHEDULE,
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        prediction_type=recipe.prediction_type,
+        rescale_betas_zero_snr=recipe.zero_terminal_snr,
+    )
+
+
+def sampling_scheduler(recipe: BaseRecipe):
+    """The scheduler shipped in the pipeline: DPM-Solver++ (2M) on the training noise schedule (with zero terminal
+    SNR, from the last timestep: "trailing" spacing)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, steps_offset=1, **NOISE_SCHEDULE)
+    spacing = "trailing" if recipe.zero_terminal_snr else "linspace"
+    return DPMSolverMultistepScheduler(**recipe_schedule(recipe), steps_offset=1, timestep_spacing=spacing)
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -196,7 +207,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
     empty = tokenize(tokenizer, [""])  # (1, L): the unconditional prompt
     torch.manual_seed(recipe.seed + 1)
     unet, text_encoder = build_unet(recipe), build_text_encoder(recipe, tokenizer)
-    scheduler = training_scheduler()
+    scheduler = training_scheduler(recipe_schedule(recipe))
     alphas = scheduler.alphas_cumprod  # (T,)
     stage = recipe.unet_training
     count = data["mean"].shape[0]
@@ -215,9 +226,11 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
         device = accelerator.device
         hidden = encoder(ids.to(device))[0]  # (B, L, D)
         pred = model(scheduler.add_noise(latents, noise, t).to(device), t.to(device), hidden).sample
-        per_sample = (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))
+        target = diffusion_target(scheduler, latents, noise, t)
+        per_sample = (pred - target.to(device)).pow(2).mean(dim=(1, 2, 3))
         if recipe.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_weight(alphas, t, recipe.min_snr_gamma, "epsilon").to(device)
+            weight = min_snr_weight(alphas, t, recipe.min_snr_gamma, recipe.prediction_type)
+            per_sample = per_sample * weight.to(device)
         return per_sample.mean()
 
     (unet, text_encoder), progress = run_stage(
@@ -263,7 +276,7 @@ def _write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=sampling_scheduler(),
+        scheduler=sampling_scheduler(recipe),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -76,6 +77,24 @@ def test_pretrain_writes_a_pipeline_plain_diffusers_runs(recipe_file, tmp_path):
     )
 
 
+def test_v_prediction_recipe_ships_a_matching_scheduler(tmp_path):
+    recipe_file = tmp_path / "v.toml"
+    recipe_file.write_text('prediction_type = "v_prediction"\nzero_terminal_snr = true\n' + TINY_RECIPE)
+    result = invoke("pretrain", "--recipe", recipe_file, "--work", tmp_path / "work", "--out", tmp_path / "pipe")
+    assert result.exit_code == 0, result.output
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", torch_dtype=torch.float32, local_files_only=True)
+    config = pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction",
+        True,
+        "trailing",
+    )
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps[0] == 999  # sampling starts from pure noise, where training saw SNR 0
+    image = pipe("a small red circle on the left on a white background", num_inference_steps=4, output_type="np")
+    assert image.images.shape == (1, 64, 64, 3) and np.isfinite(image.images).all()
+
+
 def test_shipped_recipe_parses():
     recipe = load_recipe(Path(__file__).parents[1] / "models" / "shapes-base.toml")
     assert isinstance(recipe, BaseRecipe) and recipe.unet["down_block_types"][0] == "CrossAttnDownBlock2D"
@@ -88,8 +107,10 @@ def test_shipped_recipe_parses():
         ("learning_rate = 1\n" + TINY_RECIPE, "unknown key(s) learning_rate"),
         (TINY_RECIPE + "\nlearning_rate = 1\n", "[unet_training]: unknown key(s) learning_rate"),
         (TINY_RECIPE.replace("steps = 4", "steps = 0"), "steps must be a positive integer"),
+        ('prediction_type = "flow"\n' + TINY_RECIPE, "prediction_type 'flow' is not one of epsilon, v_prediction"),
+        ("zero_terminal_snr = true\n" + TINY_RECIPE, "zero_terminal_snr needs prediction_type"),
     ],
-    ids=["syntax", "unknown key", "unknown stage key", "zero steps"],
+    ids=["syntax", "unknown key", "unknown stage key", "zero steps", "unknown prediction", "zero snr with eps"],
 )
 def test_bad_recipe_fails_cleanly(tmp_path, text, message):
     (tmp_path / "bad.toml").write_text(text)
