@@ -187,7 +187,7 @@ class BaseRecipe:
                 f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}; fix the recipe"
             )
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ConfigError("zero_terminal_snr needs prediction_type = \"v_prediction\" (ε is undefined at SNR 0)")
+            raise ConfigError('zero_terminal_snr needs prediction_type = "v_prediction" (ε is undefined at SNR 0)')
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
