@@ -77,13 +77,11 @@ def build_unet(recipe: BaseRecipe):
     )
 
 
-def training_scheduler(config: dict | None = None):
-    """DDPM that adds the training noise: on the noise schedule and prediction type of a pipeline's scheduler
-    `config` (any diffusers scheduler's), or on Stable Diffusion's schedule with ε-prediction when None."""
+def training_scheduler(config: dict):
+    """DDPM that adds the training noise, on the noise schedule and prediction type of a scheduler `config` (any
+    diffusers scheduler's, e.g. a pipeline's `scheduler/scheduler_config.json`)."""
     from diffusers import DDPMScheduler
 
-    if config is None:
-        return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, **NOISE_SCHEDULE)
     scheduler = DDPMScheduler.from_config(config)
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise InputError(
