@@ -128,6 +128,7 @@ def _with_prediction_type(pipeline: Path, folder: Path, prediction_type: str) ->
 def _first_batch(base: Path, work: Path) -> tuple[dict, object]:
     config = TrainConfig(**TINY, single_task="t2i", trainable="full")
     vae, text_encoder, tokenizer, _, scheduler = load_base(base)
+    work.mkdir()
     build_cache("t2i", vae, tokenizer, config.cache_size, work / "cache-t2i.safetensors")
     caches = {"t2i": load_cache(work, "t2i", config.cache_size)}
     generator = torch.Generator().manual_seed(0)
@@ -136,7 +137,6 @@ def _first_batch(base: Path, work: Path) -> tuple[dict, object]:
 
 
 def test_training_targets_follow_the_base_schedulers_prediction_type(world_pipeline, tmp_path):
-    (tmp_path / "e").mkdir(), (tmp_path / "v").mkdir()
     eps, eps_scheduler = _first_batch(world_pipeline, tmp_path / "e")
     v_base = _with_prediction_type(world_pipeline, tmp_path / "v-base", "v_prediction")
     v, v_scheduler = _first_batch(v_base, tmp_path / "v")
