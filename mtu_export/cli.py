@@ -210,6 +210,9 @@ def train(
         float, typer.Option(help="Learning-rate multiplier for conv_in (its condition channels start at zero).")
     ] = 1.0,
     cfg_dropout: Annotated[float, typer.Option(help="InstructPix2Pix-style condition dropout p.")] = 0.05,
+    min_snr_gamma: Annotated[
+        float, typer.Option(help="Min-SNR loss weighting gamma; 0 weighs every timestep alike.")
+    ] = 5.0,
     cache_size: Annotated[int, typer.Option(help="Train examples per task, VAE-encoded once.")] = 4000,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 250,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
@@ -234,6 +237,7 @@ def train(
         lr=lr,
         input_lr_scale=input_lr_scale,
         cfg_dropout=cfg_dropout,
+        min_snr_gamma=min_snr_gamma,
         cache_size=cache_size,
         checkpoint_every=checkpoint_every,
         seed=seed,

@@ -263,6 +263,8 @@ class TrainConfig:
             raise ConfigError(f"--input-lr-scale must be > 0, got {self.input_lr_scale}")
         if not 0 <= self.cfg_dropout < 1 / 3:
             raise ConfigError(f"--cfg-dropout must be in [0, 1/3), got {self.cfg_dropout}")
+        if not self.min_snr_gamma >= 0:
+            raise ConfigError(f"--min-snr-gamma must be >= 0 (0 turns Min-SNR off), got {self.min_snr_gamma}")
         if self.batch_size < len(self.weights()):
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the number of tasks trained")
         if self.cache_size < 1:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from test_cli import assert_clean_failure, invoke
 
 from mtu_export.config import TrainConfig
-from mtu_export.train import build_cache, fit, load_base, load_cache, make_batches, train
+from mtu_export.pretrain import min_snr_weight
+from mtu_export.train import TaskLoss, build_cache, fit, load_base, load_cache, make_batches, prepare_model, train
 from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet, upcycle_unet
 from mtu_export.vocab import tokenize
 
@@ -109,8 +110,9 @@ def test_work_folder_of_an_earlier_run_needs_resume(world_pipeline, tmp_path):
         (["--task-weights", "edit=lots"], "is not task=number"),
         (["--batch-size", "2"], "smaller than the number of tasks"),
         (["--input-lr-scale", "0"], "--input-lr-scale must be > 0"),
+        (["--min-snr-gamma", "-1"], "--min-snr-gamma must be >= 0"),
     ],
-    ids=["unknown baseline task", "unknown weight task", "bad weight", "tiny batch", "zero input lr scale"],
+    ids=["unknown baseline task", "unknown weight task", "bad weight", "tiny batch", "zero input lr scale", "gamma"],
 )
 def test_bad_train_options_fail_before_any_work(world_pipeline, tmp_path, extra, message):
     result = invoke("train", world_pipeline, "--work", tmp_path / "w", "--out", tmp_path / "o", *extra)
@@ -146,6 +148,21 @@ def test_training_targets_follow_the_base_schedulers_prediction_type(world_pipel
     sigma = (1 - alpha**2).sqrt()
     clean = (eps["sample"] - sigma * eps["target"]) / alpha  # the ε target is the noise that made `sample`
     torch.testing.assert_close(v["target"], alpha * eps["target"] - sigma * clean, rtol=1e-4, atol=1e-4)
+
+
+def test_min_snr_gamma_zero_weighs_every_timestep_alike(world_pipeline, tmp_path):
+    batch, scheduler = _first_batch(world_pipeline, tmp_path / "e")
+    unet = load_base(world_pipeline)[3]
+    model = prepare_model(TrainConfig(**TINY, single_task="t2i", trainable="full"), unet).eval()
+    with torch.no_grad():
+        pred = model(batch["sample"], batch["timestep"], batch["hidden"], task="t2i").sample
+        per_row = (pred - batch["target"]).pow(2).mean(dim=(1, 2, 3))
+        plain = TaskLoss(model, 0.0, scheduler)({"t2i": batch})[0]
+        weighted = TaskLoss(model, 5.0, scheduler)({"t2i": batch})[0]
+    weights = min_snr_weight(scheduler.alphas_cumprod.float(), batch["timestep"], 5.0, "epsilon")
+    assert not torch.allclose(weights, torch.ones_like(weights))  # the batch's timesteps do get re-weighted
+    torch.testing.assert_close(plain, per_row.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(weighted, (per_row * weights).mean(), rtol=1e-5, atol=0)
 
 
 def test_unsupported_prediction_type_fails_before_any_work(world_pipeline, tmp_path):
