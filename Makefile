@@ -63,12 +63,13 @@ eval-base: $(STAMP)
 # rows per task (MTU: 16 rows of each task per step; a baseline: 16 rows of its task). Each side uses its best
 # learning rates from the same sweep (sr, 500 steps; see models/shapes-mtu/README.md): MTU's small trainable set
 # wants a larger lr, both want conv_in (whose condition channels start at zero) to learn faster than the rest.
-# Each run resumes in its work folder if interrupted; the baselines reuse the MTU run's VAE caches.
+# Both sides use the base's loss: v-prediction weighted alike at every timestep (--min-snr-gamma 0), as the base was
+# trained. Each run resumes in its work folder if interrupted; the baselines reuse the MTU run's VAE caches.
 RUNS ?= runs/mtu
 TRAIN_STEPS ?= 2000
 MTU_OPTIM ?= --lr 1e-3 --input-lr-scale 10
 SINGLE_OPTIM ?= --lr 3e-4 --input-lr-scale 30
-TRAIN_COMMON := --steps $(TRAIN_STEPS) --seed 0 --resume --overwrite
+TRAIN_COMMON := --steps $(TRAIN_STEPS) --min-snr-gamma 0 --seed 0 --resume --overwrite
 
 mtu-models: $(STAMP)
 	$(BIN)/mtu-export train $(MODEL) --work $(RUNS)/work/mtu --out $(RUNS)/shapes-mtu --batch-size 64 \

@@ -32,9 +32,9 @@ run() {  # run NAME TASKS -- train options...
   score "$dir" "$dir/out" "$tasks"
 }
 
-OPTIM="--batch-size 64 --lr 1e-3 --input-lr-scale 10"
+OPTIM="--batch-size 64 --lr 1e-3 --input-lr-scale 10 --min-snr-gamma 0"
 MTU="$OPTIM --seed 0"
-SINGLE="--batch-size 16 --lr 3e-4 --input-lr-scale 30 --seed 0"
+SINGLE="--batch-size 16 --lr 3e-4 --input-lr-scale 30 --min-snr-gamma 0 --seed 0"
 run mtu-default all $MTU
 run mtu-weights-1322 all $MTU --task-weights t2i=1,edit=3,sr=2,inpaint=2
 for t in t2i edit sr inpaint; do run single-$t "$t" --single-task "$t" $SINGLE; done

@@ -703,9 +703,12 @@ def render_markdown(results: dict) -> str:
         "",
         f"`{results['checkpoint']}` on {m['processor']} ({m['cpus']} CPUs), onnxruntime {m['onnxruntime']} with "
         f"{m['threads']} threads. UNet latency: {_rounds(results['config'])}; the single-task UNet is also timed "
-        "against itself (A/A), which shows how finely this machine resolves a ratio. End to end and quantization "
-        f"modes: {results['config']['repeats']} interleaved pairs after {results['config']['warmup']} warm-up runs, "
-        "each timed sample at least 0.25 s, median A ÷ median B. Everything is measured side by side in this run.",
+        "against itself (A/A), which shows how finely this machine resolves a ratio. Quantization modes: "
+        f"{results['config']['repeats']} interleaved pairs after {results['config']['warmup']} warm-up runs, each "
+        "timed sample at least 0.25 s, median A ÷ median B. End to end: "
+        f"{results['config'].get('e2e_repeats', 0)} interleaved pairs of whole generations after 1 warm-up, median "
+        "A ÷ median B (a coarse check; the UNet rows are the measurement). Everything is measured side by side in "
+        "this run.",
         "",
         "## Folded MTU task vs single-task UNet",
         "",

@@ -7,7 +7,8 @@ Loads pipelines with plain diffusers, exactly as a user would. Imports errors, r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,9 +158,15 @@ def summarise(task: str, examples: list, images: list[np.ndarray]) -> dict[str, 
     return out
 
 
-def evaluate_checkpoint(path: Path, config: EvalConfig, sampler, tasks: tuple[str, ...] | None = None) -> tuple:
-    """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` and measure it. Returns
-    (results per task, generated images per task)."""
+def evaluate_checkpoint(
+    path: Path,
+    config: EvalConfig,
+    sampler,
+    tasks: tuple[str, ...] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple:
+    """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` and measure it, logging a
+    line per batch. Returns (results per task, generated images per task)."""
     from mtu_export.sample import denoiser_for, sample_examples
     from mtu_export.upcycle import load_checkpoint, load_components
 
@@ -172,10 +179,12 @@ def evaluate_checkpoint(path: Path, config: EvalConfig, sampler, tasks: tuple[st
         ckpt.model.config.task(task)  # a clear error for a task the checkpoint lacks
         examples, images = [], []
         denoise = denoiser_for(ckpt.model, task)
+        start = time.perf_counter()
         for indices in config.batches():
             batch = [make_example(task, config.split, i) for i in indices]
             images += list(sample_examples(denoise, task, batch, vae, text_encoder, tokenizer, scheduler, sampler))
             examples += batch
+            log(f"{path} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
         results[task] = summarise(task, examples, images)
         generated[task] = images
     return results, generated

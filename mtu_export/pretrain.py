@@ -6,8 +6,9 @@ same code runs DDP under `accelerate launch`):
 1. `vae`    AutoencoderKL, 64×64×3 <-> 16×16×4, L1 + L2 reconstruction with a small KL term;
 2. `encode` the first `dataset_size` train-split t2i scenes, encoded once into latent mean / std, plus their
             tokenized captions; the latent scaling factor (SD's 0.18215) is measured here as 1 / std;
-3. `unet`   UNet2DConditionModel and CLIPTextModel trained together from scratch on ε- (or v-) prediction, Min-SNR
-            weighting, caption dropout for classifier-free guidance and an EMA of the weights.
+3. `unet`   UNet2DConditionModel and CLIPTextModel trained together from scratch on ε-, v- or x0-prediction
+            (optionally on a zero-terminal-SNR schedule), Min-SNR weighting unless γ is 0, caption dropout for
+            classifier-free guidance and an EMA of the weights.
 
 Batches are a pure function of (seed, step, rank): a resumed run sees the data and noise an uninterrupted run
 would. Imports config, errors, conditioning, loop, storage, vocab and world.

@@ -5,8 +5,10 @@
 - `edit`, `sr`: InstructPix2Pix's two-scale guidance, ε = ε(∅, ∅) + s_i·(ε(∅, img) − ε(∅, ∅)) +
   s_t·(ε(text, img) − ε(∅, img)), the image condition zeroed for ε(∅, ∅).
 
-The denoiser is any callable `(sample, timestep, encoder_hidden_states) -> ε`: a routed MTU UNet for one task, a
-folded or single-task UNet, or (for exports) an ONNX session. Imports conditioning, vocab and world only.
+The guidance formulas are linear in the model output, so they hold as written for v-prediction too; the
+scheduler's config says which one the UNet gives. The denoiser is any callable `(sample, timestep,
+encoder_hidden_states) -> ε or v`: a routed MTU UNet for one task, a folded or single-task UNet, or (for exports)
+an ONNX session. Imports conditioning, vocab and world only.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Every step draws a mixed-task batch (each task's share set by its sampling weight), runs one routed forward per
 task inside one module call (so DDP sees one forward per backward), and minimises the diffusion loss summed over
-tasks, with Min-SNR weighting, on the base pipeline's own noise schedule and prediction type (ε for Stable Diffusion
-1.5 and the shipped base, v for 2.x). Text and image conditions are dropped as InstructPix2Pix does (one uniform draw r:
-text dropped for r < 2p, image for p ≤ r < 3p), so sampling can use text and image guidance.
+tasks (Min-SNR weighted unless `min_snr_gamma` is 0), on the base pipeline's own noise schedule and prediction type
+(ε for Stable Diffusion 1.5, v for 2.x and the shipped base). Text and image conditions are dropped as
+InstructPix2Pix does (one uniform draw r: text dropped for r < 2p, image for p ≤ r < 3p), so sampling can use text
+and image guidance.
 
 Single-task baselines use the same base, data, steps and loss: the base UNet with the task's conv_in, fine-tuned
 in full (`trainable="full"`), as the paper's baselines (InstructPix2Pix, SD inpainting, the x4 upscaler) are.

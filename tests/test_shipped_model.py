@@ -16,7 +16,10 @@ from mtu_export.world import make_example
 
 MODEL = Path(__file__).parents[1] / "models" / "shapes-base"
 SIZE_BUDGET_MB = 30
-QUICK_ACCURACY_FLOOR = 0.45  # 16 held-out captions, 10 steps: colours, sizes, backgrounds drawn (card: 61.5 %)
+# 16 held-out captions, 10 steps (measured: 75.0 % of attributes, 89 % of positions; card: 81.4 % at 25 steps). The
+# position floor catches a model that ignores position words, as the first shipped weights did (9 %, chance).
+QUICK_ACCURACY_FLOOR = 0.65
+QUICK_POSITION_FLOOR = 0.6
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_it_draws_what_captions_say(pipe):
     images = pipe(captions, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np").images
     acc = accuracy([score((im * 255).round().astype(np.uint8), c) for im, c in zip(images, captions, strict=True)])
     print(f"quick scene-reader accuracy: {acc}")
-    assert acc["all"] >= QUICK_ACCURACY_FLOOR
+    assert acc["all"] >= QUICK_ACCURACY_FLOOR and acc["position"] >= QUICK_POSITION_FLOOR
 
 
 def test_weights_are_safetensors_within_budget():

@@ -236,6 +236,7 @@ def test_parity_report_end_to_end(world_pipeline, tmp_path):
     result = invoke("parity", tmp_path / "mtu", "--baseline", f"sr={tmp_path / 'sr'}", "--out", tmp_path / "report",
                     "--count", "2", "--steps", "2")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "sr: 2/2 sampled" in result.output  # progress while sampling, per batch
     report = json.loads((tmp_path / "report" / "parity.json").read_text())
     row = report["parity"]["sr"]["metrics"]["psnr"]
     assert row["ratio"] == pytest.approx(row["mtu"] / row["single"])
