@@ -1,7 +1,8 @@
 """Errors the user can act on. Every message says what was expected, what was found and how to fix it.
 
-The CLI prints `error: <message>` on one line and exits with the subclass's `exit_code`; nothing here imports
-anything else from the package.
+The CLI prints `error: <message>` on one line and exits with the subclass's `exit_code` (1 MtuError, 2 input,
+3 config, 4 checkpoint, 5 output exists, 6 parity, 7 `bench --check` violations, 8 disk full); nothing here
+imports anything else from the package.
 """
 
 from __future__ import annotations
@@ -41,3 +42,9 @@ class ParityError(MtuError):
     """A transformed model does not match its reference within tolerance."""
 
     exit_code = 6
+
+
+class DiskFullError(MtuError):
+    """The disk (or quota) filled up while an output was written; nothing half-written is left behind."""
+
+    exit_code = 8

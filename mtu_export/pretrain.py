@@ -175,7 +175,7 @@ def encode_dataset(recipe: BaseRecipe, workdir: Path, tokenizer) -> float:
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    vae = AutoencoderKL.from_pretrained(workdir / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(workdir / "vae", use_safetensors=True).eval()
     means, stds, ids = [], [], []
     for first in range(0, recipe.dataset_size, ENCODE_BATCH):
         last = min(first + ENCODE_BATCH, recipe.dataset_size)
@@ -271,7 +271,7 @@ def _write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(workdir / "vae"),
+        vae=AutoencoderKL.from_pretrained(workdir / "vae", use_safetensors=True),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,

@@ -1,24 +1,30 @@
-"""Files on disk: finding a diffusers UNet in a folder, checking safetensors files before loading them, and
-writing outputs atomically (temp folder, then rename). Imports `errors` only.
+"""Files on disk: finding a diffusers UNet in a folder, checking safetensors files before loading them (and
+refusing pickles, which run code when loaded), and writing outputs atomically (temp folder, then rename; SIGTERM,
+killed writers and a full disk leave nothing half-written). Imports `errors` only.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtu_export.errors import CheckpointError, ConfigError, InputError, OutputExistsError
+from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError, OutputExistsError
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
 VARIANTS = ("fp16", "bf16")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle files: never loaded
 
 
 @dataclass(frozen=True)
@@ -111,12 +117,8 @@ def unet_weights(unet_dir: Path) -> list[Path]:
     elif (unet_dir / index).is_file():
         shards = sorted(set(read_json(unet_dir / index).get("weight_map", {}).values()))
         files = [unet_dir / shard for shard in shards]
-    elif any(unet_dir.glob("*.bin")):
-        raise InputError(
-            f"{unet_dir} has only pickle (.bin) weights; mtu-export loads safetensors only — re-save the model "
-            "with save_pretrained(..., safe_serialization=True)"
-        )
     else:
+        refuse_pickles(unet_dir)
         raise InputError(f"{unet_dir} has no {UNET_WEIGHTS}; re-save the UNet with save_pretrained()")
     for file in files:
         check_safetensors(file)
@@ -145,13 +147,46 @@ def check_safetensors(path: Path) -> dict[str, tuple[list[int], str]]:
     return {name: (info["shape"], info["dtype"]) for name, info in header.items()}
 
 
+def pickle_weights(folder: Path) -> list[Path]:
+    """Pickle files in `folder` or below with no safetensors file beside them: weights only a pickle holds. Pickles
+    beside safetensors (as in many Hub snapshots) are harmless: never loaded (use_safetensors=True), never copied."""
+    folder = Path(folder)
+    folders = [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())] if folder.is_dir() else []
+    found = []
+    for path in folders:
+        files = sorted(f for f in path.iterdir() if f.is_file())
+        if not any(f.name.endswith(".safetensors") for f in files):
+            found += [f for f in files if f.name.endswith(PICKLE_SUFFIXES)]
+    return found
+
+
+def refuse_pickles(*folders: Path) -> None:
+    """Refuse weights only a pickle holds (unpickling can run any code), naming every such file, before loading."""
+    found = [file for folder in folders for file in pickle_weights(folder)]
+    if found:
+        raise InputError(
+            f"expected safetensors weights, found pickle file(s) {', '.join(map(str, found))}, which can run code "
+            "when loaded; mtu-export loads safetensors only — convert each once where you trust it (load with "
+            "diffusers/transformers from_pretrained, save_pretrained(folder, safe_serialization=True)) and delete "
+            "the pickle"
+        )
+
+
+def refuse_pipeline_pickles(pipeline_dir: Path) -> None:
+    """`refuse_pickles` over the component folders a pipeline names (a stray root .ckpt is never read)."""
+    refuse_pickles(*(pipeline_dir / name for name in pipeline_components(pipeline_dir)))
+
+
 def link_or_copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy a pipeline folder's `model_index.json` and the component folders it names (not `skip`, not stray files
-    such as a root .ckpt), hard-linking weight files where the file system allows. Later writes in the copy replace
-    files (write_json) rather than writing through a link."""
+    such as a root .ckpt, never a pickle), hard-linking weight files where the file system allows. Later writes in
+    the copy replace files (write_json) rather than writing through a link."""
+    names = [name for name in pipeline_components(src) if name not in skip]
+    refuse_pickles(*(src / name for name in names))  # pickles left beside safetensors are not copied
+    no_pickles = shutil.ignore_patterns(*(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "*.bin.index.json")
 
     def link_or_copy(a: str, b: str) -> None:
-        if a.endswith((".safetensors", ".onnx_data", ".bin")):
+        if a.endswith((".safetensors", ".onnx_data")):
             try:
                 os.link(a, b)
                 return
@@ -161,9 +196,8 @@ def link_or_copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
 
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / PIPELINE_INDEX, dst / PIPELINE_INDEX)
-    for name in pipeline_components(src):
-        if name not in skip:
-            shutil.copytree(src / name, dst / name, copy_function=link_or_copy, dirs_exist_ok=True)
+    for name in names:
+        shutil.copytree(src / name, dst / name, copy_function=link_or_copy, ignore=no_pickles, dirs_exist_ok=True)
 
 
 def pipeline_components(pipeline_dir: Path) -> list[str]:
@@ -202,30 +236,132 @@ def check_separate(out: Path, source: Path) -> None:
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed.
 
-    Replacing an existing folder takes two renames (old aside, new in place); a crash between them leaves the
-    old output in a hidden `.NAME.*.old` folder beside it, never a half-written `out`."""
+    The temp folder, `.NAME.<pid>.<random>.partial`, names its writer: while it is written SIGTERM (`timeout`, CI
+    cancellation) raises SystemExit as Ctrl-C raises KeyboardInterrupt, so it is removed, and one left by a writer
+    that died (SIGKILL, out of memory, power loss) is removed by the next write to `out`. A full disk raises
+    DiskFullError. Replacing an existing folder takes two renames (old aside, new in place) with SIGINT and SIGTERM
+    held until both are done; a crash between them leaves the old output in a hidden `.NAME.*.old` folder beside
+    it, never a half-written `out`."""
     out = Path(out)
     check_output(out, overwrite)
-    tmp = _make_temp_dir(out)
-    try:
-        yield tmp
-        check_output(out, overwrite)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _terminate_raises():
+        tmp = _make_temp_dir(out)
+        try:
+            yield tmp
+            check_output(out, overwrite)
+            with _signals_held():
+                _replace(tmp, out)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise _disk_full(out, exc, tmp) from None
+            raise
 
 
 def _make_temp_dir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        _remove_dead_partials(out)
+        prefix = f".{out.name}.{os.getpid()}."
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=out.parent))
     except OSError as exc:
+        if _is_disk_full(exc):
+            raise _disk_full(out, exc, out.parent) from None
         raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; outputs get the permissions of a plain mkdir
     return tmp
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Remove `.NAME.<pid>.<random>.partial` folders whose writing process is gone; a live writer's stays."""
+    prefix = f".{out.name}."
+    for path in out.parent.glob(f"{glob.escape(prefix)}*.partial"):
+        pid, _, rest = path.name[len(prefix) : -len(".partial")].partition(".")
+        if pid.isdigit() and rest and "." not in rest and path.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows; keep the folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only the main thread may set signal handlers
+
+
+@contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """While an output is written, SIGTERM raises SystemExit(143) in the main thread so `finally` and `except`
+    clean-ups run. Only the default action is replaced (a handler the caller installed is kept), and restored."""
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is terminate:  # unless the caller installed its own meanwhile
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while an output is renamed into place, then deliver them to the previous handlers:
+    raising between the two renames would leave neither the old nor the new output at `out`."""
+    if not _main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not Python's
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, also when a library re-raises it as text or as the cause of its own error (safetensors)."""
+    messages = {os.strerror(code) for code in DISK_FULL_ERRNOS}
+    for _ in range(8):  # the exception and its causes
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(exc, Exception) and any(message in str(exc) for message in messages):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full(out: Path, exc: BaseException, where: Path) -> DiskFullError:
+    path = getattr(exc, "filename", None) or where
+    return DiskFullError(
+        f"no space left on the device while writing {out} (at {path}); nothing was written — free space on that "
+        "disk (or choose an --out on another one) and run again"
+    )
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -34,6 +34,8 @@ from mtu_export.storage import (
     link_or_copy_tree,
     locate_unet,
     read_json,
+    refuse_pickles,
+    refuse_pipeline_pickles,
     unet_variant,
     unet_weights,
     weights_dtype,
@@ -64,16 +66,20 @@ def load_unet(path: Path) -> UNet2DConditionModel:
 
 
 def load_components(pipeline_dir: Path):
-    """VAE, text encoder, tokenizer and scheduler of a pipeline folder (fp32), each by the class its config names."""
+    """VAE, text encoder, tokenizer and scheduler of a pipeline folder (fp32), each by the class its config names;
+    weights from safetensors only."""
     import json
 
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    pipeline_dir = Path(pipeline_dir)
+    refuse_pickles(pipeline_dir / "vae", pipeline_dir / "text_encoder")
+    safe = dict(use_safetensors=True, local_files_only=True)
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer")
+        vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae", torch_dtype=torch.float32, **safe)
+        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", dtype=torch.float32, **safe)
+        tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer", local_files_only=True)
         scheduler_config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
         scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     except Exception as exc:  # a missing or broken component
@@ -274,6 +280,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             f"the checkpoint's pipeline {ref!r} ({pipeline}) has no {PIPELINE_INDEX}; the checkpoint was copied "
             "incompletely or without the pipeline folder it shares"
         )
+    if pipeline is not None:
+        refuse_pipeline_pickles(pipeline)  # before anything downstream loads or copies a component
     return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
 
 
@@ -351,6 +359,8 @@ def file_sha256(path: Path) -> str:
 def upcycle_folder(source: Path, out: Path, config: MoEConfig, overwrite: bool = False) -> Checkpoint:
     """`mtu-export upcycle`: a diffusers UNet or pipeline folder -> an MTU checkpoint folder."""
     located = locate_unet(Path(source))
+    if located.pipeline_dir is not None:
+        refuse_pipeline_pickles(located.pipeline_dir)  # its components are copied into the checkpoint
     check_separate(Path(out), located.pipeline_dir or located.unet_dir)
     check_output(Path(out), overwrite)  # before the heavy load
     base = load_unet(Path(source))

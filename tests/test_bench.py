@@ -1,6 +1,7 @@
 """`mtu-export bench`: FLOP counts that agree between torch and the exported graph, interleaved timing, the
-report files, and the CI gate failing on a doctored result with every violation named. No test here judges a
-time: latency is only ever compared as a ratio inside one run, by the gate."""
+report files, the CI gate failing on a doctored result with every violation named, and a malformed baseline refused
+in one line before anything is measured. No test here judges a time: latency is only ever compared as a ratio inside
+one run, by the gate."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_unet
-from test_cli import invoke
+from test_cli import assert_clean_failure, invoke
 from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
 
 from mtu_export.bench import (
     _export_fixed,
+    check,
     graph_signature,
     interleaved,
     interleaved_rounds,
@@ -23,6 +25,9 @@ from mtu_export.bench import (
     torch_flops,
     unet_feed,
 )
+from mtu_export.errors import ConfigError
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
@@ -154,3 +159,62 @@ def test_training_step_benchmark_compares_the_mtu_split_with_a_full_fine_tune(wo
     counts = report["trainable_parameters"]
     assert 0 < counts["mtu"] < counts["full"]
     assert report["mtu_vs_full"]["repeats"] == 1 and report["batch_size"] == 8
+
+
+# ------------------------------------------------------------------------------------------------ baseline checks
+BAD_BASELINES = {  # a doctoring of benchmarks/baseline.json -> the problem the one error line must name
+    "missing key": (lambda b: b.pop("graph_psnr_min_db"), "'graph_psnr_min_db' is missing"),
+    "wrong type": (
+        lambda b: b.update(latency_ratio_max="1.15"),
+        "'latency_ratio_max' should be a number, found string",
+    ),
+    "wrong entry type": (lambda b: b["flops"].update(t2i=1.5e9), "'flops.t2i' should be an integer, found number"),
+    "not an object": (lambda b: b.update(image_psnr_min_db=[40]), "'image_psnr_min_db' should be an object"),
+    "unknown mode": (lambda b: b["image_psnr_min_db"].update(int4=20), "unknown mode(s) int4"),
+    "wrong format": (
+        lambda b: b.update(format="mtu-export-bench-baseline/2"),
+        "'format' should be 'mtu-export-bench-baseline/1', found 'mtu-export-bench-baseline/2'",
+    ),
+}
+
+
+def doctored_baseline(path: Path, *doctorings) -> Path:
+    baseline = json.loads((BENCHMARKS / "baseline.json").read_text())
+    for doctor in doctorings:
+        doctor(baseline)
+    path.write_text(json.dumps(baseline))
+    return path
+
+
+@pytest.mark.parametrize("doctor, problem", BAD_BASELINES.values(), ids=BAD_BASELINES.keys())
+def test_bench_check_refuses_a_malformed_baseline_in_one_line(tmp_path, doctor, problem):
+    bad = doctored_baseline(tmp_path / "baseline.json", doctor)
+    result = invoke("bench", "--results", BENCHMARKS / "results" / "bench.json", "--check", bad)
+    assert_clean_failure(result, problem, ConfigError.exit_code)
+
+
+def test_every_baseline_problem_is_listed_at_once_by_the_cli_and_the_api(tmp_path):
+    cases = [case for name, case in BAD_BASELINES.items() if name != "not an object"]  # it hides the unknown mode
+    bad = doctored_baseline(tmp_path / "baseline.json", *(doctor for doctor, _ in cases))
+    result = invoke("bench", "--results", BENCHMARKS / "results" / "bench.json", "--check", bad)
+    for _, problem in cases:
+        assert_clean_failure(result, problem, ConfigError.exit_code)
+    with pytest.raises(
+        ConfigError, match="'format' should be .*'latency_ratio_max' should be a number.*'graph_psnr_min_db' is missing"
+    ):
+        check(json.loads((BENCHMARKS / "results" / "bench.json").read_text()), json.loads(bad.read_text()))
+
+
+def test_the_shipped_baseline_is_valid(tmp_path):
+    results = json.loads((BENCHMARKS / "results" / "bench.json").read_text())
+    assert isinstance(check(results, json.loads((BENCHMARKS / "baseline.json").read_text())), list)
+
+
+def test_bench_refuses_a_malformed_baseline_before_measuring(pipeline_dir, tmp_path):
+    assert invoke("upcycle", pipeline_dir, "--out", tmp_path / "mtu").exit_code == 0
+    bad = doctored_baseline(tmp_path / "baseline.json", BAD_BASELINES["missing key"][0])
+    quick = ("--rounds", "1", "--pairs", "1", "--repeats", "1", "--warmup", "0", "--steps", "1", "--modes", "none")
+    quick += ("--image-count", "0", "--base", pipeline_dir)  # a run that would measure
+    result = invoke("bench", tmp_path / "mtu", "--out", tmp_path / "report", *quick, "--check", bad)
+    assert_clean_failure(result, "'graph_psnr_min_db' is missing", ConfigError.exit_code)
+    assert result.stdout == "" and not (tmp_path / "report").exists()  # nothing measured, nothing written

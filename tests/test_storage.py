@@ -1,15 +1,29 @@
 """Atomic outputs: replaced as a whole, links never followed into what they point to, clean errors on unwritable
-paths, and the permissions of a plain mkdir."""
+paths and a full disk, the permissions of a plain mkdir, and no `.partial` folder left by SIGTERM or SIGKILL.
+Pickle weights: refused before anything unpickles them, never copied."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
-from test_cli import assert_clean_failure, invoke
+import torch
+import typer
+from test_cli import assert_clean_failure, invoke, runner
 
-from mtu_export.errors import InputError
-from mtu_export.storage import atomic_output_dir, write_json
+from mtu_export.errors import DiskFullError, InputError
+from mtu_export.storage import atomic_output_dir, link_or_copy_tree, write_json
+from mtu_export.upcycle import load_components
+
+VAE_PICKLE = "diffusion_pytorch_model.bin"
+KILL_TIMEOUT_S = 60  # a killed writer must be gone (and a SIGTERMed one cleaned up) well within this
 
 
 def test_failure_inside_leaves_nothing(tmp_path):
@@ -64,3 +78,166 @@ def test_json_outputs_create_their_folder(tmp_path):
     write_json(tmp_path / "new" / "deeper" / "result.json", {"ok": True})
     assert (tmp_path / "new" / "deeper" / "result.json").read_text().strip().endswith("}")
     assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["result.json"]
+
+
+# ------------------------------------------------------------------------------------------------- killed writers
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mtu_export.storage import atomic_output_dir
+
+    with atomic_output_dir(Path(sys.argv[1]), overwrite=True) as tmp:
+        (tmp / "half.txt").write_text("half")
+        print("writing", flush=True)
+        time.sleep(float(sys.argv[2]))
+        (tmp / "new.txt").write_text("new")
+    """
+)
+
+
+def write_in_subprocess(out: Path, sleep_s: float) -> subprocess.Popen:
+    """A writer that has its temp folder open (it printed `writing`) and sleeps inside it."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(sleep_s)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def partials(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_writer_leaves_no_partial_folder_after_the_next_run(tmp_path, sig):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    proc = write_in_subprocess(out, sleep_s=KILL_TIMEOUT_S)
+    assert len(partials(tmp_path)) == 1
+    proc.send_signal(sig)
+    assert proc.wait(timeout=KILL_TIMEOUT_S) == (128 + signal.SIGTERM if sig == signal.SIGTERM else -sig)
+    # SIGTERM: the writer cleans up itself; SIGKILL cannot be caught, so the next write to `out` removes it
+    assert len(partials(tmp_path)) == (0 if sig == signal.SIGTERM else 1)
+    assert (out / "old.txt").read_text() == "old" and sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    next_run = write_in_subprocess(out, sleep_s=0)
+    assert next_run.wait(timeout=KILL_TIMEOUT_S) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["half.txt", "new.txt"]
+
+
+def test_sigterm_handler_is_restored_after_writing(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM raises: the temp folder is removed
+        (tmp / "a.txt").write_text("a")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_live_writers_partial_folder_is_kept(tmp_path):
+    with atomic_output_dir(tmp_path / "out", overwrite=True) as first:
+        (first / "a.txt").write_text("a")
+        with atomic_output_dir(tmp_path / "out", overwrite=True) as second:  # same output, this process alive
+            assert first.is_dir() and second.is_dir() and first != second
+        assert (first / "a.txt").is_file()
+    assert partials(tmp_path) == []
+
+
+def test_a_full_disk_is_one_clean_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(DiskFullError, match="no space left on the device while writing .*out.*free space"):
+        with atomic_output_dir(tmp_path / "out") as tmp, open("/dev/full", "wb") as full:
+            (tmp / "half.txt").write_text("half")
+            full.write(b"x" * 8192)
+            full.flush()  # ENOSPC, a real one: /dev/full
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_maps_a_full_disk_to_its_exit_code(tmp_path):
+    from mtu_export.cli import handles_errors
+
+    app = typer.Typer()
+
+    @app.command()
+    @handles_errors
+    def write(out: Path) -> None:
+        with atomic_output_dir(out) as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"w")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "weights.safetensors"))
+
+    result = runner.invoke(app, [str(tmp_path / "out")])
+    assert_clean_failure(result, "weights.safetensors); nothing was written — free space", DiskFullError.exit_code)
+    assert DiskFullError.exit_code == 8 and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- pickles
+class Payload:
+    """Unpickling this creates `marker`: what a malicious .bin could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def write_payload(path: Path, marker: Path) -> Path:
+    torch.save({"decoder.conv_out.weight": Payload(marker)}, path)
+    torch.load(path, weights_only=False)  # the payload is live: loading it without care runs code ...
+    assert marker.exists()
+    marker.unlink()  # ... so the marker must not come back
+    return path
+
+
+@pytest.fixture
+def pickled_pipeline(pipeline_dir: Path, tmp_path: Path) -> Path:
+    """The tiny pipeline with its VAE weights in a pickle instead of safetensors."""
+    pipeline = tmp_path / "pickled"
+    shutil.copytree(pipeline_dir, pipeline)
+    (pipeline / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    write_payload(pipeline / "vae" / VAE_PICKLE, tmp_path / "pwned")
+    return pipeline
+
+
+def assert_pickle_refused(result, marker: Path) -> None:
+    assert_clean_failure(result, f"vae/{VAE_PICKLE}", InputError.exit_code)
+    assert "safe_serialization=True" in result.stderr and "loads safetensors only" in result.stderr
+    assert not marker.exists()
+
+
+def test_upcycle_refuses_a_pipeline_with_pickle_weights(pickled_pipeline, tmp_path):
+    assert_pickle_refused(invoke("upcycle", pickled_pipeline, "--out", tmp_path / "mtu"), tmp_path / "pwned")
+    assert not (tmp_path / "mtu").exists()
+
+
+def test_loading_components_refuses_pickle_weights(pickled_pipeline, tmp_path):
+    for call in (
+        lambda: load_components(pickled_pipeline),
+        lambda: link_or_copy_tree(pickled_pipeline, tmp_path / "c"),
+    ):
+        with pytest.raises(InputError, match=f"pickle file.*vae/{VAE_PICKLE}.*safe_serialization=True"):
+            call()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "c").exists()
+
+
+def test_fold_and_export_refuse_a_checkpoint_whose_pipeline_holds_a_pickle(pipeline_dir, tmp_path):
+    assert invoke("upcycle", pipeline_dir, "--out", tmp_path / "mtu").exit_code == 0
+    vae = tmp_path / "mtu" / "pipeline" / "vae"
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    write_payload(vae / VAE_PICKLE, tmp_path / "pwned")
+    fold = invoke("fold", tmp_path / "mtu", "--task", "t2i", "--out", tmp_path / "folded")
+    assert_pickle_refused(fold, tmp_path / "pwned")
+    export = invoke("onnx", tmp_path / "mtu", "--task", "t2i", "--out", tmp_path / "onnx", "--image-count", "0")
+    assert_pickle_refused(export, tmp_path / "pwned")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mtu"]
+
+
+def test_pickles_beside_safetensors_are_neither_loaded_nor_copied(pipeline_dir, tmp_path):
+    pipeline = tmp_path / "both"
+    shutil.copytree(pipeline_dir, pipeline)
+    write_payload(pipeline / "vae" / VAE_PICKLE, tmp_path / "pwned")  # as Hub snapshots often hold both
+    assert invoke("upcycle", pipeline, "--out", tmp_path / "mtu").exit_code == 0
+    load_components(pipeline)
+    fold = invoke("fold", tmp_path / "mtu", "--task", "t2i", "--out", tmp_path / "folded")
+    assert fold.exit_code == 0, fold.output
+    assert not (tmp_path / "pwned").exists()
+    copied = [p for p in (tmp_path / "mtu").rglob("*")] + [p for p in (tmp_path / "folded").rglob("*")]
+    assert [p for p in copied if p.suffix == ".bin"] == []
