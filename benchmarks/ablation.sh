@@ -24,7 +24,7 @@ run() {  # run NAME TASKS -- train options...
   if [[ -f $dir/eval.json ]]; then echo "== $name: done"; return; fi
   mkdir -p "$dir/work"
   for t in t2i edit sr inpaint; do
-    [[ -f $CACHES/cache-$t.safetensors ]] && ln -f "$CACHES/cache-$t.safetensors" "$dir/work/" 2>/dev/null || true
+    [[ -d $CACHES/cache-$t && ! -d $dir/work/cache-$t ]] && cp -rl "$CACHES/cache-$t" "$dir/work/" 2>/dev/null || true
   done
   echo "== $name: train $*"
   "$BIN/mtu-export" train "$BASE" --work "$dir/work" --out "$dir/out" --steps "$STEPS" --resume --overwrite "$@"

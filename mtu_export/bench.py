@@ -38,8 +38,8 @@ from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import export_onnx
 from mtu_export.export.runtime import session
 from mtu_export.fold import fold_task
-from mtu_export.sample import TWO_SCALE_TASKS
 from mtu_export.storage import read_json, write_json
+from mtu_export.tasks import BUILTIN, declared
 from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
 
 Log = Callable[[str], None]
@@ -395,7 +395,7 @@ class _PipelineParts:
 def _bench_task(
     task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, pipeline: _PipelineParts, log: Log
 ) -> dict:
-    batch = 3 if task in TWO_SCALE_TASKS else 2  # the guidance batch the task's sampler uses
+    batch = 3 if BUILTIN.get(task, declared(task)).image_guidance else 2  # the guidance batch of its sampler
     channels = models.mtu.config.in_channels
     feed = unet_feed(dict(models.mtu.config), channels, batch, tokens, config.seed)
     one = {k: (v[:1] if v.dim() else v) for k, v in feed.items()}
@@ -569,29 +569,28 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
     """MTU training step (the paper's trainable split) ÷ full fine-tune step of the same model on the same batch,
     timed in interleaved pairs (forward, backward, AdamW step)."""
     from mtu_export.config import TrainConfig
-    from mtu_export.train import CACHE_BATCH, TaskLoss, build_cache, load_base, load_cache, make_batches, prepare_model
+    from mtu_export.loop import process_state
+    from mtu_export.train import TaskLoss, build_caches, load_base, make_batches, prepare_model, training_sources
     from mtu_export.vocab import tokenize
 
     vae, text_encoder, tokenizer, unet, scheduler = load_base(Path(base))
-    cache_size = min(CACHE_BATCH, 4 * batch_size)
+    cache_size = min(200, 4 * batch_size)
     configs = {
         kind: TrainConfig(batch_size=batch_size, cache_size=cache_size, trainable=kind) for kind in ("mtu", "full")
     }
     with tempfile.TemporaryDirectory(prefix="mtu-train-bench-") as work:
-        caches = {}
-        for task in configs["mtu"].weights():
-            build_cache(task, vae, tokenizer, cache_size, Path(work) / f"cache-{task}.safetensors")
-            caches[task] = load_cache(Path(work), task, cache_size)
-    batch = make_batches(
-        configs["mtu"],
-        caches,
-        text_encoder,
-        tokenize(tokenizer, [""]),
-        scheduler,
-        vae.config.scaling_factor,
-        torch.Generator().manual_seed(0),
-        torch.device("cpu"),
-    )
+        sources = training_sources(configs["mtu"], Path(base))
+        caches = build_caches(Path(work), sources, vae, tokenizer, process_state())
+        batch = make_batches(
+            configs["mtu"],
+            caches,
+            text_encoder,
+            tokenize(tokenizer, [""]),
+            scheduler,
+            vae.config.scaling_factor,
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+        )
     steps = {}
     counts = {}
     for kind, config in configs.items():
@@ -619,13 +618,77 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
 
 # --------------------------------------------------------------------------------------------------------- check
 DEFAULT_TOLERANCES = {"latency_ratio_max": 1.10, "bundle_ratio_slack": 0.0, "graph_psnr_min_db": 60.0}
+BASELINE_FORMAT = "mtu-export-bench-baseline/1"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# key -> (a table keyed by task / mode?, what each value must be, the test)
+BASELINE_SCHEMA = {
+    "latency_ratio_max": (False, "a number", _is_number),
+    "bundle_ratio_max": (False, "a number", _is_number),
+    "graph_psnr_min_db": (False, "a number", _is_number),
+    "flops": (True, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "image_psnr_min_db": (True, "a number or null", lambda v: v is None or _is_number(v)),
+}
+
+
+def baseline_problems(baseline: dict) -> list[str]:
+    """Every way `baseline` departs from what `make_baseline` writes: unknown format, keys missing, wrong types."""
+    problems = []
+    if baseline.get("format") != BASELINE_FORMAT:
+        found = f"found {baseline['format']!r}" if "format" in baseline else "it is missing"
+        problems.append(f"'format' should be {BASELINE_FORMAT!r}, {found}")
+    for key, (table, expected, ok) in BASELINE_SCHEMA.items():
+        value = baseline.get(key)
+        if key not in baseline:
+            problems.append(f"'{key}' is missing")
+        elif table and not isinstance(value, dict):
+            problems.append(f"'{key}' should be an object of {expected} per entry, found {_json_type(value)}")
+        elif table:
+            problems += [
+                f"'{key}.{k}' should be {expected}, found {_json_type(v)}" for k, v in value.items() if not ok(v)
+            ]
+        elif not ok(value):
+            problems.append(f"'{key}' should be {expected}, found {_json_type(value)}")
+    modes = baseline.get("image_psnr_min_db")
+    unknown = [m for m in modes if m not in ("none", *QUANT_MODES)] if isinstance(modes, dict) else []
+    if unknown:
+        problems.append(
+            f"'image_psnr_min_db' has unknown mode(s) {', '.join(unknown)} (known: none, {', '.join(QUANT_MODES)})"
+        )
+    return problems
+
+
+def _json_type(value) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    shown = repr(value) if len(repr(value)) <= 30 else repr(value)[:27] + "..."
+    return "null" if value is None else f"{names.get(type(value), type(value).__name__)} {shown}"
+
+
+def read_baseline(path: Path) -> dict:
+    """A `--check` baseline, validated in full before any measuring; one ConfigError lists every problem."""
+    baseline = read_json(Path(path))
+    _require_valid(baseline, str(path))
+    return baseline
+
+
+def _require_valid(baseline: dict, where: str) -> None:
+    problems = baseline_problems(baseline)
+    if problems:
+        raise ConfigError(
+            f"{where} is not a valid bench baseline: {'; '.join(problems)} — fix it, or regenerate it with "
+            "`mtu-export bench CHECKPOINT --save-baseline FILE`"
+        )
 
 
 def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
     """A CI baseline from a run: exact FLOPs per task, the bundle ratio, PSNR floors, ratio tolerances."""
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     return {
-        "format": "mtu-export-bench-baseline/1",
+        "format": BASELINE_FORMAT,
         "latency_ratio_max": tol["latency_ratio_max"],
         "flops": {task: row["flops_per_call_batch1"]["mtu"]["torch"] for task, row in results["tasks"].items()},
         "bundle_ratio_max": results["bundle"]["size_ratio"] + tol["bundle_ratio_slack"],
@@ -640,7 +703,9 @@ def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
 
 
 def check(results: dict, baseline: dict) -> list[str]:
-    """Every way `results` violates `baseline` (empty: the gate passes). Ratios only; no absolute times."""
+    """Every way `results` violates `baseline` (empty: the gate passes). Ratios only; no absolute times. A malformed
+    baseline raises ConfigError listing all its problems."""
+    _require_valid(baseline, "the baseline")
     problems = []
     limit = baseline["latency_ratio_max"]
     for task, row in results["tasks"].items():

@@ -21,7 +21,7 @@ from rich.table import Table
 # Users who want diffusers' logs back set DIFFUSERS_VERBOSITY themselves.
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from mtu_export.config import DEFAULT_TASK_CHANNELS, MoEConfig, parse_tasks
+from mtu_export.config import MoEConfig
 from mtu_export.errors import MtuError
 
 app = typer.Typer(
@@ -37,6 +37,32 @@ F = TypeVar("F", bound=Callable)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+DataOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        help="TASK=PATH: a local dataset for a task (image folder with metadata.jsonl/.csv, .parquet, .jsonl, .csv "
+        "or a save_to_disk folder); repeat per task. Tasks without one use the shapes world.",
+    ),
+]
+ColumnOption = Annotated[
+    list[str] | None,
+    typer.Option("--column", help="TASK.ROLE=NAME: read ROLE (image, prompt, source, mask, low_res) from column NAME."),
+]
+
+
+def _data(data: list[str] | None, columns: list[str] | None) -> dict:
+    from mtu_export.data import parse_data
+
+    return parse_data(data, columns)
+
+
+def _parse_tasks(text: str, source: Path):
+    """Task specs with the built-ins' channels for the model at `source` (its latent channels and VAE factor)."""
+    from mtu_export.data import task_geometry
+    from mtu_export.tasks import parse_tasks
+
+    return parse_tasks(text, *task_geometry(source))
 
 
 def handles_errors(command: F) -> F:
@@ -65,7 +91,10 @@ def upcycle(
     out: OutOption,
     tasks: Annotated[
         str,
-        typer.Option(help=f"Comma-separated tasks, `name` or `name:channels` (defaults: {DEFAULT_TASK_CHANNELS})."),
+        typer.Option(
+            help="Comma-separated tasks: built-ins t2i, edit, sr, inpaint (their own channels), or a new "
+            "image-conditioned task `name:8` (latent + source latent, as InstructPix2Pix)."
+        ),
     ] = "t2i,edit,sr,inpaint",
     experts: Annotated[int, typer.Option(help="Experts per FFN (N); must divide the FFN hidden width.")] = 4,
     task_embed_dim: Annotated[int, typer.Option(help="Width of the learned task embedding.")] = 64,
@@ -75,7 +104,7 @@ def upcycle(
     """Turn a pretrained diffusers UNet into a multi-task MTU checkpoint (exact at initialisation)."""
     from mtu_export.upcycle import describe, upcycle_folder
 
-    config = MoEConfig(parse_tasks(tasks), experts, task_embed_dim, router_hidden_dim)
+    config = MoEConfig(_parse_tasks(tasks, source), experts, task_embed_dim, router_hidden_dim)
     with console.status(f"upcycling {source} ..."):
         ckpt = upcycle_folder(source, out, config, overwrite=overwrite)
     summary = describe(ckpt.model)
@@ -136,14 +165,30 @@ def info(
 @app.command()
 @handles_errors
 def world(
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG file to write.")] = None,
     task: Annotated[str, typer.Option(help="t2i, edit, sr, inpaint, or all (one column block per task).")] = "all",
     split: Annotated[str, typer.Option(help="train, heldout or unseen.")] = "train",
-    count: Annotated[int, typer.Option(min=1, max=64, help="Examples per task.")] = 8,
+    count: Annotated[int, typer.Option(min=1, help="Examples per task (a grid shows at most 64).")] = 8,
     start: Annotated[int, typer.Option(min=0, help="Index of the first example.")] = 0,
+    export_dataset: Annotated[
+        Path | None, typer.Option(help="Write --count examples of --task as an image-folder dataset here instead.")
+    ] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Render a PNG grid of shapes-world examples: the inputs (if any), then the target, per row; a block per task."""
+    """Render a PNG grid of shapes-world examples (inputs, then the target, per row; a block per task), or write
+    them as a dataset folder that `--data` reads (--export-dataset)."""
+    from mtu_export.errors import ConfigError
+
+    if (out is None) == (export_dataset is None):
+        raise ConfigError("give --out PNG (a grid) or --export-dataset DIR (a dataset), one of the two")
+    if export_dataset is not None:
+        from mtu_export.data import export_world_dataset
+
+        path = export_world_dataset(export_dataset, task, split, count, overwrite=overwrite)
+        console.print(f"wrote {path}: {count} {task} examples of the {split} split (images/ + metadata.jsonl)")
+        return
+    if count > 64:
+        raise ConfigError(f"a grid shows at most 64 examples per task, got --count {count}")
     from mtu_export.world_grid import write_grid
 
     path = write_grid(out, task, split, count, start, overwrite=overwrite)
@@ -218,14 +263,23 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --work.")] = False,
     stop_at: Annotated[int | None, typer.Option(help="End this call after this step (resume later).")] = None,
+    data: DataOption = None,
+    column: ColumnOption = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Training images in pixels (default: the UNet's sample size x VAE factor).")
+    ] = None,
+    mixed_precision: Annotated[str, typer.Option(help="accelerate autocast: no, fp16 (GPU) or bf16.")] = "no",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in backward (less memory, slower).")
+    ] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Train an MTU checkpoint (or a single-task baseline) on the shapes world, on accelerate; `accelerate launch`
-    runs the same command on several processes."""
+    """Train an MTU checkpoint (or a single-task baseline) on your --data datasets or the shapes world, on
+    accelerate; `accelerate launch` runs the same command on several processes."""
     from mtu_export.config import TrainConfig
     from mtu_export.train import train as run
 
-    specs = parse_tasks(tasks)
+    specs = _parse_tasks(tasks, base)
     config = TrainConfig(
         tasks=specs,
         num_experts=experts,
@@ -242,6 +296,10 @@ def train(
         checkpoint_every=checkpoint_every,
         seed=seed,
         stop_at=stop_at,
+        data=tuple(_data(data, column).values()),
+        resolution=resolution,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
     )
     path = run(config, base, work, out, resume=resume, overwrite=overwrite)
     console.print(f"wrote {path}" if path else f"stopped at step {stop_at}; continue with --resume")
@@ -279,6 +337,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     grid: Annotated[Path | None, typer.Option(help="Also write a PNG of generated images.")] = None,
+    data: DataOption = None,
+    column: ColumnOption = None,
 ) -> None:
     """Measure a shapes-world pipeline (VAE PSNR, text-to-image scene-reader accuracy) or every task of an MTU
     checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr)."""
@@ -286,9 +346,14 @@ def evaluate(
     from mtu_export.storage import write_json
 
     config = EvalConfig(split=split, count=count, first=first, steps=steps, guidance=guidance, seed=seed)
+    specs = _data(data, column)
     if (pipeline / "mtu_config.json").is_file():
-        _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid)
+        _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid, specs)
         return
+    if specs:
+        from mtu_export.errors import ConfigError
+
+        raise ConfigError("--data evaluates a checkpoint's tasks; a base pipeline is scored on the shapes world")
     result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
     vae, acc = result["vae"], result["t2i_accuracy"]
     console.print(f"VAE reconstruction on {split}: {vae['psnr_mean_db']:.2f} dB mean, {vae['psnr_min_db']:.2f} worst")
@@ -321,6 +386,8 @@ def parity_report(
     guidance: Annotated[float, typer.Option(help="Text guidance scale.")] = 7.5,
     image_guidance: Annotated[float, typer.Option(help="Image guidance scale (edit, sr).")] = 1.5,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    data: DataOption = None,
+    column: ColumnOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """MTU vs single-task baselines, task by task: parity.json, parity.md and a grid per task
@@ -332,7 +399,7 @@ def parity_report(
     baselines = dict(_task_path(item) for item in baseline)
     config = EvalConfig(split=split, count=count, steps=steps, guidance=guidance, seed=seed)
     sampler = SamplerConfig(steps, guidance, image_guidance, seed)
-    report = write_report(mtu, baselines, config, sampler, out, overwrite)
+    report = write_report(mtu, baselines, config, sampler, out, overwrite, _data(data, column))
     for task, entry in report["parity"].items():
         row = entry["metrics"][entry["primary"]]
         ratio = f"MTU {row['mtu']:.4f} / single {row['single']:.4f} = {row['ratio']:.4f}"
@@ -340,13 +407,13 @@ def parity_report(
     console.print(f"wrote {out}/parity.md")
 
 
-def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, json_out, grid) -> None:
+def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, json_out, grid, data) -> None:
     from mtu_export.evaluate import evaluate_checkpoint
     from mtu_export.sample import SamplerConfig
     from mtu_export.storage import write_json
 
     sampler = SamplerConfig(config.steps, config.guidance, image_guidance, config.seed)
-    results, images = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,))
+    results, images, _ = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,), data=data)
     table = Table(title=f"{path} on {config.split} ({config.count} examples, {config.steps} steps)")
     for column in ("task", "psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr"):
         table.add_column(column, justify="right")
@@ -357,6 +424,7 @@ def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, j
     if json_out:
         settings = {"split": config.split, "first": config.first, "count": config.count, "steps": config.steps}
         settings |= {"guidance": config.guidance, "image_guidance": image_guidance, "seed": config.seed}
+        settings["data"] = {t: spec.path for t, spec in data.items()}
         write_json(json_out, {"checkpoint": str(path), **settings, "tasks": results})
         console.print(f"wrote {json_out}")
     if grid:
@@ -400,6 +468,8 @@ def onnx_command(
     quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8 or fp16.")] = "none",
     allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
     image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
+    data: DataOption = None,
+    column: ColumnOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold and export to ONNX in optimum's folder layout, validating every graph against torch."""
@@ -417,7 +487,10 @@ def onnx_command(
         allow_drift=allow_drift,
         image_count=image_count,
     )
-    manifest = export_onnx(checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)))
+    specs = _data(data, column)
+    manifest = export_onnx(
+        checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)), data=specs
+    )
     _print_export_report(manifest)
     console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
 
@@ -434,6 +507,8 @@ def coreml_command(
     width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
     quantize: Annotated[str, typer.Option(help="UNet: none, int8, palettize-6, palettize-4, int4-block.")] = "none",
     allow_drift: Annotated[bool, typer.Option(help="Keep packages that drift from torch (macOS check).")] = False,
+    data: DataOption = None,
+    column: ColumnOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold and convert to Core ML .mlpackages (a multifunction UNet for all tasks); structure checked here,
@@ -450,7 +525,10 @@ def coreml_command(
         quantize=quantize,
         allow_drift=allow_drift,
     )
-    manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)))
+    specs = _data(data, column)
+    manifest = export_coreml(
+        checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)), data=specs
+    )
     table = Table(title="Core ML packages (reloaded, spec read)")
     for column in ("package", "functions", "inputs", "outputs", "ops", "MB"):
         table.add_column(column)
@@ -558,11 +636,12 @@ def bench_command(
 ) -> None:
     """Folded MTU vs single-task UNets side by side (latency, GFLOPs, size, memory, quality) -> JSON, Markdown,
     PNG; with --check, a CI gate on ratios measured in the same run."""
-    from mtu_export.bench import BenchConfig, bench, make_baseline
+    from mtu_export.bench import BenchConfig, bench, make_baseline, read_baseline
     from mtu_export.bench import check as check_results
     from mtu_export.errors import ConfigError
     from mtu_export.storage import read_json, write_json
 
+    gate = read_baseline(check) if check is not None else None  # a broken baseline fails now, not after measuring
     if results is not None:
         report = read_json(results)
     else:
@@ -590,7 +669,7 @@ def bench_command(
         write_json(save_baseline, make_baseline(report))
         console.print(f"wrote {save_baseline}")
     if check is not None:
-        problems = check_results(report, read_json(check))
+        problems = check_results(report, gate)
         if problems:
             for problem in problems:
                 stderr.print(f"[bold red]violation:[/] {escape(problem)}", highlight=False)

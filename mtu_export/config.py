@@ -38,30 +38,6 @@ class TaskSpec:
             raise ConfigError(f"task {self.name!r} needs at least 1 input channel, got {self.in_channels}")
 
 
-def parse_tasks(text: str, channels: dict[str, int] | None = None) -> tuple[TaskSpec, ...]:
-    """Parse `t2i,edit,sr:7,inpaint` (optional `:channels`; defaults from DEFAULT_TASK_CHANNELS)."""
-    known = dict(DEFAULT_TASK_CHANNELS, **(channels or {}))
-    specs = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        name, _, count = item.partition(":")
-        if count:
-            if not count.isdigit():
-                raise ConfigError(f"task {item!r}: channel count must be an integer, as in 'sr:7'")
-            specs.append(TaskSpec(name, int(count)))
-        elif name in known:
-            specs.append(TaskSpec(name, known[name]))
-        else:
-            raise ConfigError(
-                f"unknown task {name!r}; known: {', '.join(known)}{did_you_mean(name, list(known))} "
-                f"(or give a new task its channel count, as in '{name}:8')"
-            )
-    if not specs:
-        raise ConfigError("no tasks given; pass e.g. --tasks t2i,edit,sr,inpaint")
-    return tuple(specs)
-
-
 @dataclass(frozen=True)
 class MoEConfig:
     """How FFNs are upcycled: N experts per FFN and a task-embedding router per layer."""
@@ -218,6 +194,19 @@ def _check_keys(data: dict[str, Any], cls: type, source: str) -> None:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
 
+# ------------------------------------------------------------------------------------------------------------ data
+@dataclass(frozen=True)
+class DataSpec:
+    """One `--data TASK=PATH`: a local dataset for a task, with column overrides (role -> column name)."""
+
+    task: str
+    path: str
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
 # ----------------------------------------------------------------------------------------------------- MTU training
 @dataclass(frozen=True)
 class TrainConfig:
@@ -243,8 +232,18 @@ class TrainConfig:
     cache_size: int = 4000  # train examples per task, VAE-encoded once
     seed: int = 0
     stop_at: int | None = None  # end this call early (checkpointed); the run resumes with --resume
+    data: tuple[DataSpec, ...] = ()  # user datasets per task; tasks without one train on the shapes world
+    resolution: int | None = None  # pixels; None: the UNet's sample_size times the VAE factor
+    mixed_precision: str = "no"  # accelerate's autocast: no, fp16 (GPU) or bf16
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConfigError(f"--resolution {self.resolution} must be a positive multiple of 8")
         if self.single_task is not None:
             names = [t.name for t in self.tasks]
             if self.single_task not in names:
@@ -271,6 +270,12 @@ class TrainConfig:
             raise ConfigError(f"cache_size must be positive, got {self.cache_size}")
         self.stage()  # validates steps, batch size, lr, warm-up
         self.moe()
+        trained = set(self.weights())
+        for spec in self.data:
+            if spec.task not in trained:
+                raise ConfigError(
+                    f"--data names task {spec.task!r}, which this run does not train ({', '.join(sorted(trained))})"
+                )
 
     def weights(self) -> dict[str, float]:
         """Sampling weight per trained task (one task with weight 1 for a baseline)."""

@@ -1,7 +1,8 @@
 """Quality of a shapes-world pipeline on a held-out split: VAE reconstruction PSNR and text-to-image attribute
 accuracy by the scene reader (the way CLIP score is used for Stable Diffusion).
 
-Loads pipelines with plain diffusers, exactly as a user would. Imports errors, reader, storage and world.
+Loads pipelines with plain diffusers, exactly as a user would. Checkpoints are evaluated on the shapes world or on a
+task's `--data` dataset. Imports errors, reader, tasks and world (data, sample and upcycle inside functions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.reader import accuracy, score
+from mtu_export.tasks import TaskDef, model_tasks
 from mtu_export.world import SPLITS, make_example
 
 
@@ -130,32 +132,52 @@ def bicubic(low_res: np.ndarray, size: int = 64) -> np.ndarray:
     return np.asarray(Image.fromarray(low_res).resize((size, size), Image.BICUBIC))
 
 
-def example_metrics(task: str, example, image: np.ndarray) -> dict[str, float]:
-    """Per-example metrics of a generated `image` (uint8 (64, 64, 3)) for `task`."""
-    if task == "t2i":
+def example_metrics(task: TaskDef, example, image: np.ndarray) -> dict[str, float]:
+    """Per-example metrics of a generated `image` (uint8 (H, W, 3)) for `task`, with its do-nothing floor."""
+    if not task.has_image_input:
         return {}
     out = {"psnr": psnr(example.target, image), "ssim": ssim(example.target, image)}
-    if task == "inpaint":
+    if example.mask is not None:
         out["psnr_mask"] = masked_psnr(example.target, image, example.mask)
-    if task == "sr":
-        floor = bicubic(example.source)
+    if task.floor == "bicubic":
+        floor = bicubic(example.source, example.target.shape[0])
         out["bicubic_psnr"], out["bicubic_ssim"] = psnr(example.target, floor), ssim(example.target, floor)
-    if task == "edit":  # the floor of an edit: hand back the source unchanged
+    elif task.floor == "source":  # the floor of an edit: hand back the source unchanged
         unchanged = example.source
         out["source_psnr"], out["source_ssim"] = psnr(example.target, unchanged), ssim(example.target, unchanged)
     return out
 
 
-def summarise(task: str, examples: list, images: list[np.ndarray]) -> dict[str, float]:
-    """Mean metrics over a split: PSNR / SSIM to ground truth (edit, sr, inpaint) and scene-reader accuracy against
-    the target scene's caption (t2i: is the caption drawn; edit: did the edit happen)."""
+def summarise(task: TaskDef, examples: list, images: list[np.ndarray]) -> dict[str, float]:
+    """Mean metrics over a split: PSNR / SSIM to ground truth (image-conditioned tasks) and, on the shapes world,
+    scene-reader accuracy against the target scene's caption (t2i: is the caption drawn; edit: did the edit
+    happen)."""
     rows = [example_metrics(task, e, im) for e, im in zip(examples, images, strict=True)]
     out = {k: float(np.mean([r[k] for r in rows])) for k in (rows[0] if rows else {})}
-    if task in ("t2i", "edit"):
+    if task.reader_scored and all(e.scene is not None for e in examples):
         out["reader_accuracy"] = accuracy(
             [score(im, e.scene.caption()) for e, im in zip(examples, images, strict=True)]
         )["all"]
     return out
+
+
+def evaluation_source(task: TaskDef, spec, config: EvalConfig, pipeline_dir: Path, unet_config: dict):
+    """Where `task` is evaluated: its `--data` dataset (image-conditioned tasks) or the shapes world's split; the
+    ranges `config` asks for must lie inside a dataset."""
+    from mtu_export.data import open_source, pipeline_geometry
+
+    if spec is not None and not task.has_image_input:
+        raise ConfigError(
+            f"--data for {task.name}: text-to-image has no reference metric on your own images here (FID and CLIP "
+            "score need hub models); evaluate it on the shapes world, or score exported images with your own tools"
+        )
+    _, factor, size = pipeline_geometry(pipeline_dir, unet_config)
+    source = open_source(task, spec, config.split, size, factor)
+    if spec is not None and config.first + config.count > len(source):
+        raise ConfigError(
+            f"{spec.path} has {len(source)} rows; --first {config.first} --count {config.count} runs past them"
+        )
+    return source
 
 
 def evaluate_checkpoint(
@@ -164,27 +186,39 @@ def evaluate_checkpoint(
     sampler,
     tasks: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
+    data: dict | None = None,
 ) -> tuple:
-    """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` and measure it, logging a
-    line per batch. Returns (results per task, generated images per task)."""
+    """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` (or a task's `--data`
+    dataset) and measure it, logging a line per batch. Returns results, generated images and the examples, each
+    per task."""
+    from mtu_export.data import check_data_tasks
     from mtu_export.sample import denoiser_for, sample_examples
     from mtu_export.upcycle import load_checkpoint, load_components
 
     ckpt = load_checkpoint(path, dtype=torch.float32)
     if ckpt.pipeline_dir is None:
         raise InputError(f"{path} was upcycled from a UNet folder; evaluation needs its pipeline (VAE, text encoder)")
-    vae, text_encoder, tokenizer, scheduler = load_components(ckpt.pipeline_dir)
-    results, generated = {}, {}
-    for task in tasks or ckpt.model.config.task_names:
+    defs = model_tasks(ckpt.model)
+    chosen = tasks or ckpt.model.config.task_names
+    for task in chosen:
         ckpt.model.config.task(task)  # a clear error for a task the checkpoint lacks
+    data = data or {}
+    check_data_tasks(data, tuple(chosen), str(path))
+    unet_config = dict(ckpt.model.unet.config)
+    sources = {t: evaluation_source(defs[t], data.get(t), config, ckpt.pipeline_dir, unet_config) for t in chosen}
+    vae, text_encoder, tokenizer, scheduler = load_components(ckpt.pipeline_dir)
+    results, generated, inputs = {}, {}, {}
+    for task in chosen:
         examples, images = [], []
         denoise = denoiser_for(ckpt.model, task)
         start = time.perf_counter()
         for indices in config.batches():
-            batch = [make_example(task, config.split, i) for i in indices]
-            images += list(sample_examples(denoise, task, batch, vae, text_encoder, tokenizer, scheduler, sampler))
+            batch = [sources[task].example(i) for i in indices]
+            images += list(
+                sample_examples(denoise, defs[task], batch, vae, text_encoder, tokenizer, scheduler, sampler)
+            )
             examples += batch
             log(f"{path} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
-        results[task] = summarise(task, examples, images)
-        generated[task] = images
-    return results, generated
+        results[task] = summarise(defs[task], examples, images)
+        generated[task], inputs[task] = images, examples
+    return results, generated, inputs

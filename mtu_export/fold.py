@@ -5,7 +5,8 @@ stacks the experts' rows (value rows, then gate rows for GLU activations) and wh
 [w₁W2₁ | … | w_N·W2_N] with bias Σ wᵢ·b2ᵢ. The task's LayerNorm and conv_in are selected. Arithmetic is done in
 float64 and cast back, so the fold adds no rounding of its own beyond the final cast.
 
-Imports config, errors, storage, moe and upcycle (for the checkpoint); never export/bench/cli.
+The pipeline class a folded folder is labelled with comes from the task registry (tasks.py). Imports config,
+errors, storage, tasks, moe and upcycle (for the checkpoint); never export/bench/cli.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from mtu_export.errors import InputError, ParityError
+from mtu_export.errors import ConfigError, InputError, ParityError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.storage import (
     PIPELINE_INDEX,
@@ -30,20 +31,8 @@ from mtu_export.storage import (
     read_json,
     write_json,
 )
+from mtu_export.tasks import pipeline_class, resolve
 from mtu_export.upcycle import load_checkpoint, transformer_blocks
-
-# Pipeline class for a folded task, by base pipeline class. Tasks not listed keep the base class name and are
-# sampled by mtu-export's own samplers (e.g. `sr`: diffusers' x4 upscaler pipeline expects another UNet).
-TASK_PIPELINES: dict[str, dict[str, str]] = {
-    "StableDiffusionPipeline": {
-        "edit": "StableDiffusionInstructPix2PixPipeline",
-        "inpaint": "StableDiffusionInpaintPipeline",
-    },
-    "StableDiffusionXLPipeline": {
-        "edit": "StableDiffusionXLInstructPix2PixPipeline",
-        "inpaint": "StableDiffusionXLInpaintPipeline",
-    },
-}
 
 
 @torch.no_grad()
@@ -168,7 +157,7 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
         else:
             link_or_copy_tree(ckpt.pipeline_dir, tmp)
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            _retarget_pipeline(tmp / PIPELINE_INDEX, spec.name)
+            _retarget_pipeline(tmp / PIPELINE_INDEX, spec, ckpt.model.unet.config.out_channels)
         write_json(
             (tmp / "unet" if ckpt.pipeline_dir else tmp) / "mtu_fold.json",
             {
@@ -184,10 +173,14 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
     return FoldResult(Path(out), spec.name, max_abs_diff)
 
 
-def _retarget_pipeline(index_path: Path, task: str) -> None:
+def _retarget_pipeline(index_path: Path, spec, latent_channels: int) -> None:
+    """Label the folded folder with its task's pipeline class (a task no registry entry covers keeps the base's)."""
     index = read_json(index_path)
     if "unet" not in index:
         raise InputError(f"{index_path} has no 'unet' entry; the checkpoint's pipeline is not a UNet pipeline")
     base_class = index.get("_class_name", "")
-    index["_class_name"] = TASK_PIPELINES.get(base_class, {}).get(task, base_class)
+    try:
+        index["_class_name"] = pipeline_class(resolve(spec, latent_channels), base_class)
+    except ConfigError:
+        index["_class_name"] = base_class
     write_json(index_path, index)

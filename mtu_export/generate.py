@@ -5,7 +5,7 @@ A single-task `t2i` or `inpaint` export runs in optimum's `ORTStableDiffusionPip
 an 8- or 7-channel UNet) and every task of an all-task bundle (its UNet takes a `task_id`) run in this project's
 own sampler (`sample.sample_latents`) over the exported graphs, with text and image guidance as in training.
 
-Imports errors, storage, conditioning, sample, vocab, world_grid and the export runtime.
+Imports config, data, errors, storage, conditioning, sample, tasks, vocab, world_grid and the export runtime.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from mtu_export.conditioning import encode_batch, task_condition, to_uint8
+from mtu_export.config import TaskSpec
+from mtu_export.data import low_res_size
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
 from mtu_export.sample import SamplerConfig, encode_prompts, sample_latents
 from mtu_export.storage import read_json
+from mtu_export.tasks import TaskDef, resolve
 from mtu_export.world import Example
 from mtu_export.world_grid import save_png
 
-OPTIMUM_TASKS = {"t2i": "ORTStableDiffusionPipeline", "inpaint": "ORTStableDiffusionInpaintPipeline"}
-NEEDS = {"edit": ("image",), "sr": ("image",), "inpaint": ("image", "mask")}
 Progress = Callable[[int, int], None]
 
 
@@ -51,18 +52,20 @@ def generate(export_dir: Path, request: GenerateRequest, out: Path, progress: Pr
     if request.task not in manifest["tasks"]:
         known = ", ".join(manifest["tasks"])
         raise ConfigError(f"{export_dir} was exported for {known}, not {request.task!r}; pass --task one of those")
-    for needed in NEEDS.get(request.task, ()):
+    unet_config = read_json(export_dir / "unet" / "config.json")
+    task = resolve(TaskSpec(request.task, manifest["tasks"][request.task]["in_channels"]), unet_config["out_channels"])
+    for needed in task.needs:
         if getattr(request, needed) is None:
             raise ConfigError(f"task {request.task!r} needs --{needed} PNG")
-    size = read_json(export_dir / "unet" / "config.json").get("sample_size") or 64
+    size = unet_config.get("sample_size") or 64
     vae_config = read_json(export_dir / "vae_decoder" / "config.json")
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     pixels = (size[0] if isinstance(size, list) else size) * factor
-    if manifest["kind"] == "task" and request.task in OPTIMUM_TASKS and request.use_optimum:
-        image = _optimum(export_dir, request, pixels, progress)
-        runner = f"optimum {OPTIMUM_TASKS[request.task]}"
+    if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum:
+        image = _optimum(export_dir, task, request, pixels, progress)
+        runner = f"optimum {task.optimum_pipeline}"
     else:
-        image = _own(export_dir, manifest, request, pixels, factor, vae_config, progress)
+        image = _own(export_dir, manifest, task, request, pixels, factor, vae_config, progress)
         runner = "mtu-export ORT sampler"
     save_png(Path(out), image)
     return runner
@@ -87,22 +90,23 @@ def _read_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
         raise InputError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from None
 
 
-def _inputs(request: GenerateRequest, pixels: int, factor: int) -> Example:
-    """The request as an Example, so the training code builds the conditioning. `target` only sets the shape."""
+def _inputs(task: TaskDef, request: GenerateRequest, pixels: int, factor: int) -> Example:
+    """The request as an Example, so the training code builds the conditioning. `target` only sets the shape
+    (inpainting: the image whose hole is repainted)."""
     source = mask = None
-    if request.task == "edit":
+    target = np.zeros((pixels, pixels, 3), np.uint8)
+    if task.super_resolution:
+        source = _read_image(request.image, low_res_size(task, pixels, factor))
+    elif task.condition == "source_latent":
         source = _read_image(request.image, pixels)
-    elif request.task == "sr":
-        source = _read_image(request.image, pixels // factor)  # the low-res image lives at latent resolution
-    elif request.task == "inpaint":
-        source = _read_image(request.image, pixels)
+    elif task.condition == "masked_latent":
+        target = _read_image(request.image, pixels)
         mask = _read_image(request.mask, pixels, "L") > 127  # white = repaint
-    target = source if request.task in ("edit", "inpaint") else np.zeros((pixels, pixels, 3), np.uint8)
     return Example(request.task, request.prompt, target, None, source, mask)
 
 
 @torch.no_grad()
-def _own(export_dir, manifest, request, pixels, factor, vae_config, progress) -> np.ndarray:
+def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_config, progress) -> np.ndarray:
     import diffusers
     from transformers import CLIPTokenizer
 
@@ -123,10 +127,10 @@ def _own(export_dir, manifest, request, pixels, factor, vae_config, progress) ->
         else {"task_id": task_info["task_id"], "channels": manifest["unet_input_channels"]}
     )
     unet = OrtUNet(export_dir / "unet" / "model.onnx", request.threads, **bundle)
-    example = _inputs(request, pixels, factor)
+    example = _inputs(task, request, pixels, factor)
     scaling = vae.config.scaling_factor
-    encoded = encode_batch(request.task, vae, [example])
-    condition = task_condition(request.task, encoded, scaling, torch.Generator().manual_seed(request.seed + 1))
+    encoded = encode_batch(task, vae, [example])
+    condition = task_condition(task, encoded, scaling, torch.Generator().manual_seed(request.seed + 1))
     text = encode_prompts(text_encoder, tokenizer, [request.prompt])
     empty = encode_prompts(text_encoder, tokenizer, [""])
     sampler = SamplerConfig(request.steps, request.guidance, request.image_guidance, request.seed)
@@ -139,16 +143,16 @@ def _own(export_dir, manifest, request, pixels, factor, vae_config, progress) ->
         return unet(x, t, h)
 
     latents = sample_latents(
-        denoise, request.task, scheduler, text, empty, condition, tuple(encoded["target_mean"].shape), sampler
+        denoise, task, scheduler, text, empty, condition, tuple(encoded["target_mean"].shape), sampler
     )
     return to_uint8(vae.decode(latents / scaling).sample)[0]
 
 
-def _optimum(export_dir, request, pixels, progress) -> np.ndarray:
+def _optimum(export_dir, task: TaskDef, request, pixels, progress) -> np.ndarray:
     import optimum.onnxruntime as ort_pipelines
     from PIL import Image
 
-    pipeline_class = getattr(ort_pipelines, OPTIMUM_TASKS[request.task])
+    pipeline_class = getattr(ort_pipelines, task.optimum_pipeline)
     options = None
     if request.threads:
         import onnxruntime
@@ -167,7 +171,7 @@ def _optimum(export_dir, request, pixels, progress) -> np.ndarray:
     )
     if progress:
         kwargs["callback_on_step_end"] = lambda p, i, t, kw: (progress(i + 1, request.steps), kw)[1]
-    if request.task == "inpaint":
+    if task.condition == "masked_latent":
         kwargs["image"] = Image.fromarray(_read_image(request.image, pixels))
         kwargs["mask_image"] = Image.fromarray((_read_image(request.mask, pixels, "L") > 127).astype(np.uint8) * 255)
     images = pipe(request.prompt, **kwargs).images  # (1, H, W, 3) floats in [0, 1]

@@ -40,6 +40,15 @@ def process_state():
     return PartialState(cpu=_cpu_only())
 
 
+def _fresh_accelerator_state() -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed
+    precision; every stage (and every in-process API call) sets its own, so drop the previous stage's. The process
+    group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003) + step) * 1_009 + rank)
 
@@ -162,18 +171,21 @@ def run_stage(
     stop_at: int | None = None,
     find_unused_parameters: bool = False,
     lr_scale: Callable[[str], float] | None = None,
+    mixed_precision: str = "no",
 ) -> tuple[list[nn.Module], dict]:
     """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator, accelerator)` (a loss,
     or (loss, metrics)), resuming from `workdir/<name>-state` when it exists and checkpointing there (also at
     `stop_at`, where this call ends early).
     Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
-    `lr_scale(name)` multiplies the learning rate of the parameter called `name` in its module (default 1).
+    `lr_scale(name)` multiplies the learning rate of the parameter called `name` in its module (default 1);
+    `mixed_precision` (no, fp16, bf16) is accelerate's autocast around the modules' forward.
     Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     process_state()  # set up first, so the process group is the one the launcher made
-    accelerator = Accelerator(cpu=_cpu_only(), kwargs_handlers=[ddp])
+    _fresh_accelerator_state()
+    accelerator = Accelerator(cpu=_cpu_only(), kwargs_handlers=[ddp], mixed_precision=mixed_precision)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(modules, stage.lr, lr_scale), weight_decay=stage.weight_decay)
     factor = _lr_lambda(stage)

@@ -32,6 +32,29 @@ class TaskRouting:
         return self.task, self.embedding
 
 
+def routed_checkpointing(mtu: MTUUNet):
+    """A diffusers `gradient_checkpointing_func` that recomputes a block under the task it first ran with: the
+    routing state is set per forward and is gone (or another task's) when backward recomputes the block."""
+    from torch.utils.checkpoint import checkpoint
+
+    routing = mtu._routing
+
+    def checkpointed(module, *args):
+        task, embedding = routing.task, routing.embedding
+
+        def rerun(*inputs):
+            saved = routing.task, routing.embedding
+            routing.task, routing.embedding = task, embedding
+            try:
+                return module(*inputs)
+            finally:
+                routing.task, routing.embedding = saved
+
+        return checkpoint(rerun, *args, use_reentrant=False)
+
+    return checkpointed
+
+
 class TaskRouter(nn.Module):
     """Task embedding -> 2-layer MLP -> N·softmax over experts.
 

@@ -1,6 +1,6 @@
 """The parity report of the paper's central claim: one MTU model against single-task baselines, task by task, on
 the same split, sampler and seeds. Writes JSON, a Markdown table and a PNG grid per task
-(input | MTU | single-task | ground truth). Imports errors, evaluate, storage, world and world_grid.
+(input | MTU | single-task | ground truth). Imports errors, evaluate, storage, tasks and world_grid.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import numpy as np
 from mtu_export.errors import ConfigError
 from mtu_export.evaluate import EvalConfig, bicubic, evaluate_checkpoint
 from mtu_export.storage import atomic_output_dir, check_output, write_json
-from mtu_export.world import make_example
+from mtu_export.tasks import BUILTIN, declared
 from mtu_export.world_grid import write_images
 
-# The metric each task is judged by (higher is better): t2i by the scene reader, the image tasks by PSNR to truth.
-PRIMARY = {"t2i": "reader_accuracy", "edit": "psnr", "sr": "psnr", "inpaint": "psnr"}
 PARITY_GOAL = 0.98
 
 
@@ -27,7 +25,10 @@ def parity(mtu: dict[str, dict], baselines: dict[str, dict]) -> dict[str, dict]:
         if task not in mtu:
             raise ConfigError(f"the MTU checkpoint has no task {task!r} to compare with its baseline")
         rows = {k: {"mtu": mtu[task][k], "single": v, "ratio": mtu[task][k] / v} for k, v in single.items() if v}
-        table[task] = {"primary": PRIMARY.get(task, next(iter(rows))), "metrics": rows}
+        primary = BUILTIN.get(task, declared(task)).primary  # t2i: the scene reader; image tasks: PSNR to truth
+        if primary not in rows:
+            raise ConfigError(f"{task}: its primary metric {primary!r} was not measured on this data")
+        table[task] = {"primary": primary, "metrics": rows}
     return table
 
 
@@ -87,29 +88,43 @@ def routing_markdown(summary: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _task_input(task: str, split: str, index: int) -> np.ndarray:
-    example = make_example(task, split, index)
-    if task == "sr":
-        return bicubic(example.source)
-    if task in ("edit", "inpaint"):
-        return example.source
-    return np.full_like(example.target, 255)  # t2i has no image input
+def _task_input(example) -> np.ndarray:
+    """What the task was given, as a picture: the low-res image upsampled, the source, or white for t2i."""
+    if example.source is None:
+        return np.full_like(example.target, 255)  # t2i has no image input
+    if example.source.shape != example.target.shape:
+        return bicubic(example.source, example.target.shape[0])
+    return example.source
 
 
 def write_report(
-    mtu_path: Path, baselines: dict[str, Path], config: EvalConfig, sampler, out: Path, overwrite: bool = False
+    mtu_path: Path,
+    baselines: dict[str, Path],
+    config: EvalConfig,
+    sampler,
+    out: Path,
+    overwrite: bool = False,
+    data: dict | None = None,
 ) -> dict:
-    """Evaluate the MTU checkpoint on the baselines' tasks and each baseline on its own; write the report to `out`."""
+    """Evaluate the MTU checkpoint on the baselines' tasks and each baseline on its own (each task on its `--data`
+    dataset when given, else the shapes world); write the report to `out`."""
     check_output(out, overwrite)
     tasks = tuple(baselines)
-    mtu_results, mtu_images = evaluate_checkpoint(mtu_path, config, sampler, tasks)
+    data = data or {}
+    extra = sorted(set(data) - set(tasks))
+    if extra:
+        raise ConfigError(f"--data names task(s) {', '.join(extra)} without a --baseline; add one or drop the data")
+    mtu_results, mtu_images, examples = evaluate_checkpoint(mtu_path, config, sampler, tasks, data=data)
     single_results, single_images = {}, {}
     for task, path in baselines.items():
-        results, images = evaluate_checkpoint(path, config, sampler, (task,))
+        results, images, _ = evaluate_checkpoint(
+            path, config, sampler, (task,), data={task: data[task]} if task in data else None
+        )
         single_results[task], single_images[task] = results[task], images[task]
     table = parity(mtu_results, single_results)
     report = {"mtu": str(mtu_path), "baselines": {t: str(p) for t, p in baselines.items()}, "parity": table}
     report["config"] = {"split": config.split, "count": config.count, "steps": config.steps, "seed": config.seed}
+    report["data"] = {task: spec.path for task, spec in data.items()}
     report["routing"] = routing_summary(mtu_path)
     with atomic_output_dir(out, overwrite) as tmp:
         write_json(tmp / "parity.json", report)
@@ -117,8 +132,7 @@ def write_report(
         for task in tasks:
             rows = []
             for i in range(min(8, config.count)):
-                truth = make_example(task, config.split, config.first + i).target
-                rows += [_task_input(task, config.split, config.first + i), mtu_images[task][i]]
-                rows += [single_images[task][i], truth]
+                example = examples[task][i]
+                rows += [_task_input(example), mtu_images[task][i], single_images[task][i], example.target]
             write_images(tmp / f"grid-{task}.png", rows, columns=4)
     return report

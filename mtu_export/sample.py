@@ -1,14 +1,16 @@
 """Sampling every task in torch, with text and image classifier-free guidance, on the pipeline's own scheduler.
 
-- `t2i`, `inpaint`: standard guidance on text, ε = ε(∅) + s_t·(ε(text) − ε(∅)) (inpainting keeps its image
+- tasks guided on text only (`t2i`, `inpaint`): ε = ε(∅) + s_t·(ε(text) − ε(∅)) (inpainting keeps its image
   condition in both branches, as StableDiffusionInpaintPipeline does);
-- `edit`, `sr`: InstructPix2Pix's two-scale guidance, ε = ε(∅, ∅) + s_i·(ε(∅, img) − ε(∅, ∅)) +
+- tasks with image guidance (`edit`, `sr`, declared image-conditioned tasks): InstructPix2Pix's two-scale
+  guidance, ε = ε(∅, ∅) + s_i·(ε(∅, img) − ε(∅, ∅)) +
   s_t·(ε(text, img) − ε(∅, img)), the image condition zeroed for ε(∅, ∅).
 
 The guidance formulas are linear in the model output, so they hold as written for v-prediction too; the
 scheduler's config says which one the UNet gives. The denoiser is any callable `(sample, timestep,
 encoder_hidden_states) -> ε or v`: a routed MTU UNet for one task, a folded or single-task UNet, or (for exports)
-an ONNX session. Imports conditioning, vocab and world only.
+an ONNX session. The task's definition (`tasks.TaskDef`) says which guidance. Imports conditioning, tasks, vocab
+and world only.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import numpy as np
 import torch
 
 from mtu_export.conditioning import encode_batch, task_condition, to_uint8
+from mtu_export.tasks import TaskDef
 from mtu_export.vocab import tokenize
 from mtu_export.world import Example
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-TWO_SCALE_TASKS = ("edit", "sr")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def sample_latents(
     denoise: Denoiser,
-    task: str,
+    task: TaskDef,
     scheduler,
     text: torch.Tensor,  # (B, L, D) prompt embeddings
     empty: torch.Tensor,  # (B, L, D) unconditional embeddings
@@ -62,7 +64,7 @@ def sample_latents(
     generator = torch.Generator().manual_seed(config.seed)
     latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     scheduler.set_timesteps(config.steps)
-    two_scale = task in TWO_SCALE_TASKS
+    two_scale = task.image_guidance
     if two_scale:
         hidden = torch.cat([text, empty, empty])
         cond = torch.cat([condition, condition, torch.zeros_like(condition)])
@@ -86,7 +88,7 @@ def sample_latents(
 @torch.no_grad()
 def sample_examples(
     denoise: Denoiser,
-    task: str,
+    task: TaskDef,
     examples: list[Example],
     vae,
     text_encoder,

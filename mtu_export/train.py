@@ -10,8 +10,11 @@ and image guidance.
 Single-task baselines use the same base, data, steps and loss: the base UNet with the task's conv_in, fine-tuned
 in full (`trainable="full"`), as the paper's baselines (InstructPix2Pix, SD inpainting, the x4 upscaler) are.
 
-The VAE and text encoder stay frozen; each task's VAE outputs for the first `cache_size` train examples are cached
-once in the work folder. Imports config, errors, storage, conditioning, loop, upcycle, world and pretrain.
+Each task's examples come from its `--data` dataset or, for the built-in tasks, the shapes world's first
+`cache_size` train examples (data.py). The VAE and text encoder stay frozen; every example's VAE outputs are
+encoded once into memory-mapped shards in the work folder (cache.py), so memory does not grow with the dataset.
+`mixed_precision` (accelerate's autocast) and `gradient_checkpointing` (diffusers', task routing restored on
+recomputation) pass through for large models.
 """
 
 from __future__ import annotations
@@ -22,58 +25,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtu_export.conditioning import drop_image, encode_batch, target_latents, task_condition
+from mtu_export.cache import LatentCache, build_cache
+from mtu_export.conditioning import drop_image, target_latents, task_condition
 from mtu_export.config import TrainConfig
-from mtu_export.errors import CheckpointError, ConfigError, InputError
+from mtu_export.data import Source, open_source, pipeline_geometry
+from mtu_export.errors import ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
-from mtu_export.moe import MTUUNet
+from mtu_export.moe import MTUUNet, routed_checkpointing
 from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.storage import check_output, locate_unet, write_json
+from mtu_export.tasks import resolve
 from mtu_export.upcycle import load_components, load_unet, save_checkpoint, upcycle_unet
 from mtu_export.vocab import tokenize
-from mtu_export.world import make_example
-
-CACHE_BATCH = 200
 
 
-# ----------------------------------------------------------------------------------------------------------- cache
-def cache_path(workdir: Path, task: str) -> Path:
-    return workdir / f"cache-{task}.safetensors"
-
-
-def build_cache(task: str, vae, tokenizer, count: int, path: Path) -> None:
-    """Encode the first `count` train examples of `task` once (fp16 on disk): VAE outputs and prompt token ids."""
-    from safetensors.torch import save_file
-
-    parts: dict[str, list[torch.Tensor]] = {}
-    for first in range(0, count, CACHE_BATCH):
-        examples = [make_example(task, "train", i) for i in range(first, min(first + CACHE_BATCH, count))]
-        encoded = encode_batch(task, vae, examples)
-        if task == "sr" and encoded["low_res"].shape[-2:] != encoded["target_mean"].shape[-2:]:
-            raise ConfigError(
-                f"sr feeds the {tuple(encoded['low_res'].shape[-2:])} low-res image at latent resolution, but this "
-                f"VAE makes {tuple(encoded['target_mean'].shape[-2:])} latents; use a VAE that downsamples by 4"
-            )
-        encoded = {k: v.half() for k, v in encoded.items()}
-        encoded["input_ids"] = tokenize(tokenizer, [e.prompt for e in examples])
-        for key, value in encoded.items():
-            parts.setdefault(key, []).append(value.cpu())
-        print(f"cache {task} {first + len(examples)}/{count}", flush=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, partial)
-    partial.rename(path)
-
-
-def load_cache(workdir: Path, task: str, count: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    cache = load_file(cache_path(workdir, task))
-    if cache["input_ids"].shape[0] != count:
-        raise CheckpointError(
-            f"{cache_path(workdir, task)} holds {cache['input_ids'].shape[0]} examples, the run asks for {count}; "
-            "delete the file or use the work folder's original settings"
-        )
-    return cache
+def cache_folder(workdir: Path, task: str) -> Path:
+    return workdir / f"cache-{task}"
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
@@ -115,22 +82,23 @@ def task_counts(config: TrainConfig) -> dict[str, int]:
 
 
 def make_batches(config, caches, text_encoder, empty_ids, scheduler, scaling, generator, device) -> dict:
-    """Draw one step's per-task inputs (random indices, noise, timesteps and dropouts all from `generator`)."""
+    """Draw one step's per-task inputs (random indices, noise, timesteps and dropouts all from `generator`).
+    `caches[task]` is a LatentCache whose `task` attribute holds the task's definition."""
     batches = {}
     p = config.cfg_dropout
     for task, count in task_counts(config).items():
         cache = caches[task]
-        index = torch.randint(0, cache["input_ids"].shape[0], (count,), generator=generator)
-        encoded = {k: v[index] for k, v in cache.items()}
+        index = torch.randint(0, len(cache), (count,), generator=generator)
+        encoded = cache.gather(index)
         latents = target_latents(encoded, scaling, generator)  # (B, 4, h, w)
-        condition = task_condition(task, encoded, scaling, generator)
+        condition = task_condition(cache.task, encoded, scaling, generator)
         noise = torch.randn(latents.shape, generator=generator)
         timestep = torch.randint(0, NUM_TRAIN_TIMESTEPS, (count,), generator=generator)
         r = torch.rand(count, generator=generator)
         ids = torch.where((r < 2 * p)[:, None], empty_ids, encoded["input_ids"])  # (B, L)
         sample = scheduler.add_noise(latents, noise, timestep)
         if condition is not None:
-            sample = torch.cat([sample, drop_image(task, condition, (r >= p) & (r < 3 * p))], dim=1)
+            sample = torch.cat([sample, drop_image(cache.task, condition, (r >= p) & (r < 3 * p))], dim=1)
         with torch.no_grad():
             hidden = text_encoder(ids.to(device))[0]
         batches[task] = {"sample": sample.to(device), "timestep": timestep.to(device), "hidden": hidden}
@@ -139,12 +107,15 @@ def make_batches(config, caches, text_encoder, empty_ids, scheduler, scaling, ge
 
 
 # -------------------------------------------------------------------------------------------------------- training
+def require_pipeline(base: Path) -> None:
+    if locate_unet(base).pipeline_dir is None:
+        raise InputError(f"{base} is a UNet folder; training needs a full pipeline folder (VAE, text encoder, ...)")
+
+
 def load_base(base: Path):
     """The frozen parts of a base pipeline (VAE, text encoder, tokenizer) in fp32, its UNet, and the DDPM scheduler
     that adds training noise on the pipeline's noise schedule and prediction type."""
-    source = locate_unet(base)
-    if source.pipeline_dir is None:
-        raise InputError(f"{base} is a UNet folder; training needs a full pipeline folder (VAE, text encoder, ...)")
+    require_pipeline(base)
     vae, text_encoder, tokenizer, scheduler = load_components(base)
     frozen = vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), tokenizer
     return *frozen, load_unet(base), training_scheduler(dict(scheduler.config))
@@ -155,22 +126,53 @@ def prepare_model(config: TrainConfig, unet) -> MTUUNet:
     if config.trainable == "full":
         for param in mtu.parameters():
             param.requires_grad_(True)
+    if config.gradient_checkpointing:
+        mtu.unet.enable_gradient_checkpointing(routed_checkpointing(mtu))
     return mtu
+
+
+def training_sources(config: TrainConfig, base: Path) -> dict[str, Source]:
+    """Each trained task's source: its `--data` dataset, else the shapes world's train split (built-in tasks).
+    Opening a source validates it (columns, emptiness), so bad data fails before anything is written."""
+    require_pipeline(base)
+    latent, factor, default_size = pipeline_geometry(base)
+    size = config.resolution or default_size
+    if size % factor:
+        raise ConfigError(f"--resolution {size} is not a multiple of the VAE's downsampling factor {factor}")
+    specs = {t.name: t for t in config.moe().tasks}
+    data = {d.task: d for d in config.data}
+    return {
+        task: open_source(resolve(specs[task], latent), data.get(task), "train", size, factor, config.cache_size)
+        for task in config.weights()
+    }
+
+
+def build_caches(workdir: Path, sources: dict[str, Source], vae, tokenizer, state) -> dict[str, LatentCache]:
+    """Encode every source once into `workdir` (each rank its share, on its device), then open the caches."""
+    vae.to(state.device)
+    caches = {}
+    for task, source in sources.items():
+        log = print if state.is_main_process else (lambda message: None)
+        caches[task] = build_cache(cache_folder(workdir, task), source, vae, tokenizer, state, log)
+    vae.to("cpu")
+    return caches
+
+
+def _check_precision(config: TrainConfig) -> None:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on CPUs (or no)")
 
 
 def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) -> tuple[MTUUNet, dict]:
     """Run (or resume) the training in `workdir` on every process; return this process's model and progress."""
     state = process_state()
+    _check_precision(config)
     _check_workdir(workdir, config, resume)
+    sources = training_sources(config, Path(base))
     vae, text_encoder, tokenizer, unet, scheduler = load_base(Path(base))
+    caches = build_caches(workdir, sources, vae, tokenizer, state)
     if state.is_main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / "train_config.json", config.to_dict())
-        for task in config.weights():
-            if not cache_path(workdir, task).exists():
-                build_cache(task, vae, tokenizer, config.cache_size, cache_path(workdir, task))
-    state.wait_for_everyone()
-    caches = {task: load_cache(workdir, task, config.cache_size) for task in config.weights()}
     torch.manual_seed(config.seed)
     model = TaskLoss(prepare_model(config, unet), config.min_snr_gamma, scheduler)
     empty, scaling = tokenize(tokenizer, [""]), vae.config.scaling_factor
@@ -197,6 +199,7 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
         stop_at=config.stop_at,
         find_unused_parameters=True,
         lr_scale=lr_scale,
+        mixed_precision=config.mixed_precision,
     )
     return model.mtu, progress
 

@@ -96,7 +96,8 @@ def test_fold_of_a_unet_only_checkpoint_writes_a_unet_folder(unet_dir, tmp_path)
 def test_info_reports_tasks_parameters_and_routing(mtu_ckpt):
     result = invoke("info", mtu_ckpt)
     assert result.exit_code == 0, result.output
-    for text in ("t2i (4 ch)", "edit (8 ch)", "sr (7 ch)", "inpaint (9 ch)", "trainable", "routing probabilities"):
+    # the tiny pipeline's VAE downsamples by 2, not 4: sr takes the latent convention's 8 channels
+    for text in ("t2i (4 ch)", "edit (8 ch)", "sr (8 ch)", "inpaint (9 ch)", "trainable", "routing probabilities"):
         assert text in result.output
     summary = json.loads(invoke("info", mtu_ckpt, "--json").output)
     assert (

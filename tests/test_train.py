@@ -16,8 +16,19 @@ from safetensors.torch import load_file
 from test_cli import assert_clean_failure, invoke
 
 from mtu_export.config import TrainConfig
+from mtu_export.loop import process_state
 from mtu_export.pretrain import min_snr_weight
-from mtu_export.train import TaskLoss, build_cache, fit, load_base, load_cache, make_batches, prepare_model, train
+from mtu_export.tasks import BUILTIN
+from mtu_export.train import (
+    TaskLoss,
+    build_caches,
+    fit,
+    load_base,
+    make_batches,
+    prepare_model,
+    train,
+    training_sources,
+)
 from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet, upcycle_unet
 from mtu_export.vocab import tokenize
 
@@ -130,9 +141,7 @@ def _with_prediction_type(pipeline: Path, folder: Path, prediction_type: str) ->
 def _first_batch(base: Path, work: Path) -> tuple[dict, object]:
     config = TrainConfig(**TINY, single_task="t2i", trainable="full")
     vae, text_encoder, tokenizer, _, scheduler = load_base(base)
-    work.mkdir()
-    build_cache("t2i", vae, tokenizer, config.cache_size, work / "cache-t2i.safetensors")
-    caches = {"t2i": load_cache(work, "t2i", config.cache_size)}
+    caches = build_caches(work, training_sources(config, base), vae, tokenizer, process_state())
     generator = torch.Generator().manual_seed(0)
     args = (text_encoder, tokenize(tokenizer, [""]), scheduler, vae.config.scaling_factor, generator)
     return make_batches(config, caches, *args, torch.device("cpu"))["t2i"], scheduler
@@ -177,6 +186,7 @@ import sys
 from pathlib import Path
 from safetensors.torch import save_file
 from mtu_export.config import TrainConfig
+from mtu_export.loop import process_state
 from mtu_export.loop import process_state
 from mtu_export.train import fit
 
@@ -259,6 +269,6 @@ def test_edit_floor_is_the_unchanged_source():
     from mtu_export.world import make_example
 
     example = make_example("edit", "heldout", 3)
-    unchanged = example_metrics("edit", example, example.source)
+    unchanged = example_metrics(BUILTIN["edit"], example, example.source)
     assert unchanged["psnr"] == unchanged["source_psnr"] == psnr(example.target, example.source) < 60
-    assert example_metrics("edit", example, example.target)["psnr"] == float("inf")
+    assert example_metrics(BUILTIN["edit"], example, example.target)["psnr"] == float("inf")

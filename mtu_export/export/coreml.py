@@ -35,14 +35,14 @@ from mtu_export.errors import ConfigError, ParityError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
 from mtu_export.export.onnx import (
     IMAGE_PSNR_GOAL_DB,
-    VALIDATION_INDEX,
+    example_sources,
     fold_tasks,
     image_size,
     load_pipeline,
     psnr_db,
     resolve_tasks,
 )
-from mtu_export.export.probes import trajectory_probes, world_example
+from mtu_export.export.probes import trajectory_probes
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, tree_bytes, write_json
@@ -80,7 +80,16 @@ def resolve_target(config: ExportConfig, bundled: bool) -> str:
     return config.target
 
 
-def export_coreml(checkpoint: Path, config: ExportConfig, out: Path, overwrite: bool = False, log: Log = print) -> dict:
+def export_coreml(
+    checkpoint: Path,
+    config: ExportConfig,
+    out: Path,
+    overwrite: bool = False,
+    log: Log = print,
+    data: dict | None = None,
+) -> dict:
+    """Convert, check and describe; returns the manifest. `data` (task -> DataSpec) gives tasks their validation
+    examples (default: the shapes world)."""
     ct = require_coremltools()
     out, checkpoint = Path(out), Path(checkpoint)
     config.check_quantize(COREML_QUANTIZE, "coreml")
@@ -91,13 +100,13 @@ def export_coreml(checkpoint: Path, config: ExportConfig, out: Path, overwrite: 
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     tasks = resolve_tasks(ckpt, config)
     components = load_pipeline(ckpt)
+    sources = example_sources(ckpt, tasks, data or {}, image_size(ckpt, components[0], config))
     unets = fold_tasks(ckpt, tasks, log)
-    height, _, factor = image_size(ckpt, components[0], config)
     sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
     probes = {}
     for task in tasks:
-        example = world_example(task, "heldout", VALIDATION_INDEX, height, height // factor)
-        probes[task] = trajectory_probes(unets[task], task, [example], components, sampler)
+        examples = sources.validation(task, 1)
+        probes[task] = trajectory_probes(unets[task], sources.tasks[task], examples, components, sampler)
     log(f"recorded heldout trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
     vae, text_encoder, _, _ = components
     first = probes[tasks[0]].feeds

@@ -12,7 +12,9 @@ runs on the exported graphs and is compared, as images, with the fp32 torch pipe
 `manifest.json` and into each graph's metadata; a graph under its PSNR floor fails the export (every failure
 listed) unless `allow_drift`.
 
-Imports config, errors, storage, upcycle, fold, bundle, sample, quantize and the export helpers.
+Validation and calibration examples come from the shapes world or from a task's `--data` dataset (probes.py).
+
+Imports config, errors, storage, tasks, upcycle, fold, bundle, sample, quantize and the export helpers.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ from mtu_export.export.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from mtu_export.export.probes import Probes, trajectory_probes, world_example
+from mtu_export.export.probes import ExampleSources, Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
-from mtu_export.fold import TASK_PIPELINES, fold_task, verify_fold
+from mtu_export.fold import fold_task, verify_fold
 from mtu_export.quantize import quantize_onnx
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
 from mtu_export.storage import (
@@ -60,6 +62,7 @@ from mtu_export.storage import (
     tree_bytes,
     write_json,
 )
+from mtu_export.tasks import model_tasks, pipeline_class
 from mtu_export.upcycle import Checkpoint, file_sha256, load_checkpoint, load_components
 
 MANIFEST = "manifest.json"
@@ -69,8 +72,7 @@ PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights i
 # Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
 GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0}
 IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
-VALIDATION_INDEX = 0  # heldout example used for each task's validation trajectory
-CALIBRATION_COUNT = 4  # train examples per task whose trajectories calibrate static int8
+CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8
 
 Log = Callable[[str], None]
 
@@ -106,8 +108,16 @@ def psnr_db(reference: np.ndarray, output: np.ndarray, peak: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ the command
-def export_onnx(checkpoint: Path, config: ExportConfig, out: Path, overwrite: bool = False, log: Log = print) -> dict:
-    """Export, validate and describe; returns the manifest. Raises ParityError listing every drifting graph."""
+def export_onnx(
+    checkpoint: Path,
+    config: ExportConfig,
+    out: Path,
+    overwrite: bool = False,
+    log: Log = print,
+    data: dict | None = None,
+) -> dict:
+    """Export, validate and describe; returns the manifest. Raises ParityError listing every drifting graph.
+    `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
     out, checkpoint = Path(out), Path(checkpoint)
     config.check_quantize(ONNX_QUANTIZE, "onnx")
     check_separate(out, checkpoint)
@@ -115,12 +125,24 @@ def export_onnx(checkpoint: Path, config: ExportConfig, out: Path, overwrite: bo
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     tasks = resolve_tasks(ckpt, config)
     components = load_pipeline(ckpt)
-    unets = fold_tasks(ckpt, tasks, log)
     size = image_size(ckpt, components[0], config)
+    sources = example_sources(ckpt, tasks, data or {}, size)
+    unets = fold_tasks(ckpt, tasks, log)
     with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(out, overwrite) as tmp:
-        exporter = _Exporter(ckpt, config, components, Path(scratch), tmp, log)
+        exporter = _Exporter(ckpt, config, components, Path(scratch), tmp, log, sources)
         manifest = exporter.run(tasks, unets, size)
     return manifest
+
+
+def example_sources(ckpt: Checkpoint, tasks: tuple[str, ...], data: dict, size: tuple[int, int, int]):
+    """Validation / calibration examples per exported task; refuses data for a task not exported and a declared
+    task without data, before any heavy work."""
+    from mtu_export.data import check_data_tasks
+
+    check_data_tasks(data, tasks, f"this export of {ckpt.path}")
+    defs = model_tasks(ckpt.model)
+    height, _, factor = size
+    return ExampleSources({t: defs[t] for t in tasks}, data, height, factor)
 
 
 def resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
@@ -168,10 +190,11 @@ def image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, i
 class _Exporter:
     """One export run: writes graphs into `tmp`, validates them, writes the manifest."""
 
-    def __init__(self, ckpt: Checkpoint, config: ExportConfig, components, scratch: Path, tmp: Path, log: Log):
-        self.ckpt, self.config, self.components = ckpt, config, components
+    def __init__(self, ckpt: Checkpoint, config: ExportConfig, components, scratch: Path, tmp: Path, log: Log, sources):
+        self.ckpt, self.config, self.components, self.sources = ckpt, config, components, sources
         self.scratch, self.tmp, self.log = scratch, tmp, log
         self.parity: list[GraphParity] = []
+        self.calibration: dict[str, dict] | None = None  # static int8: what each task was calibrated on
         self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
 
     # -- orchestration -------------------------------------------------------------------------------------------
@@ -179,7 +202,7 @@ class _Exporter:
         bundled, self.size = not self.config.tasks, size
         vae, text_encoder, _, _ = self.components
         bundle = bundle_tasks(self.ckpt.model) if bundled else None
-        probes = self._probes(tasks, unets, size, bundle, "heldout", [VALIDATION_INDEX])
+        probes = self._probes(tasks, unets, bundle, "validation", 1)
         self._copy_pipeline_files(tasks, bundled)
         self._export(TEXT_ENCODER, TextEncoderGraph(text_encoder), probes["*"], self.ckpt.pipeline_dir / "text_encoder")
         self._export(VAE_ENCODER, VaeEncoderGraph(vae), probes["*"], self.ckpt.pipeline_dir / "vae")
@@ -189,7 +212,7 @@ class _Exporter:
         self._export_unet(unet_spec, unet_module, probes, tasks, unet_config)
         sizes = self._sizes(tasks, unets, probes) if bundled else None  # fp32 bundle vs fp32 single-task graphs
         if self.config.quantize != "none":
-            self._quantize_unet(unet_spec, unet_module, tasks, unets, size, bundle, probes)
+            self._quantize_unet(unet_spec, unet_module, tasks, unets, bundle, probes)
         images = self._image_check(tasks, unets, bundle)
         manifest = self._manifest(tasks, bundle, images, sizes)
         self._stamp_metadata(manifest)
@@ -197,19 +220,20 @@ class _Exporter:
         self._raise_on_drift()
         return manifest
 
-    def _probes(self, tasks, unets, size, bundle, split: str, indices: list[int]) -> dict[str, Probes]:
-        """Per task, the graph inputs recorded along its sampling trajectory; '*' merges the shared graphs'."""
-        height, _, factor = size
+    def _probes(self, tasks, unets, bundle, purpose: str, count: int) -> dict[str, Probes]:
+        """Per task, the graph inputs recorded along the sampling trajectories of `count` of its validation or
+        calibration examples (`purpose`); '*' merges the shared graphs'."""
         sampler = SamplerConfig(
             self.config.probe_steps, self.config.guidance, self.config.image_guidance, self.config.seed
         )
         merged, per_task = Probes(), {}
         for task in tasks:
-            examples = [world_example(task, split, i, height, height // factor) for i in indices]
+            examples = getattr(self.sources, purpose)(task, count)
             ids = None if bundle is None else (bundle.tasks.index(task), bundle.in_channels)
-            per_task[task] = trajectory_probes(unets[task], task, examples, self.components, sampler, ids)
+            definition = self.sources.tasks[task]
+            per_task[task] = trajectory_probes(unets[task], definition, examples, self.components, sampler, ids)
             merged.extend(per_task[task])
-        self.log(f"recorded {split} trajectories ({self.config.probe_steps} steps) for {', '.join(tasks)}")
+        self.log(f"recorded {purpose} trajectories ({self.config.probe_steps} steps) for {', '.join(tasks)}")
         return {"*": merged, **per_task}
 
     def _copy_pipeline_files(self, tasks: tuple[str, ...], bundled: bool) -> None:
@@ -218,9 +242,7 @@ class _Exporter:
             shutil.copytree(source / name, self.tmp / name)
         index = read_json(source / PIPELINE_INDEX)
         if not bundled:
-            index["_class_name"] = TASK_PIPELINES.get(index.get("_class_name", ""), {}).get(
-                tasks[0], index["_class_name"]
-            )
+            index["_class_name"] = pipeline_class(self.sources.tasks[tasks[0]], index.get("_class_name", ""))
         write_json(self.tmp / PIPELINE_INDEX, index)
 
     # -- graphs --------------------------------------------------------------------------------------------------
@@ -279,7 +301,7 @@ class _Exporter:
         shutil.rmtree(work, ignore_errors=True)
         return folder / MODEL
 
-    def _quantize_unet(self, spec, module, tasks, unets, size, bundle, probes) -> None:
+    def _quantize_unet(self, spec, module, tasks, unets, bundle, probes) -> None:
         mode = self.config.quantize
         reference = self.tmp / "unet_fp32"
         (self.tmp / "unet").rename(reference)
@@ -287,7 +309,8 @@ class _Exporter:
         shutil.copyfile(reference / "config.json", self.tmp / "unet" / "config.json")
         calibration = None
         if mode == "static-int8":  # each task's own trajectories; a bundle is calibrated on all of them
-            train = self._probes(tasks, unets, size, bundle, "train", list(range(CALIBRATION_COUNT)))
+            train = self._probes(tasks, unets, bundle, "calibration", CALIBRATION_COUNT)
+            self.calibration = {t: {"source": self.sources.kind(t), "examples": CALIBRATION_COUNT} for t in tasks}
             calibration = [_numpy(f) for task in tasks for f in train[task].feeds["unet"]]
         self.log(
             f"quantizing unet: {mode}" + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
@@ -309,18 +332,18 @@ class _Exporter:
         )
         ort_te = OrtTextEncoder(self.tmp / "text_encoder" / MODEL)
         ort_vae = OrtVae(self.tmp / "vae_encoder" / MODEL, self.tmp / "vae_decoder" / MODEL, dict(vae.config))
-        height, _, factor = self.size
         rows = []
         for task in tasks:
             count = self.config.image_count
-            examples = [world_example(task, "heldout", i, height, height // factor) for i in range(count)]
+            examples = self.sources.validation(task, count)
+            definition = self.sources.tasks[task]
             ids = {} if bundle is None else {"task_id": bundle.tasks.index(task), "channels": bundle.in_channels}
             ort_unet = OrtUNet(self.tmp / "unet" / MODEL, **ids)
             torch_denoiser = denoiser_for(unets[task])
             torch_images = sample_examples(
-                torch_denoiser, task, examples, vae, text_encoder, tokenizer, scheduler, sampler
+                torch_denoiser, definition, examples, vae, text_encoder, tokenizer, scheduler, sampler
             )
-            ort_images = sample_examples(ort_unet, task, examples, ort_vae, ort_te, tokenizer, scheduler, sampler)
+            ort_images = sample_examples(ort_unet, definition, examples, ort_vae, ort_te, tokenizer, scheduler, sampler)
             value = psnr_db(torch_images, ort_images, peak=255.0)
             rows.append(
                 {
@@ -401,6 +424,8 @@ class _Exporter:
             },
             "graph_parity": [asdict(r) | {"ok": r.ok} for r in self.parity],
             "image_parity": images,
+            "data": {task: spec.path for task, spec in self.sources.data.items()},
+            "calibration": self.calibration,
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
             "sizes": sizes,
         }

@@ -1,33 +1,26 @@
 """Real inputs for every exported graph, recorded along a task's own sampling trajectory (torch, fp32).
 
-For one shapes-world example of the task (its prompt and image inputs, resized when the pipeline works at another
-resolution) the torch sampler runs `steps` guided steps with the folded UNet; every UNet call's inputs are kept,
-with the prompt tokens, the VAE encoder's image and the final latent for the decoder. Validation feeds these to
-the exported graphs and to the torch modules; static int8 quantization calibrates on them (train split).
+For examples of the task (its prompt and image inputs, from the shapes world or the user's `--data` dataset, at the
+export's resolution) the torch sampler runs `steps` guided steps with the folded UNet; every UNet call's inputs are
+kept, with the prompt tokens, the VAE encoder's image and the final latent for the decoder. Validation feeds these
+to the exported graphs and to the torch modules; static int8 quantization calibrates on them.
 
-Imports conditioning, sample, vocab and world.
+Imports conditioning, data, sample, tasks and vocab.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image
 
-from mtu_export.conditioning import (
-    EXTRA_CHANNELS,
-    encode_batch,
-    image_tensor,
-    mask_tensor,
-    masked_image,
-    task_condition,
-)
-from mtu_export.errors import ConfigError
+from mtu_export.conditioning import encode_batch, image_tensor, mask_tensor, masked_image, task_condition
+from mtu_export.config import DataSpec
+from mtu_export.data import Source, open_source
 from mtu_export.sample import SamplerConfig, encode_prompts, sample_latents
+from mtu_export.tasks import TaskDef
 from mtu_export.vocab import tokenize
-from mtu_export.world import SIZE, Example, make_example
+from mtu_export.world import Example
 
 Feeds = dict[str, torch.Tensor]
 
@@ -46,26 +39,46 @@ class Probes:
             self.feeds.setdefault(component, []).extend(feeds)
 
 
-def world_example(task: str, split: str, index: int, size: int, latent_size: int) -> Example:
-    """A shapes-world example of `task` at `size` pixels (sr's low-res input at `latent_size`)."""
-    if task not in EXTRA_CHANNELS:
-        raise ConfigError(
-            f"task {task!r} has no shapes-world inputs to validate its export with; known: {', '.join(EXTRA_CHANNELS)}"
-        )
-    example = make_example(task, split, index)
-    if size == SIZE and (task != "sr" or example.source.shape[0] == latent_size):
-        return example
-    resize = lambda a, s, how=Image.BICUBIC: np.asarray(Image.fromarray(a).resize((s, s), how))  # noqa: E731
-    source = None
-    if example.source is not None:
-        source = resize(example.source, latent_size if task == "sr" else size)
-    mask = None if example.mask is None else resize(example.mask.astype(np.uint8) * 255, size, Image.NEAREST) > 127
-    return replace(example, target=resize(example.target, size), source=source, mask=mask)
+class ExampleSources:
+    """Examples to validate and calibrate exports with, per task: a task's `--data` dataset (validation from row 0,
+    calibration from row 1) or the shapes world (validation from heldout, calibration from train)."""
+
+    def __init__(self, tasks: dict[str, TaskDef], data: dict[str, DataSpec], size: int, vae_factor: int) -> None:
+        self.tasks, self.data, self.size, self.factor = tasks, data, size, vae_factor
+        self._open: dict[tuple[str, str], Source] = {}
+        for task in tasks:  # open (and so validate) every dataset before any heavy work
+            self._source(task, "heldout")
+
+    def _source(self, task: str, split: str) -> Source:
+        if task in self.data:
+            split = "data"
+        if (task, split) not in self._open:
+            self._open[task, split] = open_source(self.tasks[task], self.data.get(task), split, self.size, self.factor)
+        return self._open[task, split]
+
+    def kind(self, task: str) -> str:
+        """Where `task`'s examples come from: "dataset" or "shapes-world"."""
+        return "dataset" if task in self.data else "shapes-world"
+
+    def validation(self, task: str, count: int) -> list[Example]:
+        return self._take(self._source(task, "heldout"), 0, count)
+
+    def calibration(self, task: str, count: int) -> list[Example]:
+        return self._take(self._source(task, "train"), 1 if task in self.data else 0, count)
+
+    @staticmethod
+    def _take(source: Source, start: int, count: int) -> list[Example]:
+        return [source.example(i % len(source)) for i in range(start, start + count)]
 
 
 @torch.no_grad()
 def trajectory_probes(
-    unet, task: str, examples: list[Example], components, sampler: SamplerConfig, bundle: tuple[int, int] | None = None
+    unet,
+    task: TaskDef,
+    examples: list[Example],
+    components,
+    sampler: SamplerConfig,
+    bundle: tuple[int, int] | None = None,
 ) -> Probes:
     """Record every graph's inputs for `examples` (one trajectory each) of `task` sampled with `unet`.
 
@@ -85,9 +98,10 @@ def trajectory_probes(
     return probes
 
 
-def _encoder_image(task: str, example: Example) -> torch.Tensor:
-    image = image_tensor([example.source if task == "edit" else example.target])  # (1, 3, H, W)
-    return masked_image(image, mask_tensor([example.mask])) if task == "inpaint" else image
+def _encoder_image(task: TaskDef, example: Example) -> torch.Tensor:
+    """What the VAE encoder sees for `task`: the source image, the masked image, or the target."""
+    image = image_tensor([example.source if task.condition == "source_latent" else example.target])  # (1, 3, H, W)
+    return masked_image(image, mask_tensor([example.mask])) if task.condition == "masked_latent" else image
 
 
 def _sample(examples, task, unet, components, sampler, probes: Probes, bundle) -> torch.Tensor:

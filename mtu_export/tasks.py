@@ -1,0 +1,227 @@
+"""The task registry: what each task is, defined once.
+
+A task's definition says which extra input channels its `conv_in` takes and how they are built (`condition`), how
+sampling guides it (text only, or text + image as InstructPix2Pix), whether training drops its image condition, the
+diffusers / optimum pipeline classes its folded export targets, what `generate` needs, the dataset columns it reads
+by default (diffusers' training-script conventions) and the do-nothing floor its metrics are compared with.
+
+Conditions (L = the UNet's latent channels, 4 for Stable Diffusion):
+
+- `none`            text-to-image                                         L channels
+- `source_latent`   VAE latent (posterior mode, unscaled) of a source image, as InstructPix2Pix    2L
+- `low_res_rgb`     the low-res RGB image at latent resolution, as SD's x4 upscaler (factor-4 VAE)  L + 3
+- `low_res_latent`  VAE latent of the low-res image bicubic-upsampled to full size (any VAE)        2L
+- `masked_latent`   mask + latent of the masked image, as SD inpainting                             2L + 1
+
+Besides the built-in `t2i`, `edit`, `sr` and `inpaint`, any other task name declared with 2L channels (`colorize:8`)
+is an image-conditioned task like `edit`: source image in, target image out. Imports config and errors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from mtu_export.config import TaskSpec, did_you_mean
+from mtu_export.errors import ConfigError
+
+SR_SCALE = 4  # super-resolution factor of `sr` with a VAE latent condition (the x4 upscaler's factor)
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """Everything the toolchain needs to know about one task (see the module docstring)."""
+
+    name: str
+    condition: str  # none | source_latent | low_res_rgb | low_res_latent | masked_latent
+    image_guidance: bool  # sampling: InstructPix2Pix's text + image guidance; else text guidance only
+    drop_image: bool  # training drops the image condition with the text (needed for image guidance)
+    pipeline: str  # the diffusers pipeline class a folded single-task export is labelled with
+    optimum_pipeline: str | None  # optimum's ORT pipeline that runs its ONNX export, if one exists
+    needs: tuple[str, ...] = ()  # `generate` inputs besides the prompt: image, mask
+    columns: dict[str, str] = field(default_factory=dict)  # role -> default dataset column
+    floor: str | None = None  # do-nothing baseline of its metrics: "source" (return the input) or "bicubic"
+    primary: str = "psnr"  # the metric parity judges it by (higher is better)
+    reader_scored: bool = False  # on the shapes world, the scene reader checks its outputs against the caption
+    builtin: bool = True
+
+    def extra_channels(self, latent_channels: int) -> int:
+        return {
+            "none": 0,
+            "source_latent": latent_channels,
+            "low_res_rgb": 3,
+            "low_res_latent": latent_channels,
+            "masked_latent": latent_channels + 1,
+        }[self.condition]
+
+    @property
+    def has_image_input(self) -> bool:
+        return self.condition != "none"
+
+    @property
+    def super_resolution(self) -> bool:
+        return self.condition in ("low_res_rgb", "low_res_latent")
+
+
+_PROMPT, _IMAGE = "text", "image"
+BUILTIN: dict[str, TaskDef] = {
+    "t2i": TaskDef(
+        "t2i",
+        "none",
+        image_guidance=False,
+        drop_image=False,
+        pipeline="StableDiffusionPipeline",
+        optimum_pipeline="ORTStableDiffusionPipeline",
+        columns={"image": _IMAGE, "prompt": _PROMPT},
+        primary="reader_accuracy",
+        reader_scored=True,
+    ),
+    "edit": TaskDef(
+        "edit",
+        "source_latent",
+        image_guidance=True,
+        drop_image=True,
+        pipeline="StableDiffusionInstructPix2PixPipeline",
+        optimum_pipeline=None,
+        needs=("image",),
+        columns={"source": "input_image", "prompt": "edit_prompt", "image": "edited_image"},
+        floor="source",
+        reader_scored=True,
+    ),
+    "sr": TaskDef(
+        "sr",
+        "low_res_rgb",
+        image_guidance=True,
+        drop_image=True,
+        pipeline="StableDiffusionPipeline",
+        optimum_pipeline=None,
+        needs=("image",),
+        columns={"image": _IMAGE, "prompt": _PROMPT, "low_res": "low_res_image"},
+        floor="bicubic",
+    ),
+    "inpaint": TaskDef(
+        "inpaint",
+        "masked_latent",
+        image_guidance=False,
+        drop_image=False,  # SD inpainting keeps its image in both guidance branches
+        pipeline="StableDiffusionInpaintPipeline",
+        optimum_pipeline="ORTStableDiffusionInpaintPipeline",
+        needs=("image", "mask"),
+        columns={"image": _IMAGE, "prompt": _PROMPT, "mask": "mask"},
+    ),
+}
+RESERVED = ("all",)  # `--task all` means every task of a checkpoint
+
+
+def declared(name: str) -> TaskDef:
+    """A user-declared image-conditioned task: a source image's latent concatenated, InstructPix2Pix's recipe."""
+    return replace(BUILTIN["edit"], name=name, builtin=False, reader_scored=False)
+
+
+def default_channels(name: str, latent_channels: int = 4, vae_factor: int = 4) -> int | None:
+    """`conv_in` channels of a built-in task for a UNet with `latent_channels` and a VAE downsampling by
+    `vae_factor`; None for a name that is not built in. `sr` feeds the low-res RGB image at latent resolution with a
+    factor-4 VAE (SD's x4 upscaler) and the latent of its bicubic upsample otherwise (with SD1.5's factor-8 VAE the
+    RGB convention would mean x8 super-resolution)."""
+    if name == "sr":
+        return latent_channels + (3 if vae_factor == SR_SCALE else latent_channels)
+    if name not in BUILTIN:
+        return None
+    return latent_channels + BUILTIN[name].extra_channels(latent_channels)
+
+
+def check_declaration(name: str, channels: int | None, latent_channels: int = 4, vae_factor: int = 4) -> None:
+    """Refuse task names and channel counts no command could run: `all`, a built-in with a channel count other
+    than its convention's."""
+    if name in RESERVED:
+        raise ConfigError(f"{name!r} is reserved (`--task all` means every task); name the task otherwise")
+    if channels is None or name not in BUILTIN:
+        return
+    allowed = {default_channels(name, latent_channels, vae_factor)}
+    if name == "sr":
+        allowed |= {latent_channels + 3, 2 * latent_channels}
+    if channels not in allowed:
+        shown = " or ".join(str(c) for c in sorted(allowed))
+        raise ConfigError(
+            f"built-in task {name!r} takes {shown} input channels, not {channels}; drop ':{channels}' "
+            f"or give a new task its own name (e.g. 'my_{name}:{channels}')"
+        )
+
+
+def resolve(spec: TaskSpec, latent_channels: int = 4) -> TaskDef:
+    """The definition of a checkpoint's task. Raises a one-line ConfigError for a task no command past `fold` can
+    run (a declared task whose channels are not an image-conditioned task's)."""
+    if spec.name in BUILTIN:
+        task = BUILTIN[spec.name]
+        if spec.name == "sr" and spec.in_channels == 2 * latent_channels:
+            task = replace(task, condition="low_res_latent")
+        expected = latent_channels + task.extra_channels(latent_channels)
+        if spec.in_channels != expected:
+            raise ConfigError(
+                f"task {spec.name!r} has {spec.in_channels} input channels, its convention needs {expected}; "
+                "re-upcycle with the default channel count"
+            )
+        return task
+    if spec.in_channels == 2 * latent_channels:
+        return declared(spec.name)
+    raise ConfigError(
+        f"task {spec.name!r} takes {spec.in_channels} input channels; beyond upcycle and fold, a declared task must be "
+        f"image-conditioned ({2 * latent_channels} channels: latent + source-image latent, as InstructPix2Pix); "
+        f"re-upcycle with '{spec.name}:{2 * latent_channels}'"
+    )
+
+
+_SDXL = {
+    "StableDiffusionInstructPix2PixPipeline": "StableDiffusionXLInstructPix2PixPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionXLInpaintPipeline",
+}
+
+
+def pipeline_class(task: TaskDef, base_class: str) -> str:
+    """The diffusers pipeline class a folded `task` of a `base_class` pipeline is labelled with."""
+    if base_class == "StableDiffusionPipeline":
+        return task.pipeline
+    if base_class == "StableDiffusionXLPipeline":
+        return _SDXL.get(task.pipeline, base_class)
+    return base_class
+
+
+def resolve_all(specs: tuple[TaskSpec, ...], latent_channels: int = 4) -> dict[str, TaskDef]:
+    return {spec.name: resolve(spec, latent_channels) for spec in specs}
+
+
+def model_tasks(model) -> dict[str, TaskDef]:
+    """The definitions of an MTU UNet's tasks (its latent channels are its UNet's output channels)."""
+    return resolve_all(model.config.tasks, model.unet.config.out_channels)
+
+
+def resolve_name(name: str, specs: tuple[TaskSpec, ...], latent_channels: int = 4) -> TaskDef:
+    """The definition of the task called `name` among a checkpoint's `specs` (a clear error if it has none)."""
+    for spec in specs:
+        if spec.name == name:
+            return resolve(spec, latent_channels)
+    names = [s.name for s in specs]
+    raise ConfigError(f"unknown task {name!r}; this model has: {', '.join(names)}{did_you_mean(name, names)}")
+
+
+def parse_tasks(text: str, latent_channels: int = 4, vae_factor: int = 4) -> tuple[TaskSpec, ...]:
+    """Parse `t2i,edit,sr,inpaint,colorize:8` (built-ins take their convention's channels; a new task needs
+    `:channels`)."""
+    specs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, count = item.partition(":")
+        if count and not count.isdigit():
+            raise ConfigError(f"task {item!r}: channel count must be an integer, as in 'colorize:8'")
+        channels = int(count) if count else None
+        check_declaration(name, channels, latent_channels, vae_factor)
+        default = default_channels(name, latent_channels, vae_factor)
+        if channels is None and default is None:
+            raise ConfigError(
+                f"unknown task {name!r}; built in: {', '.join(BUILTIN)}{did_you_mean(name, list(BUILTIN))} "
+                f"(or declare an image-conditioned task with its channel count, as in '{name}:{2 * latent_channels}')"
+            )
+        specs.append(TaskSpec(name, channels if channels is not None else default))
+    if not specs:
+        raise ConfigError("no tasks given; pass e.g. --tasks t2i,edit,sr,inpaint")
+    return tuple(specs)
