@@ -20,10 +20,11 @@ from pathlib import Path
 
 CHILD = """
 import atexit, json, sys
+REPORT = sys.argv[1]
 def report():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            json.dump({"peak_rss_bytes": int(line.split()[1]) * 1024}, open(sys.argv[1], "w"))
+            json.dump({"peak_rss_bytes": int(line.split()[1]) * 1024}, open(REPORT, "w"))
 atexit.register(report)
 sys.argv = ["mtu-export", *sys.argv[2:]]
 from mtu_export.cli import main
