@@ -34,7 +34,12 @@ def _dynamic_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8, per_channel=True
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul", "Gemm"],
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        use_external_data_format=_external(src),  # SD1.5: the fp32 convolutions alone pass protobuf's 2 GB
     )
 
 
@@ -91,6 +96,11 @@ def _fp16(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
     onnx.save_model(model, str(dst))
 
 
+def _external(src: Path) -> bool:
+    """Whether a graph keeps its weights beside it (then so must its quantized copy, which may pass 2 GB too)."""
+    return any(p.name != src.name for p in src.parent.iterdir() if p.is_file() and p.name.startswith(src.stem))
+
+
 ONNX_HANDLERS: dict[str, Callable[[Path, Path, list[Feeds] | None], None]] = {
     "dynamic-int8": _dynamic_int8,
     "static-int8": _static_int8,
@@ -99,7 +109,7 @@ ONNX_HANDLERS: dict[str, Callable[[Path, Path, list[Feeds] | None], None]] = {
 
 
 def quantize_onnx(mode: str, src: Path, dst: Path, calibration: list[Feeds] | None = None) -> None:
-    """Write the `mode`-quantized version of the graph `src` to `dst` (a single file: fine up to 2 GB)."""
+    """Write the `mode`-quantized version of the graph `src` to `dst` (with external data when `src` has it)."""
     if mode not in ONNX_HANDLERS:
         raise ConfigError(f"unknown ONNX quantization {mode!r}; choose {', '.join(ONNX_HANDLERS)}")
     root = logging.getLogger()
