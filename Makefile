@@ -40,8 +40,8 @@ demo: $(STAMP)
 	$(BIN)/mtu-export onnx $(SHIPPED) --task all --out $(DEMO)/onnx --overwrite
 	$(BIN)/python -m mtu_export.world_grid $(DEMO)/inputs
 	for t in $(TASKS); do $(BIN)/mtu-export generate $(DEMO)/onnx --task $$t --prompt "$$(cat $(DEMO)/inputs/$$t.txt)" \
-	  --image $(DEMO)/inputs/$$t.png --mask $(DEMO)/inputs/mask.png --out $(DEMO)/generated/$$t.png || exit 1; done
-	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out $(DEMO)/bench --repeats 5 --modes dynamic-int8 --image-count 1
+	  --image $(DEMO)/inputs/$$t.png --mask $(DEMO)/inputs/mask.png --out $(DEMO)/generated/$$t.png --overwrite || exit 1; done
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out $(DEMO)/bench --repeats 5 --modes dynamic-int8 --image-count 1 --overwrite
 	@echo "exported bundle: $(DEMO)/onnx   images: $(DEMO)/generated/   report: $(DEMO)/bench/bench.md"
 
 EVAL := $(MODEL)/eval
@@ -56,8 +56,8 @@ base-model: $(STAMP)
 
 # Measure it: VAE PSNR and text-to-image scene-reader accuracy on the held-out split and on unseen combinations.
 eval-base: $(STAMP)
-	$(BIN)/mtu-export eval $(MODEL) --split heldout --guidance $(GUIDANCE) --json $(EVAL)/heldout.json --grid $(EVAL)/heldout.png
-	$(BIN)/mtu-export eval $(MODEL) --split unseen --guidance $(GUIDANCE) --json $(EVAL)/unseen.json --grid $(EVAL)/unseen.png
+	$(BIN)/mtu-export eval $(MODEL) --split heldout --guidance $(GUIDANCE) --json $(EVAL)/heldout.json --grid $(EVAL)/heldout.png --overwrite
+	$(BIN)/mtu-export eval $(MODEL) --split unseen --guidance $(GUIDANCE) --json $(EVAL)/unseen.json --grid $(EVAL)/unseen.png --overwrite
 
 # The 4-task MTU model (N=4) and the four single-task baselines, from the shipped base model, same steps and the same
 # rows per task (MTU: 16 rows of each task per step; a baseline: 16 rows of its task). Each side uses its best
@@ -107,24 +107,26 @@ ablation: $(STAMP)
 
 # The full report on the shipped models (all quantization modes); about 10 minutes on 2 cores.
 bench: $(STAMP)
-	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --out $(RESULTS)
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --out $(RESULTS) --overwrite
 
 # The CI gate: the same measurements (quick settings), checked against benchmarks/baseline.json.
 bench-check: $(STAMP)
 	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out out/bench-check --modes dynamic-int8 --image-count 1 \
-	  --rounds 4 --pairs 50 --check benchmarks/baseline.json
+	  --rounds 4 --pairs 50 --check benchmarks/baseline.json --overwrite
 
 bench-train: $(STAMP)
-	$(BIN)/mtu-export bench-train $(MODEL) --out $(RESULTS)/train_step.json
+	$(BIN)/mtu-export bench-train $(MODEL) --out $(RESULTS)/train_step.json --overwrite
 
 # Peak memory of a few training steps on 2,000- and 20,000-row on-disk datasets (the latent cache build included);
 # the ratio should stay near 1. About 10 minutes on 2 cores.
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/data_memory.py --base $(MODEL) --out $(RESULTS)/data_memory.json
 
-# Stable Diffusion v1.5 scale with random weights: about 20 minutes and 8 GB of RAM on 2 cores.
+# Stable Diffusion v1.5 scale with random weights: the fold's cost claims (about 20 minutes, 8 GB of RAM on 2 cores),
+# then our exported graphs against optimum's and onnxruntime's optimizer (about 40 minutes, 12 GB).
 bench-sd15: $(STAMP)
 	$(BIN)/python -m mtu_export.bench_sd15 --out $(RESULTS)
+	$(BIN)/python -m mtu_export.bench_peers --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,6 +19,7 @@ Imports config, errors, storage, upcycle, fold, export and the samplers; nothing
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import export_onnx
 from mtu_export.export.runtime import session
 from mtu_export.fold import fold_task
-from mtu_export.storage import read_json, write_json
+from mtu_export.storage import check_output, check_separate, read_json, write_json
 from mtu_export.tasks import BUILTIN, declared
 from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
 
@@ -251,12 +252,16 @@ def bench(
     base: Path | None = None,
     parity: Path | None = None,
     log: Log = print,
+    overwrite: bool = False,
 ) -> dict:
-    """Measure everything for every task of `checkpoint`; write bench.json, bench.md and plots into `out`."""
-    checkpoint = Path(checkpoint)
+    """Measure everything for every task of `checkpoint`; write bench.json, bench.md and plots into `out` (existing
+    ones are refused unless `overwrite`, before anything is measured)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_result_files(out, overwrite)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     base = Path(base) if base else _base_of(ckpt)
     baselines = {k: Path(v) for k, v in (baselines or {}).items()}
+    _check_result_files(out, overwrite, checkpoint, base, parity, *baselines.values())
     for task in baselines:
         ckpt.model.config.task(task)  # unknown task -> one-line error
     base_unet = load_unet(base).float().eval()
@@ -278,12 +283,25 @@ def bench(
             results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline, log)
     results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
     results["coreml"] = _coreml_row()
-    out = Path(out)
+    _check_result_files(out, overwrite)  # again: something may have appeared there while measuring
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench.json", results)
-    (out / "bench.md").write_text(render_markdown(results))
-    _plots(results, out)
+    with tempfile.TemporaryDirectory(prefix=".bench-", dir=out) as staging:  # all three, or none, replaced
+        write_json(Path(staging) / "bench.json", results)
+        (Path(staging) / "bench.md").write_text(render_markdown(results))
+        _plots(results, Path(staging))
+        for name in RESULT_FILES:
+            os.replace(Path(staging) / name, out / name)
     return results
+
+
+RESULT_FILES = ("bench.json", "bench.md", "bench.png")
+
+
+def _check_result_files(out: Path, overwrite: bool, *inputs: Path | None) -> None:
+    """Refuse result files in `out` that exist (unless `overwrite`) or overlap what the bench reads (`inputs`)."""
+    for name in RESULT_FILES:
+        check_separate(out / name, *inputs)
+        check_output(out / name, overwrite)
 
 
 def _base_of(ckpt) -> Path:

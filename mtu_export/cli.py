@@ -1,6 +1,7 @@
 """The `mtu-export` command line: parse options -> config -> one library call -> a short report.
 
-Known problems (MtuError) print one `error:` line and exit with the error's code; nothing imports this module.
+Known problems (MtuError) print one `error:` line and exit with the error's code, and so do usage errors (an
+unknown option, a missing argument, a value of the wrong type: exit 3, as ConfigError); nothing imports this module.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -16,13 +18,55 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # older typer depends on click
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 # diffusers logs a warning at import time about optimum's two distributions; keep the CLI's output to results.
 # Users who want diffusers' logs back set DIFFUSERS_VERBOSITY themselves.
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from mtu_export.config import MoEConfig
-from mtu_export.errors import MtuError
+from mtu_export.errors import ConfigError, MtuError
+
+console = Console(soft_wrap=True)  # one result line per message, however narrow the terminal
+stderr = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+
+def _print_error(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Parse errors as one `error:` line and exit 3, like every ConfigError, instead of click's boxed usage text and
+    exit 2. `main` is what both `mtu-export` and typer's CliRunner call; `--help` still prints help and exits 0."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, or a command's value
+        except NoArgsIsHelpError as exc:  # bare `mtu-export`: the help (rich has printed it already), exit 3
+            if exc.format_message().strip():
+                print(exc.format_message(), file=sys.stderr)
+            sys.exit(ConfigError.exit_code)
+        except UsageError as exc:
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else "; see --help"
+            _print_error(f"{message[:1].lower()}{message[1:]}{where}")
+            sys.exit(ConfigError.exit_code)
+        except ClickException as exc:
+            _print_error(" ".join(exc.format_message().split()))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="mtu-export",
@@ -30,10 +74,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineUsageErrors,
 )
-console = Console(soft_wrap=True)  # one result line per message, however narrow the terminal
-stderr = Console(stderr=True)
-F = TypeVar("F", bound=Callable)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
@@ -57,6 +99,15 @@ def _data(data: list[str] | None, columns: list[str] | None) -> dict:
     return parse_data(data, columns)
 
 
+def _separate(out: Path | None, *inputs: Path | str | None, data: dict | None = None, option: str = "--out") -> None:
+    """Refuse an output overlapping anything the command reads, `--data` datasets included (storage.check_separate);
+    for library calls that do not check every input themselves."""
+    from mtu_export.storage import check_separate
+
+    if out is not None:
+        check_separate(out, *inputs, *(spec.path for spec in (data or {}).values()), option=option)
+
+
 def _parse_tasks(text: str, source: Path):
     """Task specs with the built-ins' channels for the model at `source` (its latent channels and VAE factor)."""
     from mtu_export.data import task_geometry
@@ -73,12 +124,11 @@ def handles_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except MtuError as exc:
-            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # disk full, permissions, a path that became a file: no traceback either
             where = f" ({exc.filename})" if exc.filename else ""
-            message = escape(f"{exc.strerror or exc}{where}")
-            stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            _print_error(f"{exc.strerror or exc}{where}")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -229,6 +279,7 @@ def pretrain(
 
     if dtype not in ("fp16", "fp32"):
         raise ConfigError(f"--dtype must be fp16 or fp32, got {dtype!r}")
+    _separate(out, recipe)
     path = run(recipe, work, out, overwrite=overwrite, dtype=dtype)
     console.print(f"wrote {path}")
 
@@ -280,6 +331,8 @@ def train(
     from mtu_export.train import train as run
 
     specs = _parse_tasks(tasks, base)
+    data_specs = _data(data, column)
+    _separate(out, base, data=data_specs)
     config = TrainConfig(
         tasks=specs,
         num_experts=experts,
@@ -296,7 +349,7 @@ def train(
         checkpoint_every=checkpoint_every,
         seed=seed,
         stop_at=stop_at,
-        data=tuple(_data(data, column).values()),
+        data=tuple(data_specs.values()),
         resolution=resolution,
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
@@ -339,16 +392,17 @@ def evaluate(
     grid: Annotated[Path | None, typer.Option(help="Also write a PNG of generated images.")] = None,
     data: DataOption = None,
     column: ColumnOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing --json / --grid files.")] = False,
 ) -> None:
     """Measure a shapes-world pipeline (VAE PSNR, text-to-image scene-reader accuracy) or every task of an MTU
     checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr)."""
-    from mtu_export.evaluate import EvalConfig, evaluate_base
-    from mtu_export.storage import write_json
+    from mtu_export.evaluate import EvalConfig, check_outputs, evaluate_base, write_outputs
 
     config = EvalConfig(split=split, count=count, first=first, steps=steps, guidance=guidance, seed=seed)
     specs = _data(data, column)
+    check_outputs(pipeline, json_out, grid, overwrite, specs)
     if (pipeline / "mtu_config.json").is_file():
-        _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid, specs)
+        _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid, specs, overwrite)
         return
     if specs:
         from mtu_export.errors import ConfigError
@@ -365,13 +419,8 @@ def evaluate(
         table.add_column(key, justify="right")
     table.add_row(*(f"{100 * v:.1f} %" for v in acc.values()))
     console.print(table)
-    if json_out:
-        write_json(json_out, result)
-        console.print(f"wrote {json_out}")
-    if grid:
-        from mtu_export.world_grid import write_images
-
-        console.print(f"wrote {write_images(grid, images)}")
+    for path in write_outputs(json_out, grid, result, images, overwrite):
+        console.print(f"wrote {path}")
 
 
 @app.command("parity")
@@ -397,9 +446,11 @@ def parity_report(
     from mtu_export.sample import SamplerConfig
 
     baselines = dict(_task_path(item) for item in baseline)
+    specs = _data(data, column)
+    _separate(out, mtu, *baselines.values(), data=specs)
     config = EvalConfig(split=split, count=count, steps=steps, guidance=guidance, seed=seed)
     sampler = SamplerConfig(steps, guidance, image_guidance, seed)
-    report = write_report(mtu, baselines, config, sampler, out, overwrite, _data(data, column))
+    report = write_report(mtu, baselines, config, sampler, out, overwrite, specs)
     for task, entry in report["parity"].items():
         row = entry["metrics"][entry["primary"]]
         ratio = f"MTU {row['mtu']:.4f} / single {row['single']:.4f} = {row['ratio']:.4f}"
@@ -407,10 +458,11 @@ def parity_report(
     console.print(f"wrote {out}/parity.md")
 
 
-def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, json_out, grid, data) -> None:
-    from mtu_export.evaluate import evaluate_checkpoint
+def _evaluate_checkpoint(
+    path: Path, task: str, config, image_guidance: float, json_out, grid, data, overwrite: bool
+) -> None:
+    from mtu_export.evaluate import evaluate_checkpoint, write_outputs
     from mtu_export.sample import SamplerConfig
-    from mtu_export.storage import write_json
 
     sampler = SamplerConfig(config.steps, config.guidance, image_guidance, config.seed)
     results, images, _ = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,), data=data)
@@ -421,17 +473,13 @@ def _evaluate_checkpoint(path: Path, task: str, config, image_guidance: float, j
         cells = [row.get(k) for k in ("psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr")]
         table.add_row(name, *("" if v is None else f"{v:.3f}" for v in cells))
     console.print(table)
-    if json_out:
-        settings = {"split": config.split, "first": config.first, "count": config.count, "steps": config.steps}
-        settings |= {"guidance": config.guidance, "image_guidance": image_guidance, "seed": config.seed}
-        settings["data"] = {t: spec.path for t, spec in data.items()}
-        write_json(json_out, {"checkpoint": str(path), **settings, "tasks": results})
-        console.print(f"wrote {json_out}")
-    if grid:
-        from mtu_export.world_grid import write_images
-
-        first = [im for name in results for im in images[name][:8]]
-        console.print(f"wrote {write_images(grid, first, columns=8)}")
+    settings = {"split": config.split, "first": config.first, "count": config.count, "steps": config.steps}
+    settings |= {"guidance": config.guidance, "image_guidance": image_guidance, "seed": config.seed}
+    settings["data"] = {t: spec.path for t, spec in data.items()}
+    first = [im for name in results for im in images[name][:8]]
+    report = {"checkpoint": str(path), **settings, "tasks": results}
+    for written in write_outputs(json_out, grid, report, first, overwrite):
+        console.print(f"wrote {written}")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -466,6 +514,9 @@ def onnx_command(
         bool | None, typer.Option(help="Weights in model.onnx_data (default: only past 2 GB).")
     ] = None,
     quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8 or fp16.")] = "none",
+    attention: Annotated[
+        str, typer.Option(help="UNet attention: default (exported ops) or fused (onnxruntime MultiHeadAttention).")
+    ] = "default",
     allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
     image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
     data: DataOption = None,
@@ -484,10 +535,12 @@ def onnx_command(
         width=width,
         external_data=external_data,
         quantize=quantize,
+        attention=attention,
         allow_drift=allow_drift,
         image_count=image_count,
     )
     specs = _data(data, column)
+    _separate(out, checkpoint, data=specs)  # the export checks the checkpoint and its pipeline, not --data
     manifest = export_onnx(
         checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)), data=specs
     )
@@ -526,6 +579,7 @@ def coreml_command(
         allow_drift=allow_drift,
     )
     specs = _data(data, column)
+    _separate(out, checkpoint, data=specs)  # the export checks the checkpoint and its pipeline, not --data
     manifest = export_coreml(
         checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)), data=specs
     )
@@ -554,7 +608,7 @@ def generate_command(
     export_dir: Annotated[Path, typer.Argument(help="A folder written by `mtu-export onnx`.")],
     task: Annotated[str, typer.Option(help="The task to run.")],
     prompt: Annotated[str, typer.Option(help="Caption or edit instruction.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Image to write: .png, .jpg / .jpeg or .webp.")],
     image: Annotated[Path | None, typer.Option(help="Input image (edit: source, sr: low-res, inpaint).")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
@@ -563,8 +617,9 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads.")] = None,
     optimum: Annotated[bool, typer.Option(help="Use optimum's ORT pipelines for t2i / inpaint exports.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Run an exported task end to end on onnxruntime and write a PNG (same seed, same image)."""
+    """Run an exported task end to end on onnxruntime and write an image (same seed, same image)."""
     from rich.progress import Progress
 
     from mtu_export.generate import GenerateRequest, generate
@@ -577,7 +632,14 @@ def generate_command(
     request = GenerateRequest(task, prompt, image, mask, steps, guidance, image_guidance, seed, threads, optimum)
     with Progress(console=stderr, transient=True) as bar:
         job = bar.add_task(f"{task}: sampling", total=steps)
-        runner = generate(export_dir, request, out, progress=lambda i, n: bar.update(job, completed=min(i, n)))
+        runner = generate(
+            export_dir,
+            request,
+            out,
+            progress=lambda i, n: bar.update(job, completed=min(i, n)),
+            overwrite=overwrite,
+            log=lambda m: stderr.print(escape(m), highlight=False, soft_wrap=True),
+        )
     console.print(f"wrote {out} ({runner}, {steps} steps, seed {seed})")
 
 
@@ -633,15 +695,21 @@ def bench_command(
     check: Annotated[Path | None, typer.Option(help="Fail (exit 7) on any violation of this baseline JSON.")] = None,
     results: Annotated[Path | None, typer.Option(help="Check this bench.json instead of measuring.")] = None,
     save_baseline: Annotated[Path | None, typer.Option(help="Write a CI baseline from this run.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing bench.json/.md/.png in --out and --save-baseline.")
+    ] = False,
 ) -> None:
     """Folded MTU vs single-task UNets side by side (latency, GFLOPs, size, memory, quality) -> JSON, Markdown,
     PNG; with --check, a CI gate on ratios measured in the same run."""
     from mtu_export.bench import BenchConfig, bench, make_baseline, read_baseline
     from mtu_export.bench import check as check_results
     from mtu_export.errors import ConfigError
-    from mtu_export.storage import read_json, write_json
+    from mtu_export.storage import check_output, read_json, write_json
 
     gate = read_baseline(check) if check is not None else None  # a broken baseline fails now, not after measuring
+    if save_baseline is not None:  # refused now, not after measuring
+        _separate(save_baseline, check, results, option="--save-baseline")
+        check_output(save_baseline, overwrite)
     if results is not None:
         report = read_json(results)
     else:
@@ -659,13 +727,23 @@ def bench_command(
             image_count=image_count,
         )
         baselines = dict(_task_path(item) for item in baseline or [])
-        report = bench(checkpoint, out, config, baselines, base, parity, log=lambda m: console.print(escape(m)))
+        report = bench(
+            checkpoint,
+            out,
+            config,
+            baselines,
+            base,
+            parity,
+            log=lambda m: console.print(escape(m)),
+            overwrite=overwrite,
+        )
         console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
         for task, row in report["tasks"].items():
             lat = row["unet_latency"]["mtu_vs_single"]
             console.print(f"{task}: folded / single-task UNet latency {lat['ratio']:.3f}, {row['gflops']:.4f} GFLOPs")
         console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
     if save_baseline is not None:
+        check_output(save_baseline, overwrite)
         write_json(save_baseline, make_baseline(report))
         console.print(f"wrote {save_baseline}")
     if check is not None:
@@ -687,12 +765,16 @@ def bench_train(
     ),
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step (mixed tasks).")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved step pairs.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Training throughput: an MTU step (experts, routers, task LNs, conv_ins) ÷ a full fine-tune step, same batch."""
     from mtu_export.bench import train_step_ratio
-    from mtu_export.storage import write_json
+    from mtu_export.storage import check_output, write_json
 
+    _separate(out, base)
+    check_output(out, overwrite)  # refused now, not after measuring
     result = train_step_ratio(base, batch_size, repeats, log=lambda m: console.print(escape(m)))
+    check_output(out, overwrite)
     write_json(out, result)
     t = result["mtu_vs_full"]
     console.print(
@@ -731,7 +813,7 @@ def _short_layer(name: str) -> str:
 
 
 def main() -> None:
-    app()
+    app(prog_name="mtu-export")  # also under `python -m mtu_export.cli` (accelerate launch), for the hints
 
 
 if __name__ == "__main__":

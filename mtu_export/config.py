@@ -309,6 +309,7 @@ ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "fp16")
 COREML_QUANTIZE = ("none", "int8", "palettize-6", "palettize-4", "int4-block")
 COREML_TARGETS = ("iOS17", "iOS18")
 MIN_OPSET, MAX_OPSET = 14, 21
+ATTENTION = ("default", "fused")  # fused: onnxruntime's MultiHeadAttention operator (export/attention.py)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,7 @@ class ExportConfig:
     height: int | None = None  # pixels; None: the UNet's sample_size times the VAE factor
     width: int | None = None
     external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
+    attention: str = "default"  # UNet attention as exported ops, or "fused" into onnxruntime's MultiHeadAttention
     quantize: str = "none"
     allow_drift: bool = False
     probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
@@ -342,6 +344,10 @@ class ExportConfig:
                 f"the dynamo exporter needs opset >= 18 (ONNX Runtime rejects its opset-{self.opset} graphs); "
                 "drop --dynamo or use --opset 18"
             )
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.attention == "fused" and self.dynamo:
+            raise ConfigError("--attention fused needs the TorchScript exporter; drop --dynamo")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):

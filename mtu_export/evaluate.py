@@ -222,3 +222,39 @@ def evaluate_checkpoint(
         results[task] = summarise(defs[task], examples, images)
         generated[task], inputs[task] = images, examples
     return results, generated, inputs
+
+
+# --------------------------------------------------------------------------------------------------------- outputs
+def check_outputs(
+    path: Path, json_out: Path | None, grid: Path | None, overwrite: bool = False, data: dict | None = None
+) -> None:
+    """Refuse, before any sampling, a --json or --grid file that exists (unless `overwrite`), a grid that is not a
+    .png, or either overlapping what evaluating `path` reads (its pipeline, a shared one, `--data` datasets)."""
+    from mtu_export.storage import check_output, check_separate
+
+    inputs = [path, *(spec.path for spec in (data or {}).values())]
+    if grid is not None and Path(grid).suffix.lower() != ".png":
+        raise ConfigError(f"--grid must name a .png file, got {Path(grid).name!r}")
+    if json_out is not None and grid is not None and Path(json_out).resolve() == Path(grid).resolve():
+        raise ConfigError(f"--json and --grid both name {json_out}; give each its own file")
+    for option, out in (("--json", json_out), ("--grid", grid)):
+        if out is not None:
+            check_separate(out, *inputs, option=option)
+            check_output(Path(out), overwrite)
+
+
+def write_outputs(
+    json_out: Path | None, grid: Path | None, result: dict, images: list[np.ndarray], overwrite: bool = False
+) -> list[Path]:
+    """Write the results JSON and the grid PNG, each atomically; an existing file is refused unless `overwrite`."""
+    from mtu_export.storage import check_output, write_json
+    from mtu_export.world_grid import write_images
+
+    written = []
+    if json_out is not None:
+        check_output(Path(json_out), overwrite)
+        write_json(Path(json_out), result)
+        written.append(Path(json_out))
+    if grid is not None:
+        written.append(write_images(Path(grid), images, columns=8, overwrite=overwrite))
+    return written

@@ -20,6 +20,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 from torch import nn
 
+from mtu_export import pipelines
 from mtu_export.errors import ConfigError, InputError, ParityError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.storage import (
@@ -149,8 +150,12 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
     check_output(Path(out), overwrite)
     ckpt = load_checkpoint(Path(checkpoint))
     spec = ckpt.model.config.task(task)
+    saved_dtype = next(ckpt.model.parameters()).dtype
+    if saved_dtype in (torch.float16, torch.bfloat16):  # fold and verify in fp32 (1e-5); round once, when saving
+        ckpt.model.to(torch.float32)
     unet = fold_task(ckpt.model, spec.name)
     max_abs_diff = verify_fold(ckpt.model, unet, spec.name)
+    nn.Module.to(unet, saved_dtype)  # diffusers' own `to` warns of fp32-only modules that this UNet does not have
     with atomic_output_dir(Path(out), overwrite) as tmp:
         if ckpt.pipeline_dir is None:
             unet.save_pretrained(tmp, safe_serialization=True)
@@ -174,7 +179,8 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
 
 
 def _retarget_pipeline(index_path: Path, spec, latent_channels: int) -> None:
-    """Label the folded folder with its task's pipeline class (a task no registry entry covers keeps the base's)."""
+    """Label the folded folder with its task's pipeline class (a task no registry entry covers keeps the base's); a
+    class diffusers lacks (`sr`) is shipped in the folder as diffusers' custom pipeline code (pipelines.py)."""
     index = read_json(index_path)
     if "unet" not in index:
         raise InputError(f"{index_path} has no 'unet' entry; the checkpoint's pipeline is not a UNet pipeline")
@@ -183,4 +189,6 @@ def _retarget_pipeline(index_path: Path, spec, latent_channels: int) -> None:
         index["_class_name"] = pipeline_class(resolve(spec, latent_channels), base_class)
     except ConfigError:
         index["_class_name"] = base_class
+    if index["_class_name"] in pipelines.SHIPPED:
+        index = pipelines.ship(index_path.parent, index, index["_class_name"])
     write_json(index_path, index)

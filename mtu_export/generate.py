@@ -5,11 +5,16 @@ A single-task `t2i` or `inpaint` export runs in optimum's `ORTStableDiffusionPip
 an 8- or 7-channel UNet) and every task of an all-task bundle (its UNet takes a `task_id`) run in this project's
 own sampler (`sample.sample_latents`) over the exported graphs, with text and image guidance as in training.
 
+The output follows every command's rule: an existing `out` is refused unless `overwrite`, as is one that overlaps
+an input (the export folder, --image, --mask); it is written in the format its suffix names. An input image of
+another size is resized to the model's, with a note to `log` (stderr by default), never silently.
+
 Imports config, data, errors, storage, conditioning, sample, tasks, vocab, world_grid and the export runtime.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +28,17 @@ from mtu_export.data import low_res_size
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
 from mtu_export.sample import SamplerConfig, encode_prompts, sample_latents
-from mtu_export.storage import read_json
+from mtu_export.storage import check_output, check_separate, read_json
 from mtu_export.tasks import TaskDef, resolve
 from mtu_export.world import Example
-from mtu_export.world_grid import save_png
+from mtu_export.world_grid import image_format, save_image
 
 Progress = Callable[[int, int], None]
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -45,10 +55,18 @@ class GenerateRequest:
     use_optimum: bool = True  # t2i / inpaint single-task exports: optimum's pipelines
 
 
-def generate(export_dir: Path, request: GenerateRequest, out: Path, progress: Progress | None = None) -> str:
-    """Write the generated PNG to `out`; returns which runner made it."""
-    export_dir = Path(export_dir)
+def generate(
+    export_dir: Path,
+    request: GenerateRequest,
+    out: Path,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    log: Log = _stderr,
+) -> str:
+    """Write the generated image to `out` (PNG, JPEG or WebP by its suffix); returns which runner made it."""
+    export_dir, out = Path(export_dir), Path(out)
     manifest = _manifest(export_dir)
+    _check_out(out, export_dir, request, overwrite)
     if request.task not in manifest["tasks"]:
         known = ", ".join(manifest["tasks"])
         raise ConfigError(f"{export_dir} was exported for {known}, not {request.task!r}; pass --task one of those")
@@ -62,13 +80,23 @@ def generate(export_dir: Path, request: GenerateRequest, out: Path, progress: Pr
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     pixels = (size[0] if isinstance(size, list) else size) * factor
     if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum:
-        image = _optimum(export_dir, task, request, pixels, progress)
+        image = _optimum(export_dir, task, request, pixels, progress, log)
         runner = f"optimum {task.optimum_pipeline}"
     else:
-        image = _own(export_dir, manifest, task, request, pixels, factor, vae_config, progress)
+        image = _own(export_dir, manifest, task, request, pixels, factor, vae_config, progress, log)
         runner = "mtu-export ORT sampler"
-    save_png(Path(out), image)
+    check_output(out, overwrite)  # again: something may have appeared there while sampling
+    save_image(out, image)
     return runner
+
+
+def _check_out(out: Path, export_dir: Path, request: GenerateRequest, overwrite: bool) -> None:
+    """Refuse, before any work, an `out` that is a folder, has no image suffix, overlaps an input or exists."""
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; pass an image file to write, such as {out / 'image.png'}")
+    image_format(out)
+    check_separate(out, export_dir / "manifest.json", export_dir, request.image, request.mask)
+    check_output(out, overwrite)
 
 
 def _manifest(export_dir: Path) -> dict:
@@ -77,36 +105,38 @@ def _manifest(export_dir: Path) -> dict:
     return read_json(export_dir / "manifest.json")
 
 
-def _read_image(path: Path, size: int, mode: str = "RGB") -> np.ndarray:
+def _read_image(path: Path, size: int, mode: str = "RGB", log: Log = _stderr) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as picture:
             picture = picture.convert(mode)
             if picture.size != (size, size):
+                width, height = picture.size
+                log(f"note: resized {path} from {width}x{height} to {size}x{size}, the size this export takes")
                 picture = picture.resize((size, size), Image.BICUBIC if mode == "RGB" else Image.NEAREST)
             return np.asarray(picture)
     except (OSError, UnidentifiedImageError) as exc:
         raise InputError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from None
 
 
-def _inputs(task: TaskDef, request: GenerateRequest, pixels: int, factor: int) -> Example:
+def _inputs(task: TaskDef, request: GenerateRequest, pixels: int, factor: int, log: Log) -> Example:
     """The request as an Example, so the training code builds the conditioning. `target` only sets the shape
     (inpainting: the image whose hole is repainted)."""
     source = mask = None
     target = np.zeros((pixels, pixels, 3), np.uint8)
     if task.super_resolution:
-        source = _read_image(request.image, low_res_size(task, pixels, factor))
+        source = _read_image(request.image, low_res_size(task, pixels, factor), log=log)
     elif task.condition == "source_latent":
-        source = _read_image(request.image, pixels)
+        source = _read_image(request.image, pixels, log=log)
     elif task.condition == "masked_latent":
-        target = _read_image(request.image, pixels)
-        mask = _read_image(request.mask, pixels, "L") > 127  # white = repaint
+        target = _read_image(request.image, pixels, log=log)
+        mask = _read_image(request.mask, pixels, "L", log) > 127  # white = repaint
     return Example(request.task, request.prompt, target, None, source, mask)
 
 
 @torch.no_grad()
-def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_config, progress) -> np.ndarray:
+def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_config, progress, log) -> np.ndarray:
     import diffusers
     from transformers import CLIPTokenizer
 
@@ -127,7 +157,7 @@ def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_confi
         else {"task_id": task_info["task_id"], "channels": manifest["unet_input_channels"]}
     )
     unet = OrtUNet(export_dir / "unet" / "model.onnx", request.threads, **bundle)
-    example = _inputs(task, request, pixels, factor)
+    example = _inputs(task, request, pixels, factor, log)
     scaling = vae.config.scaling_factor
     encoded = encode_batch(task, vae, [example])
     condition = task_condition(task, encoded, scaling, torch.Generator().manual_seed(request.seed + 1))
@@ -148,7 +178,7 @@ def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_confi
     return to_uint8(vae.decode(latents / scaling).sample)[0]
 
 
-def _optimum(export_dir, task: TaskDef, request, pixels, progress) -> np.ndarray:
+def _optimum(export_dir, task: TaskDef, request, pixels, progress, log) -> np.ndarray:
     import optimum.onnxruntime as ort_pipelines
     from PIL import Image
 
@@ -172,7 +202,8 @@ def _optimum(export_dir, task: TaskDef, request, pixels, progress) -> np.ndarray
     if progress:
         kwargs["callback_on_step_end"] = lambda p, i, t, kw: (progress(i + 1, request.steps), kw)[1]
     if task.condition == "masked_latent":
-        kwargs["image"] = Image.fromarray(_read_image(request.image, pixels))
-        kwargs["mask_image"] = Image.fromarray((_read_image(request.mask, pixels, "L") > 127).astype(np.uint8) * 255)
+        kwargs["image"] = Image.fromarray(_read_image(request.image, pixels, log=log))
+        mask = _read_image(request.mask, pixels, "L", log) > 127
+        kwargs["mask_image"] = Image.fromarray(mask.astype(np.uint8) * 255)
     images = pipe(request.prompt, **kwargs).images  # (1, H, W, 3) floats in [0, 1]
     return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)

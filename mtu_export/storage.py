@@ -23,6 +23,7 @@ from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, Input
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
+CHECKPOINT_CONFIG = "mtu_config.json"  # an MTU checkpoint's config; its 'pipeline' may name a shared folder
 VARIANTS = ("fp16", "bf16")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle files: never loaded
 
@@ -115,14 +116,49 @@ def unet_weights(unet_dir: Path) -> list[Path]:
     if (unet_dir / weights).is_file():
         files = [unet_dir / weights]
     elif (unet_dir / index).is_file():
-        shards = sorted(set(read_json(unet_dir / index).get("weight_map", {}).values()))
-        files = [unet_dir / shard for shard in shards]
+        files = index_shards(unet_dir / index)
     else:
         refuse_pickles(unet_dir)
         raise InputError(f"{unet_dir} has no {UNET_WEIGHTS}; re-save the UNet with save_pretrained()")
     for file in files:
         check_safetensors(file)
     return files
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded-weights index names, checked: a JSON object whose `weight_map` maps every tensor
+    name to the name of a file beside the index, and every such file present."""
+    fix = "restore the index or re-save the UNet with save_pretrained()"
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index} is not readable JSON ({exc}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    found = _weight_map_defect(data, weight_map)
+    if found:
+        raise CheckpointError(
+            f"{index} should map tensor names to shard file names in 'weight_map', found {found}; {fix}"
+        )
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not (index.parent / shard).is_file()]
+    if missing:
+        raise InputError(
+            f"{index} names shard(s) {', '.join(missing)}, missing from {index.parent}; copy the missing shards "
+            "beside the index, or re-save the UNet with save_pretrained()"
+        )
+    return [index.parent / shard for shard in shards]
+
+
+def _weight_map_defect(data: object, weight_map: object) -> str | None:
+    """What is wrong with an index's `weight_map` (in words), or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__} instead of an object"
+    if not isinstance(weight_map, dict) or not weight_map:
+        return "no 'weight_map'" if weight_map is None else f"{type(weight_map).__name__} {weight_map!r:.60}"
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:  # a plain file name, no ../
+            return f"{name!r}: {shard!r:.60}"
+    return None
 
 
 def check_safetensors(path: Path) -> dict[str, tuple[list[int], str]]:
@@ -225,11 +261,43 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
 
 
-def check_separate(out: Path, source: Path) -> None:
-    """Refuse an output that is, contains or sits inside the input: replacing it would destroy the input."""
-    out, source = Path(out).resolve(), Path(source).resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise ConfigError(f"--out {out} overlaps the input {source}; write to a folder outside it")
+def check_separate(out: Path, *inputs: Path | str | None, option: str = "--out") -> None:
+    """Refuse an output that is, contains or sits inside anything the command reads from `inputs` (`read_paths`):
+    replacing it would destroy that input. Inputs that are None (options not given) are skipped. Called before
+    anything is written."""
+    target = Path(out).resolve()
+    for given in (Path(i) for i in inputs if i is not None):
+        for read in read_paths(given):
+            if target == read or read in target.parents or target in read.parents:
+                via = "" if read == given.resolve() else f" (read through {given})"
+                raise ConfigError(
+                    f"{option} {out} overlaps the input {read}{via}, which this command reads; point {option} "
+                    "elsewhere: not at it, inside it or around it"
+                )
+
+
+def read_paths(path: Path) -> list[Path]:
+    """What a command reads at `path`, resolved: an MTU checkpoint folder and the pipeline folder its
+    `mtu_config.json` names (perhaps shared, `../shapes-base`); of a pipeline folder its model_index.json and the
+    component folders it names (not a model card or an eval/ folder kept beside them); else the path itself."""
+    path = Path(path).resolve()
+    if not (path / CHECKPOINT_CONFIG).is_file():
+        return _pipeline_paths(path)
+    try:
+        ref = json.loads((path / CHECKPOINT_CONFIG).read_text()).get("pipeline")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        ref = None  # loading refuses such a checkpoint later; the folder itself is still protected
+    return [path, *(_pipeline_paths((path / ref).resolve()) if isinstance(ref, str) and ref else [])]
+
+
+def _pipeline_paths(path: Path) -> list[Path]:
+    if (path / PIPELINE_INDEX).is_file():
+        try:
+            names = pipeline_components(path)
+        except Exception:  # a broken index: protect the whole folder
+            return [path]
+        return [path / PIPELINE_INDEX, *((path / name).resolve() for name in names)]
+    return [path]
 
 
 @contextmanager

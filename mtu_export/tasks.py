@@ -92,7 +92,7 @@ BUILTIN: dict[str, TaskDef] = {
         "low_res_rgb",
         image_guidance=True,
         drop_image=True,
-        pipeline="StableDiffusionPipeline",
+        pipeline="MTUSuperResolutionPipeline",  # shipped in the folder (pipelines.py): diffusers has no such pipeline
         optimum_pipeline=None,
         needs=("image",),
         columns={"image": _IMAGE, "prompt": _PROMPT, "low_res": "low_res_image"},

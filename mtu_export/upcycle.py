@@ -26,6 +26,7 @@ from mtu_export.config import MoEConfig, TaskSpec
 from mtu_export.errors import CheckpointError, ConfigError, InputError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm, TaskRouter, TaskRouting
 from mtu_export.storage import (
+    CHECKPOINT_CONFIG,
     PIPELINE_INDEX,
     atomic_output_dir,
     check_output,
@@ -42,7 +43,6 @@ from mtu_export.storage import (
     write_json,
 )
 
-CHECKPOINT_CONFIG = "mtu_config.json"
 CHECKPOINT_WEIGHTS = "mtu_unet.safetensors"
 CHECKPOINT_PIPELINE = "pipeline"
 CHECKPOINT_FORMAT = "mtu-export-checkpoint/1"
@@ -290,7 +290,8 @@ def pack_checkpoint(source: Path, out: Path, pipeline_ref: str, dtype: str = "fp
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise ConfigError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    check_separate(Path(out), Path(source))
+    shared = Path(os.path.normpath(Path(out) / pipeline_ref))  # the pipeline the packed checkpoint will read
+    check_separate(Path(out), Path(source), shared)
     ckpt = load_checkpoint(Path(source), dtype=dtypes[dtype])
     own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline")
     extra = {k: v for k, v in ckpt.meta.items() if k not in own}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mtu_export.cli import app
-from mtu_export.errors import MtuError
+from mtu_export.errors import ConfigError, MtuError, ParityError
 
 runner = CliRunner()
 STEPS = 2
@@ -225,3 +227,84 @@ def test_upcycle_copies_only_the_pipeline_components(pipeline_dir, tmp_path):
         "tokenizer",
         "vae",
     }
+
+
+# ------------------------------------------------------------------------------------------------- usage errors
+USAGE_ERRORS = {  # typer/click's own parse errors -> what the one `error:` line names
+    "unknown option": (["fold", "ckpt", "--task", "t2i", "--out", "o", "--bogus"], "no such option: --bogus"),
+    "missing argument": (["fold", "--task", "t2i", "--out", "o"], "missing argument 'checkpoint'"),
+    "missing option": (["fold", "ckpt", "--out", "o"], "missing option '--task'"),
+    "option without its value": (["fold", "ckpt", "--task"], "option '--task' requires an argument"),
+    "not an integer": (["upcycle", "src", "--out", "o", "--experts", "four"], "invalid value for '--experts'"),
+    "below the minimum": (["world", "--out", "g.png", "--count", "0"], "invalid value for '--count'"),
+    "unknown command": (["flod", "ckpt"], "no such command 'flod'"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())
+def test_usage_errors_are_one_line_and_exit_3(args, message):
+    result = invoke(*args)
+    assert_clean_failure(result, message, ConfigError.exit_code)
+    assert "--help" in result.stderr and "╭" not in result.output and result.stdout == ""
+
+
+def test_usage_errors_and_help_behave_the_same_from_the_console_entry_point():
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mtu_export.cli", *args]  # as `accelerate launch` runs it
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    bad = run("fold", "ckpt", "--task", "t2i", "--out", "o", "--bogus")
+    assert bad.returncode == ConfigError.exit_code, bad.stderr
+    expected = "error: no such option: --bogus (Possible options: --out); see `mtu-export fold --help`"
+    assert bad.stderr.splitlines() == [expected] and bad.stdout == "", bad.stderr
+    helped = run("fold", "--help")
+    assert helped.returncode == 0 and "--task" in helped.stdout, helped.stderr
+    assert invoke("--help").exit_code == 0 and invoke("fold", "--help").exit_code == 0
+
+
+# ----------------------------------------------------------------------------------------------- fp16 checkpoints
+FOLD_ATOL = 1e-5  # the README's fold check, relative to max(1, |routed|): it must hold for fp16 checkpoints too
+
+
+@pytest.fixture(scope="module")
+def fp16_ckpt(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_fold import perturb_
+
+    from mtu_export.config import MoEConfig
+    from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
+
+    root = tmp_path_factory.mktemp("fp16")
+    shutil.copytree(pipeline_dir, root / "base")
+    trained = perturb_(upcycle_unet(load_unet(pipeline_dir), MoEConfig()), scale=0.1)
+    save_checkpoint(trained, root / "run", pipeline_dir=root / "base")
+    result = invoke("pack", root / "run", "--out", root / "mtu", "--pipeline-ref", "../base", "--dtype", "fp16")
+    assert result.exit_code == 0, result.output
+    return root / "mtu"
+
+
+def test_an_fp16_checkpoint_is_folded_and_verified_in_fp32_and_saved_in_fp16(fp16_ckpt, tmp_path):
+    from mtu_export.fold import fold_checkpoint
+    from mtu_export.storage import unet_weights, weights_dtype
+
+    result = fold_checkpoint(fp16_ckpt, "edit", tmp_path / "edit")
+    assert result.max_abs_diff <= FOLD_ATOL  # the fp16 check allowed 1e-2
+    assert weights_dtype(unet_weights(tmp_path / "edit" / "unet")) == "F16"
+    assert json.loads((tmp_path / "edit" / "unet" / "mtu_fold.json").read_text())["fold_max_abs_diff"] <= FOLD_ATOL
+
+
+def test_the_fp16_fold_check_catches_an_error_the_fp16_tolerance_let_through(fp16_ckpt, tmp_path, monkeypatch):
+    from mtu_export import fold
+
+    def off_by_a_little(mtu, task):  # 0.1 % on every FFN output projection: far under fp16's 1e-2 tolerance
+        folded = fold_task(mtu, task)
+        with torch.no_grad():
+            for name, module in folded.named_modules():
+                if name.endswith("ff.net.2"):
+                    module.weight.mul_(1.001)
+        return folded
+
+    fold_task = fold.fold_task
+    monkeypatch.setattr(fold, "fold_task", off_by_a_little)
+    result = invoke("fold", fp16_ckpt, "--task", "edit", "--out", tmp_path / "edit")
+    assert_clean_failure(result, "folded task 'edit' differs from the routed model", ParityError.exit_code)
+    assert not (tmp_path / "edit").exists()

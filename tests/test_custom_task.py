@@ -66,15 +66,17 @@ def test_a_declared_task_trains_evaluates_exports_and_folds(world_pipeline, tmp_
     assert manifest["data"] == {"colorize": str(colorize_heldout)}
     assert manifest["calibration"] == {"colorize": {"source": "dataset", "examples": 4}}
     assert all(row["ok"] for row in manifest["graph_parity"])
-    assert (
-        json.loads((onnx / "model_index.json").read_text())["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
-    )
+    assert json.loads((onnx / "model_index.json").read_text())["_class_name"] == ["pipeline_mtu", "MTUOnnxPipeline"]
+    grey = Image.open(colorize_heldout / "images" / "0-grey.png")
+    ort_pipe = DiffusionPipeline.from_pretrained(onnx, trust_remote_code=True, provider_options={})
+    coloured = ort_pipe("colorize the picture", task="colorize", image=grey, num_inference_steps=2,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
+    assert coloured.shape == (64, 64, 3) and np.isfinite(coloured).all()
 
     folded = tmp_path / "folded"
     assert invoke("fold", ckpt, "--task", "colorize", "--out", folded).exit_code == 0
     pipe = DiffusionPipeline.from_pretrained(folded, local_files_only=True)
     assert isinstance(pipe, StableDiffusionInstructPix2PixPipeline) and pipe.unet.config.in_channels == 8
-    grey = Image.open(colorize_heldout / "images" / "0-grey.png")
     image = pipe("colorize the picture", image=grey, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="np").images[0]  # fmt: skip
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()

@@ -1,11 +1,13 @@
 """Atomic outputs: replaced as a whole, links never followed into what they point to, clean errors on unwritable
 paths and a full disk, the permissions of a plain mkdir, and no `.partial` folder left by SIGTERM or SIGKILL.
-Pickle weights: refused before anything unpickles them, never copied."""
+Pickle weights: refused before anything unpickles them, never copied. An output overlapping anything a command reads
+(a checkpoint's shared pipeline included) is refused; a malformed sharded-weights index is one error line."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +20,16 @@ import torch
 import typer
 from test_cli import assert_clean_failure, invoke, runner
 
-from mtu_export.errors import DiskFullError, InputError
-from mtu_export.storage import atomic_output_dir, link_or_copy_tree, write_json
+from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError
+from mtu_export.storage import (
+    UNET_WEIGHTS,
+    UNET_WEIGHTS_INDEX,
+    atomic_output_dir,
+    check_separate,
+    link_or_copy_tree,
+    unet_weights,
+    write_json,
+)
 from mtu_export.upcycle import load_components
 
 VAE_PICKLE = "diffusion_pytorch_model.bin"
@@ -241,3 +251,69 @@ def test_pickles_beside_safetensors_are_neither_loaded_nor_copied(pipeline_dir, 
     assert not (tmp_path / "pwned").exists()
     copied = [p for p in (tmp_path / "mtu").rglob("*")] + [p for p in (tmp_path / "folded").rglob("*")]
     assert [p for p in copied if p.suffix == ".bin"] == []
+
+
+# ------------------------------------------------------------------------------- outputs vs what a command reads
+def _checkpoint_sharing(base: Path, folder: Path) -> Path:
+    """A stand-in checkpoint folder whose mtu_config.json points at `base`, as `pack --pipeline-ref` writes it."""
+    folder.mkdir(parents=True)
+    write_json(folder / "mtu_config.json", {"pipeline": os.path.relpath(base, folder)})
+    return folder
+
+
+def test_check_separate_covers_the_pipeline_a_checkpoint_shares(pipeline_dir, tmp_path):
+    base = tmp_path / "models" / "base"
+    shutil.copytree(pipeline_dir, base)
+    ckpt = _checkpoint_sharing(base, tmp_path / "models" / "mtu")
+    for out in (base, base / "unet", base / "vae" / "x", tmp_path / "models", ckpt, ckpt / "sub"):
+        with pytest.raises(ConfigError, match="overlaps the input"):
+            check_separate(out, ckpt)
+    check_separate(tmp_path / "models" / "folded", ckpt)
+    check_separate(base / "eval" / "heldout.json", ckpt)  # a pipeline's eval/ or model card is not read
+    check_separate(tmp_path / "models" / "folded", None, ckpt)  # options not given are skipped
+
+
+def test_check_separate_names_the_option_and_every_kind_of_input(tmp_path):
+    data = tmp_path / "data" / "edits.jsonl"
+    with pytest.raises(ConfigError, match=r"^--json .* overlaps the input .*edits\.jsonl"):
+        check_separate(data, tmp_path / "elsewhere", data, option="--json")
+    with pytest.raises(ConfigError, match="overlaps the input"):
+        check_separate(tmp_path / "data", data)  # replacing the folder would delete the dataset in it
+
+
+SHARD = "diffusion_pytorch_model-00001-of-00001.safetensors"
+BAD_INDEXES = {  # index text -> (error class, what the one line names)
+    "not json": ("{weight_map", CheckpointError, "is not readable JSON"),
+    "a list": ("[1, 2]", CheckpointError, "found a JSON list instead of an object"),
+    "no weight_map": ('{"metadata": {}}', CheckpointError, "found no 'weight_map'"),
+    "weight_map a list": ('{"weight_map": ["a"]}', CheckpointError, "found list ['a']"),
+    "a number as shard": ('{"weight_map": {"conv_in.weight": 3}}', CheckpointError, "found 'conv_in.weight': 3"),
+    "a path outside": ('{"weight_map": {"w": "../x.safetensors"}}', CheckpointError, "'../x.safetensors'"),
+    "a missing shard": ('{"weight_map": {"w": "gone.safetensors"}}', InputError, "names shard(s) gone.safetensors"),
+}
+
+
+@pytest.mark.parametrize(("text", "error", "message"), BAD_INDEXES.values(), ids=BAD_INDEXES.keys())
+def test_a_malformed_sharded_weights_index_is_one_error_line(unet_dir, tmp_path, text, error, message):
+    (unet_dir / UNET_WEIGHTS).rename(unet_dir / SHARD)
+    (unet_dir / UNET_WEIGHTS_INDEX).write_text(text)
+    with pytest.raises(error, match=re.escape(message)):
+        unet_weights(unet_dir)
+    assert_clean_failure(invoke("upcycle", unet_dir, "--out", tmp_path / "mtu"), message, error.exit_code)
+    assert not (tmp_path / "mtu").exists()
+
+
+def test_a_well_formed_sharded_unet_still_upcycles(unet_dir, tmp_path):
+    (unet_dir / UNET_WEIGHTS).rename(unet_dir / SHARD)
+    names = safe_open_keys(unet_dir / SHARD)
+    write_json(unet_dir / UNET_WEIGHTS_INDEX, {"metadata": {}, "weight_map": dict.fromkeys(names, SHARD)})
+    assert unet_weights(unet_dir) == [unet_dir / SHARD]
+    result = invoke("upcycle", unet_dir, "--out", tmp_path / "mtu")
+    assert result.exit_code == 0, result.output
+
+
+def safe_open_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())

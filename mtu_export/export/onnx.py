@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtu_export import __version__
+from mtu_export import __version__, pipelines
 from mtu_export.bundle import bundle_tasks
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, InputError, ParityError
+from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import (
     BUNDLE,
     TEXT_ENCODER,
@@ -202,6 +203,9 @@ class _Exporter:
         bundled, self.size = not self.config.tasks, size
         vae, text_encoder, _, _ = self.components
         bundle = bundle_tasks(self.ckpt.model) if bundled else None
+        if self.config.attention == "fused":  # same math in torch; one MultiHeadAttention node per layer in ONNX
+            for unet in [*unets.values(), *([bundle.unet] if bundle is not None else [])]:
+                fuse_attention_(unet)
         probes = self._probes(tasks, unets, bundle, "validation", 1)
         self._copy_pipeline_files(tasks, bundled)
         self._export(TEXT_ENCODER, TextEncoderGraph(text_encoder), probes["*"], self.ckpt.pipeline_dir / "text_encoder")
@@ -237,12 +241,31 @@ class _Exporter:
         return {"*": merged, **per_task}
 
     def _copy_pipeline_files(self, tasks: tuple[str, ...], bundled: bool) -> None:
+        """tokenizer/, scheduler/ and model_index.json, labelled with the task's stock class where optimum's ORT
+        pipelines run it (t2i, inpaint); the bundle (its UNet takes a task_id) and every task no ORT pipeline runs
+        (edit, sr, declared tasks) get mtu-export's ONNX pipeline instead, shipped in the folder (pipelines.py)."""
         source = self.ckpt.pipeline_dir
         for name in ("tokenizer", "scheduler"):
             shutil.copytree(source / name, self.tmp / name)
         index = read_json(source / PIPELINE_INDEX)
         if not bundled:
             index["_class_name"] = pipeline_class(self.sources.tasks[tasks[0]], index.get("_class_name", ""))
+        if bundled or self.sources.tasks[tasks[0]].optimum_pipeline is None:
+            ids, defs = self.ckpt.model.config.task_names, self.sources.tasks
+            table = {
+                t: {
+                    "task_id": ids.index(t) if bundled else None,
+                    "condition": defs[t].condition,
+                    "image_guidance": defs[t].image_guidance,
+                }
+                for t in tasks
+            }
+            height, _, factor = self.size
+            index = pipelines.ship(
+                self.tmp, index, "MTUOnnxPipeline", **pipelines.onnx_components(), tasks=table,
+                scaling_factor=self.components[0].config.scaling_factor, vae_scale_factor=factor,
+                sample_size=height // factor,
+            )  # fmt: skip
         write_json(self.tmp / PIPELINE_INDEX, index)
 
     # -- graphs --------------------------------------------------------------------------------------------------
@@ -263,43 +286,7 @@ class _Exporter:
             self.parity += validate_graph(spec, module, path, feeds, task, GRAPH_PSNR_FLOOR["none"])
 
     def write_graph(self, spec: GraphSpec, module, example: dict, folder: Path) -> Path:
-        """torch.onnx.export `module` with `example` feeds into `folder/model.onnx` (+ external data past 2 GB)."""
-        import onnx
-
-        work = self.scratch / spec.component
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        args = tuple(example[name] for name in spec.inputs)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape asserts: the graphs are validated
-            try:
-                torch.onnx.export(
-                    module.eval(),
-                    args,
-                    str(work / MODEL),
-                    input_names=list(spec.inputs),
-                    output_names=list(spec.outputs),
-                    dynamic_axes=None if self.config.fixed_shapes else spec.dynamic_axes(),
-                    opset_version=self.config.opset,
-                    dynamo=self.config.dynamo,
-                    do_constant_folding=True,
-                )
-            except Exception as exc:
-                if not self.config.dynamo:
-                    raise
-                summary = next((line for line in str(exc).splitlines() if "conflict" in line or "Error" in line), "")
-                raise ConfigError(
-                    f"the dynamo exporter failed on {spec.component} ({summary.strip()[:160]}); add --fixed-shapes, "
-                    "or drop --dynamo (the TorchScript exporter handles dynamic axes)"
-                ) from None
-        model = onnx.load(str(work / MODEL), load_external_data=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        external = self.config.external_data
-        if external is None:
-            external = model.ByteSize() > PROTOBUF_LIMIT
-        _save(model, folder / MODEL, external)
-        shutil.rmtree(work, ignore_errors=True)
-        return folder / MODEL
+        return write_graph(spec, module, example, folder, self.config, self.scratch)
 
     def _quantize_unet(self, spec, module, tasks, unets, bundle, probes) -> None:
         mode = self.config.quantize
@@ -466,6 +453,47 @@ class _Exporter:
             )
         for row in failed:
             self.log(f"warning: drift kept (--allow-drift): {row.describe()}")
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def write_graph(spec: GraphSpec, module, example: dict, folder: Path, config: ExportConfig, scratch: Path) -> Path:
+    """torch.onnx.export `module` with `example` feeds into `folder/model.onnx` (+ external data past 2 GB, or
+    as `config.external_data` says), with `config`'s opset, exporter and shapes; `scratch` holds the raw export."""
+    import onnx
+
+    work = Path(scratch) / spec.component
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    args = tuple(example[name] for name in spec.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape asserts: the graphs are validated
+        try:
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(work / MODEL),
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=None if config.fixed_shapes else spec.dynamic_axes(),
+                opset_version=config.opset,
+                dynamo=config.dynamo,
+                do_constant_folding=True,
+            )
+        except Exception as exc:
+            if not config.dynamo:
+                raise
+            summary = next((line for line in str(exc).splitlines() if "conflict" in line or "Error" in line), "")
+            raise ConfigError(
+                f"the dynamo exporter failed on {spec.component} ({summary.strip()[:160]}); add --fixed-shapes, "
+                "or drop --dynamo (the TorchScript exporter handles dynamic axes)"
+            ) from None
+    folder.mkdir(parents=True, exist_ok=True)
+    external = config.external_data
+    if external is None:
+        external = any(p.name != MODEL for p in work.iterdir()) or (work / MODEL).stat().st_size > PROTOBUF_LIMIT
+    _save(onnx.load(str(work / MODEL), load_external_data=True), folder / MODEL, external)
+    shutil.rmtree(work, ignore_errors=True)
+    return folder / MODEL
 
 
 # ---------------------------------------------------------------------------------------------------- validation

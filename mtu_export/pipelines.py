@@ -1,0 +1,410 @@
+"""Diffusers pipeline classes for the folders stock diffusers and optimum cannot run, and the writer that ships them.
+
+- `MTUSuperResolutionPipeline`: a folded `sr` pipeline (torch): the low-res image as `sr` was trained on it
+  (`low_res_rgb`: the RGB image at latent resolution, L + 3 UNet channels; `low_res_latent`: the VAE latent of its
+  bicubic upsample to 4x, 2L channels), sampled with InstructPix2Pix's text + image guidance.
+- `MTUOnnxPipeline`: an ONNX export in optimum's layout whose UNet no optimum pipeline runs: the all-task bundle (its
+  UNet takes a `task_id` and a sample zero-padded to the widest task's channels) and a single-task `sr` export.
+
+This file is copied verbatim into every folder it labels, as `pipeline_mtu.py`, and `model_index.json` names it
+(`"_class_name": ["pipeline_mtu", "<class>"]`), diffusers' custom-pipeline mechanism for a local folder:
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it without mtu-export installed. So it
+imports only numpy, PIL, torch and diffusers (onnxruntime through diffusers' `OnnxRuntimeModel`), never the package;
+the conditioning and guidance below restate conditioning.py and sample.py, and the tests hold both to the same images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, OnnxRuntimeModel, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+MODULE = "pipeline_mtu"  # the file's name (without .py) in every folder it labels
+SR_SCALE = 4  # super-resolution factor of the latent convention (mtu_export.tasks.SR_SCALE)
+
+Images = PIL.Image.Image | list[PIL.Image.Image] | None
+
+
+# ------------------------------------------------------------------------------------------- shared by both classes
+def _arrays(images: Images, mode: str = "RGB") -> list[np.ndarray]:
+    if images is None:
+        return []
+    images = images if isinstance(images, list) else [images]
+    return [np.asarray(image.convert(mode)) for image in images]
+
+
+def _image_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _batch(prompt: str | list[str], images: list[np.ndarray]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if images and len(prompts) == 1:
+        prompts = prompts * len(images)
+    if images and len(images) not in (1, len(prompts)):
+        raise ValueError(f"got {len(prompts)} prompts and {len(images)} images; pass one image or one per prompt")
+    return prompts
+
+
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """As StableDiffusionPipeline makes them: padded to the model's length, no attention mask."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids  # (B, L)
+
+
+def _condition(
+    kind: str,
+    encode: Callable[[torch.Tensor], DiagonalGaussianDistribution],
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    size: tuple[int, int],  # (H, W) of the output image
+    scaling: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor | None:
+    """The task's extra UNet channels, (B, C, h, w), as conditioning.py builds them (see the module docstring)."""
+    if kind == "none":
+        return None
+    image = _image_tensor(images)
+    if kind == "source_latent":
+        return encode(image).mode()  # unscaled posterior mode, as InstructPix2Pix
+    if kind == "low_res_rgb":
+        return image
+    if kind == "low_res_latent":
+        upsampled = F.interpolate(image, size=size, mode="bicubic", align_corners=False)
+        return encode(upsampled.clamp(-1, 1)).mode()
+    mask = torch.from_numpy(np.stack(masks)).float()[:, None]  # (B, 1, H, W), 1 = hole
+    hole = encode(image * (mask < 0.5))  # the masked image: the hole is 0 (mid-gray) in [-1, 1]
+    noise = torch.randn(hole.mean.shape, generator=generator, dtype=torch.float32)
+    latent = (hole.mean.float() + hole.std.float() * noise) * scaling
+    return torch.cat([F.interpolate(mask, size=latent.shape[-2:]), latent], dim=1)
+
+
+def _condition_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """mtu-export draws an inpainting condition's posterior sample from the seed after the latents' seed."""
+    return None if generator is None else torch.Generator().manual_seed(generator.initial_seed() + 1)
+
+
+def _check_size(kind: str, images: list[np.ndarray], masks: list[np.ndarray], multiple: int) -> None:
+    shapes = {a.shape[:2] for a in images} | {m.shape[:2] for m in masks}
+    if len(shapes) > 1:
+        raise ValueError(f"the images and masks differ in size ({sorted(shapes)}); pass them at one size")
+    height, width = next(iter(shapes))
+    if height % multiple or width % multiple:
+        raise ValueError(f"a {kind} image of {width}x{height} pixels must have sides that are multiples of {multiple}")
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r} is not one of {', '.join(map(repr, OUTPUT_TYPES))}")
+
+
+class _GuidedSampling:
+    """The sampling loop of sample.py; each pipeline gives its text encoder (`_embed`) and its denoiser."""
+
+    def _embed(self, prompts: list[str]) -> torch.Tensor:  # (B, L, D)
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        prompts: list[str],
+        condition: torch.Tensor | None,  # (B, C, h, w)
+        shape: tuple[int, ...],  # (B, L, h, w)
+        two_scale: bool,
+        steps: int,
+        guidance_scale: float,
+        image_guidance_scale: float,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Guided sampling as sample.sample_latents; returns scaled latents (B, L, h, w)."""
+        scheduler = self.scheduler
+        text, empty = self._embed(prompts), self._embed([""] * len(prompts))
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        scheduler.set_timesteps(steps, device=device)
+        copies = 3 if two_scale else 2
+        if two_scale:
+            hidden = torch.cat([text, empty, empty])
+            cond = torch.cat([condition, condition, torch.zeros_like(condition)])
+        else:
+            hidden = torch.cat([text, empty])
+            cond = None if condition is None else torch.cat([condition, condition])
+        for t in self.progress_bar(scheduler.timesteps):
+            x = scheduler.scale_model_input(torch.cat([latents] * copies), t)
+            x = x if cond is None else torch.cat([x, cond.to(x.device)], dim=1)
+            eps = denoise(x, t.expand(x.shape[0]), hidden)
+            if two_scale:
+                full, image_only, none = eps.chunk(3)
+                eps = none + image_guidance_scale * (image_only - none) + guidance_scale * (full - image_only)
+            else:
+                full, none = eps.chunk(2)
+                eps = none + guidance_scale * (full - none)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        return latents
+
+    @staticmethod
+    def _output(decoded: torch.Tensor, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """(B, 3, H, W) in [-1, 1] -> PIL (uint8 exactly as mtu-export rounds), np / pt in [0, 1], or latents."""
+        if output_type == "latent":
+            images = latents
+        elif output_type == "pil":
+            pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            images = [PIL.Image.fromarray(p) for p in pixels]
+        else:
+            images = (decoded.clamp(-1, 1) + 1) / 2
+            images = images.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else images
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+# --------------------------------------------------------------------------------------------- the torch sr pipeline
+class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
+    """Super-resolution with a folded mtu-export `sr` UNet: `pipe(prompt, image=low_res).images[0]`.
+
+    The output is 4x the low-res image (with the RGB convention: the VAE's factor, which is 4). Two-scale guidance:
+    ε = ε(∅, ∅) + image_guidance_scale·(ε(∅, img) − ε(∅, ∅)) + guidance_scale·(ε(text, img) − ε(∅, img)).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    @property
+    def condition(self) -> str:
+        latent, channels = self.unet.config.out_channels, self.unet.config.in_channels
+        if channels == latent + 3:
+            return "low_res_rgb"
+        if channels == 2 * latent:
+            return "low_res_latent"
+        raise ValueError(f"this UNet takes {channels} input channels; an sr UNet takes {latent + 3} or {2 * latent}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        ids = _token_ids(self.tokenizer, prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].float()
+
+    def _encode(self, image: torch.Tensor) -> DiagonalGaussianDistribution:
+        return self.vae.encode(image.to(self.vae.device, self.vae.dtype)).latent_dist
+
+    def _denoise(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = self.unet.dtype
+        return self.unet(sample.to(dtype), timestep, hidden.to(dtype)).sample.float()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image: Images,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float = 1.5,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """`image`: the low-res image(s) (PIL); the output has 4x its sides."""
+        _check_output_type(output_type)
+        kind, factor = self.condition, self.vae_scale_factor
+        images = _arrays(image)
+        if not images:
+            raise ValueError("sr needs `image`, the low-res image to upscale")
+        prompts = _batch(prompt, images)
+        images = images * len(prompts) if len(images) == 1 else images
+        _check_size(kind, images, [], 1 if kind == "low_res_rgb" else factor // np.gcd(factor, SR_SCALE))
+        height, width = images[0].shape[:2]
+        if kind == "low_res_rgb":  # the image is the condition at latent resolution
+            latent_size, size = (height, width), (height * factor, width * factor)
+        else:
+            size = (height * SR_SCALE, width * SR_SCALE)
+            latent_size = (size[0] // factor, size[1] // factor)
+        scaling = self.vae.config.scaling_factor
+        device = self._execution_device
+        condition = _condition(kind, self._encode, images, [], size, scaling, None).float().to(device)
+        shape = (len(prompts), self.unet.config.out_channels, *latent_size)
+        latents = self._sample(
+            self._denoise, prompts, condition, shape, True, num_inference_steps, guidance_scale, image_guidance_scale,
+            generator, device,
+        )  # fmt: skip
+        decoded = None
+        if output_type != "latent":
+            decoded = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.float()
+        return self._output(decoded, latents, output_type, return_dict)
+
+
+# ------------------------------------------------------------------------------------------ the ONNX folder pipeline
+_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def _run(model: OnnxRuntimeModel, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Run a graph on torch feeds cast to its input types (as optimum does)."""
+    types = {i.name: i.type for i in model.model.get_inputs()}
+    return model(**{k: v.detach().cpu().numpy().astype(_NUMPY[types[k]], copy=False) for k, v in feeds.items()})
+
+
+class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
+    """The tasks of an mtu-export ONNX folder on onnxruntime: `pipe(prompt, task="edit", image=source).images[0]`.
+
+    `tasks` (model_index.json) holds, per task, its `task_id` in an all-task bundle's UNet (None in a single-task
+    export), its `condition` (tasks.py) and whether it is guided on the image too (`image_guidance`, as
+    InstructPix2Pix); a bundle's UNet reads every task's sample zero-padded to its own input channels. Inputs by
+    condition: `image` (edit: the source; sr: the low-res image, the output has 4x its sides; inpaint: the image to
+    repaint) and `mask_image` (inpaint; white = repaint); t2i takes `height` / `width` (default: the export's size).
+    """
+
+    def __init__(
+        self,
+        vae_encoder: OnnxRuntimeModel,
+        vae_decoder: OnnxRuntimeModel,
+        text_encoder: OnnxRuntimeModel,
+        tokenizer,
+        unet: OnnxRuntimeModel,
+        scheduler,
+        tasks: dict | None = None,
+        scaling_factor: float = 0.18215,
+        vae_scale_factor: int = 8,
+        sample_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae_encoder=vae_encoder,
+            vae_decoder=vae_decoder,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+        self.register_to_config(
+            tasks=tasks or {}, scaling_factor=scaling_factor, vae_scale_factor=vae_scale_factor, sample_size=sample_size
+        )
+
+    def _task(self, task: str | None) -> tuple[str, dict]:
+        known = self.config.tasks
+        if task is None and len(known) == 1:
+            task = next(iter(known))
+        if task not in known:
+            found = "no task" if task is None else f"task {task!r}"
+            raise ValueError(f"this folder runs the tasks {', '.join(known)}; got {found}: pass task=one of those")
+        return task, known[task]
+
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        hidden = _run(self.text_encoder, {"input_ids": _token_ids(self.tokenizer, prompts)})[0]
+        return torch.from_numpy(hidden).float()
+
+    def _encode(self, image: torch.Tensor) -> DiagonalGaussianDistribution:
+        (moments,) = _run(self.vae_encoder, {"sample": image})
+        return DiagonalGaussianDistribution(torch.from_numpy(moments).float())
+
+    def _denoiser(self, task_id: int | None):
+        channels = next(i.shape[1] for i in self.unet.model.get_inputs() if i.name == "sample")  # (B, C, h, w)
+
+        def denoise(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            feeds = {"sample": sample, "timestep": timestep.reshape(-1)[0].float(), "encoder_hidden_states": hidden}
+            if task_id is not None:  # the bundle: the task's channels, then zeros
+                feeds["sample"] = F.pad(sample, (0, 0, 0, 0, 0, channels - sample.shape[1]))
+                feeds["task_id"] = torch.tensor(task_id, dtype=torch.int64)
+            return torch.from_numpy(_run(self.unet, feeds)[0]).float()
+
+        return denoise
+
+    def _sizes(self, kind: str, images: list[np.ndarray], height: int | None, width: int | None):
+        """(H, W) of the output and (h, w) of its latent."""
+        factor = self.config.vae_scale_factor
+        if kind == "none":
+            size = (height or self.config.sample_size * factor, width or self.config.sample_size * factor)
+        elif height is not None or width is not None:
+            raise ValueError(f"height and width are for text-to-image; a {kind} task takes its size from `image`")
+        elif kind == "low_res_rgb":
+            size = (images[0].shape[0] * factor, images[0].shape[1] * factor)
+        elif kind == "low_res_latent":
+            size = (images[0].shape[0] * SR_SCALE, images[0].shape[1] * SR_SCALE)
+        else:
+            size = images[0].shape[:2]
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(f"an output of {size[1]}x{size[0]} pixels is not a multiple of the VAE's factor {factor}")
+        return tuple(size), (size[0] // factor, size[1] // factor)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        task: str | None = None,
+        image: Images = None,
+        mask_image: Images = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float = 1.5,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        _check_output_type(output_type)
+        task, spec = self._task(task)
+        kind = spec["condition"]
+        images, masks = _arrays(image), [m > 127 for m in _arrays(mask_image, "L")]
+        needed = {"image": kind != "none", "mask_image": kind == "masked_latent"}
+        for name, given in (("image", images), ("mask_image", masks)):
+            if bool(given) != needed[name]:
+                raise ValueError(f"task {task!r} {'needs' if needed[name] else 'takes no'} `{name}`")
+        prompts = _batch(prompt, images)
+        images, masks = [x * len(prompts) if len(x) == 1 else x for x in (images, masks)]
+        if images:
+            _check_size(kind, images, masks, 1)
+        size, latent_size = self._sizes(kind, images, height, width)
+        scaling = self.config.scaling_factor
+        condition = _condition(kind, self._encode, images, masks, size, scaling, _condition_generator(generator))
+        channels = self.unet.model.get_outputs()[0].shape[1]
+        latents = self._sample(
+            self._denoiser(spec["task_id"]), prompts, condition, (len(prompts), channels, *latent_size),
+            spec["image_guidance"], num_inference_steps, guidance_scale, image_guidance_scale, generator,
+            torch.device("cpu"),
+        )  # fmt: skip
+        decoded = None
+        if output_type != "latent":
+            decoded = torch.from_numpy(_run(self.vae_decoder, {"latent_sample": latents / scaling})[0]).float()
+        return self._output(decoded, latents, output_type, return_dict)
+
+
+# ----------------------------------------------------------------------------------------------------- the writer
+SHIPPED = {"MTUSuperResolutionPipeline": MTUSuperResolutionPipeline, "MTUOnnxPipeline": MTUOnnxPipeline}
+ONNX_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # graphs, loaded as OnnxRuntimeModel
+
+
+def ship(folder: Path, index: dict, class_name: str, **config) -> dict:
+    """Copy this file into `folder` and return the pipeline's `index` (model_index.json) labelled with the shipped
+    `class_name`: its components and `config` entries, nothing its constructor does not take."""
+    accepted = set(inspect.signature(SHIPPED[class_name].__init__).parameters) - {"self"}
+    kept = {k: v for k, v in {**index, **config}.items() if k in accepted or (k.startswith("_") and k != "_class_name")}
+    shutil.copyfile(Path(__file__), Path(folder) / f"{MODULE}.py")
+    return {"_class_name": [MODULE, class_name], **kept}
+
+
+def onnx_components() -> dict[str, list[str]]:
+    """model_index.json entries of an ONNX folder's graphs, as diffusers loads them."""
+    return {name: ["diffusers", "OnnxRuntimeModel"] for name in ONNX_COMPONENTS}
