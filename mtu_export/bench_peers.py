@@ -15,7 +15,7 @@ achieved GFLOP/s ÷ this machine's peak fp32 GEMM GFLOP/s (a large MatMul in onn
 peak RSS of a process that loads it and runs one call, bytes on disk, per-call PSNR against the fp32 torch UNet on
 inputs recorded along a short guided sampling trajectory, and which operators run in int8.
 
-Run: `python -m mtu_export.bench_peers --out benchmarks/results` (about 30 minutes and 12 GB RAM on 2 cores).
+Run: `python -m mtu_export.bench_peers --out benchmarks/results` (about 25 minutes and 12 GB RAM on 2 cores).
 Imports bench, bench_sd15, config, export and fold.
 """
 
