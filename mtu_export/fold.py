@@ -21,7 +21,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from mtu_export import pipelines
-from mtu_export.errors import ConfigError, InputError, ParityError
+from mtu_export.errors import InputError, ParityError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.storage import (
     PIPELINE_INDEX,
@@ -150,6 +150,7 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
     check_output(Path(out), overwrite)
     ckpt = load_checkpoint(Path(checkpoint))
     spec = ckpt.model.config.task(task)
+    label = None if ckpt.pipeline_dir is None else folded_label(ckpt.pipeline_dir, spec, ckpt.model)
     saved_dtype = next(ckpt.model.parameters()).dtype
     if saved_dtype in (torch.float16, torch.bfloat16):  # fold and verify in fp32 (1e-5); round once, when saving
         ckpt.model.to(torch.float32)
@@ -162,7 +163,7 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
         else:
             link_or_copy_tree(ckpt.pipeline_dir, tmp)
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            _retarget_pipeline(tmp / PIPELINE_INDEX, spec, ckpt.model.unet.config.out_channels)
+            _retarget_pipeline(tmp / PIPELINE_INDEX, label)
         write_json(
             (tmp / "unet" if ckpt.pipeline_dir else tmp) / "mtu_fold.json",
             {
@@ -178,17 +179,20 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
     return FoldResult(Path(out), spec.name, max_abs_diff)
 
 
-def _retarget_pipeline(index_path: Path, spec, latent_channels: int) -> None:
-    """Label the folded folder with its task's pipeline class (a task no registry entry covers keeps the base's); a
-    class diffusers lacks (`sr`) is shipped in the folder as diffusers' custom pipeline code (pipelines.py)."""
-    index = read_json(index_path)
+def folded_label(pipeline_dir: Path, spec, model) -> str:
+    """The pipeline class a folded folder of `spec` is labelled with, checked before any work: a ConfigError for a
+    task no class runs (a declared task that is not image-conditioned, `sr` of an SDXL base)."""
+    index = read_json(pipeline_dir / PIPELINE_INDEX)
     if "unet" not in index:
-        raise InputError(f"{index_path} has no 'unet' entry; the checkpoint's pipeline is not a UNet pipeline")
-    base_class = index.get("_class_name", "")
-    try:
-        index["_class_name"] = pipeline_class(resolve(spec, latent_channels), base_class)
-    except ConfigError:
-        index["_class_name"] = base_class
-    if index["_class_name"] in pipelines.SHIPPED:
-        index = pipelines.ship(index_path.parent, index, index["_class_name"])
+        raise InputError(f"{pipeline_dir} has no 'unet' entry in model_index.json; it is not a UNet pipeline")
+    return pipeline_class(resolve(spec, model.unet.config.out_channels), index.get("_class_name", ""))
+
+
+def _retarget_pipeline(index_path: Path, label: str) -> None:
+    """Label the folded folder with its task's pipeline class; a class diffusers lacks (`sr`) is shipped in the
+    folder as diffusers' custom pipeline code (pipelines.py)."""
+    index = read_json(index_path)
+    index["_class_name"] = label
+    if label in pipelines.SHIPPED:
+        index = pipelines.ship(index_path.parent, index, label)
     write_json(index_path, index)

@@ -177,12 +177,18 @@ _SDXL = {
 
 
 def pipeline_class(task: TaskDef, base_class: str) -> str:
-    """The diffusers pipeline class a folded `task` of a `base_class` pipeline is labelled with."""
+    """The diffusers pipeline class a folded `task` of a `base_class` pipeline is labelled with; a ConfigError when
+    no class would run it (a label that names a stock pipeline which then crashes is worse than a refusal)."""
     if base_class == "StableDiffusionPipeline":
         return task.pipeline
-    if base_class == "StableDiffusionXLPipeline":
-        return _SDXL.get(task.pipeline, base_class)
-    return base_class
+    if task.pipeline == "StableDiffusionPipeline":  # text-to-image keeps its base's own class
+        return base_class
+    if base_class == "StableDiffusionXLPipeline" and task.pipeline in _SDXL:
+        return _SDXL[task.pipeline]
+    raise ConfigError(
+        f"no pipeline class runs a folded {task.name!r} of a {base_class or 'unlabelled'} base; fold it from a "
+        "Stable Diffusion 1.x/2.x pipeline, or upcycle the bare UNet folder and fold that (a UNet folder out)"
+    )
 
 
 def resolve_all(specs: tuple[TaskSpec, ...], latent_channels: int = 4) -> dict[str, TaskDef]:

@@ -300,3 +300,23 @@ def test_a_declared_task_without_data_is_refused_up_front(world_pipeline, tmp_pa
 def test_missing_dataset_path_is_an_input_error():
     with pytest.raises(InputError, match="does not exist"):
         open_source(BUILTIN["t2i"], DataSpec("t2i", "/nonexistent/data"), "train", 64, 4)
+
+
+def test_fold_refuses_a_pipeline_label_no_class_would_run(world_pipeline, unet_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert invoke("upcycle", world_pipeline, "--out", ckpt, "--tasks", "t2i,depth:5").exit_code == 0
+    assert_clean_failure(invoke("fold", ckpt, "--task", "depth", "--out", tmp_path / "f"), "depth:8", exit_code=3)
+    assert not (tmp_path / "f").exists()
+    bare = tmp_path / "bare"
+    assert invoke("upcycle", unet_dir, "--out", bare, "--tasks", "t2i,depth:5").exit_code == 0
+    assert invoke("fold", bare, "--task", "depth", "--out", tmp_path / "unet").exit_code == 0
+    assert (tmp_path / "unet" / "config.json").is_file()
+
+
+def test_sr_of_an_sdxl_base_has_no_class_and_is_refused():
+    from mtu_export.tasks import pipeline_class
+
+    assert pipeline_class(BUILTIN["t2i"], "StableDiffusionXLPipeline") == "StableDiffusionXLPipeline"
+    assert pipeline_class(BUILTIN["edit"], "StableDiffusionXLPipeline") == "StableDiffusionXLInstructPix2PixPipeline"
+    with pytest.raises(ConfigError, match="no pipeline class runs a folded 'sr'"):
+        pipeline_class(BUILTIN["sr"], "StableDiffusionXLPipeline")
