@@ -320,3 +320,25 @@ def test_sr_of_an_sdxl_base_has_no_class_and_is_refused():
     assert pipeline_class(BUILTIN["edit"], "StableDiffusionXLPipeline") == "StableDiffusionXLInstructPix2PixPipeline"
     with pytest.raises(ConfigError, match="no pipeline class runs a folded 'sr'"):
         pipeline_class(BUILTIN["sr"], "StableDiffusionXLPipeline")
+
+
+def test_column_overrides_map_a_users_names_onto_roles(tmp_path):
+    from mtu_export.data import parse_data
+
+    names = _write_photos(tmp_path / "photos", 2, size=(64, 64))
+    rows = "".join(json.dumps({"file_name": n, "caption": f"photo {i}"}) + "\n" for i, n in enumerate(names))
+    (tmp_path / "photos" / "metadata.jsonl").write_text(rows)
+    specs = parse_data([f"t2i={tmp_path / 'photos'}"], ["t2i.prompt=caption"])
+    assert open_source(BUILTIN["t2i"], specs["t2i"], "train", 64, 4).example(1).prompt == "photo 1"
+    with pytest.raises(ConfigError, match="unknown role"):
+        open_source(BUILTIN["t2i"], DataSpec("t2i", str(tmp_path / "photos"), {"caption": "x"}), "train", 64, 4)
+    with pytest.raises(ConfigError, match="which has no --data"):
+        parse_data([], ["t2i.prompt=caption"])
+
+
+def test_eval_of_t2i_on_a_users_images_is_refused(world_pipeline, tmp_path):
+    export_world_dataset(tmp_path / "t2i", "t2i", "heldout", 2)
+    ckpt = tmp_path / "ckpt"
+    assert invoke("upcycle", world_pipeline, "--out", ckpt, "--tasks", "t2i").exit_code == 0
+    result = invoke("eval", ckpt, "--task", "t2i", "--data", f"t2i={tmp_path / 't2i'}", "--count", "1")
+    assert_clean_failure(result, "text-to-image has no reference metric", exit_code=3)
