@@ -234,8 +234,10 @@ def world(
     if export_dataset is not None:
         from mtu_export.data import export_world_dataset
 
-        path = export_world_dataset(export_dataset, task, split, count, overwrite=overwrite)
-        console.print(f"wrote {path}: {count} {task} examples of the {split} split (images/ + metadata.jsonl)")
+        path = export_world_dataset(export_dataset, task, split, count, overwrite=overwrite, start=start)
+        console.print(
+            f"wrote {path}: {count} {task} examples of the {split} split from index {start} (images/ + metadata.jsonl)"
+        )
         return
     if count > 64:
         raise ConfigError(f"a grid shows at most 64 examples per task, got --count {count}")

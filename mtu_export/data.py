@@ -344,10 +344,12 @@ def random_mask(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ the world as a user dataset
-def _world_rows(task: str, split: str, count: int) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+def _world_rows(
+    task: str, split: str, count: int, start: int = 0
+) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     """Per example: metadata (text columns) and images by column name, in the task's default columns."""
     columns = BUILTIN[task].columns
-    for index in range(count):
+    for index in range(start, start + count):
         ex = make_example(task, split, index)
         images = {columns["image"]: ex.target}
         if task == "edit":
@@ -359,9 +361,9 @@ def _world_rows(task: str, split: str, count: int) -> Iterator[tuple[dict[str, A
         yield {columns["prompt"]: ex.prompt}, images
 
 
-def export_world_dataset(out: Path, task: str, split: str, count: int, overwrite: bool = False) -> Path:
-    """Write `count` shapes-world examples of `task` as an image folder (`images/` + `metadata.jsonl`, one
-    `<column>_file_name` per image column) that `--data` reads back into the same examples."""
+def export_world_dataset(out: Path, task: str, split: str, count: int, overwrite: bool = False, start: int = 0) -> Path:
+    """Write `count` shapes-world examples of `task` (from index `start`) as an image folder (`images/` +
+    `metadata.jsonl`, one `<column>_file_name` per image column) that `--data` reads back into the same examples."""
     from mtu_export.storage import atomic_output_dir, check_output
 
     if task not in BUILTIN:
@@ -372,7 +374,7 @@ def export_world_dataset(out: Path, task: str, split: str, count: int, overwrite
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "images").mkdir()
         with (tmp / "metadata.jsonl").open("w") as meta:
-            for index, (text, images) in enumerate(_world_rows(task, split, count)):
+            for index, (text, images) in enumerate(_world_rows(task, split, count, start)):
                 row = dict(text)
                 for column, picture in images.items():
                     name = f"images/{index:06d}-{column}.png"

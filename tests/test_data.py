@@ -342,3 +342,13 @@ def test_eval_of_t2i_on_a_users_images_is_refused(world_pipeline, tmp_path):
     assert invoke("upcycle", world_pipeline, "--out", ckpt, "--tasks", "t2i").exit_code == 0
     result = invoke("eval", ckpt, "--task", "t2i", "--data", f"t2i={tmp_path / 't2i'}", "--count", "1")
     assert_clean_failure(result, "text-to-image has no reference metric", exit_code=3)
+
+
+def test_world_export_through_the_cli_starts_where_asked(tmp_path):
+    out = tmp_path / "edit"
+    result = invoke("world", "--export-dataset", out, "--task", "edit", "--count", "2", "--start", "5")
+    assert result.exit_code == 0, result.output
+    data = DatasetSource(BUILTIN["edit"], DataSpec("edit", str(out)), 64, 16)
+    assert len(data) == 2 and data.example(0).prompt == WorldSource(BUILTIN["edit"], "train", 64, 16).example(5).prompt
+    assert_clean_failure(invoke("world", "--export-dataset", out, "--task", "edit"), "exists", exit_code=5)
+    assert_clean_failure(invoke("world", "--task", "edit"), "--out PNG", exit_code=3)
