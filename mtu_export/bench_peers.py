@@ -197,22 +197,6 @@ def peak_gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def child_peak_rss(path: Path, threads: int) -> int:
-    """Peak RSS (bytes) of a fresh process that opens the graph and runs one call."""
-    code = (
-        "import sys, numpy as np, torch\n"
-        "from mtu_export.bench_peers import feed\n"
-        "from mtu_export.export.runtime import session\n"
-        "s = session(sys.argv[1], int(sys.argv[2]))\n"
-        "s.run(None, {k: v.numpy() for k, v in feed().items()})\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(threads)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"running {path} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return int(result.stdout.strip().splitlines()[-1]) * 1024
-
-
 def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], threads: int) -> float | None:
     from mtu_export.export.onnx import psnr_db
     from mtu_export.export.runtime import session
@@ -264,7 +248,7 @@ def folded_unet(smoke: bool = False):
 
 
 def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -> dict:
-    from mtu_export.bench import torch_flops
+    from mtu_export.bench import peak_rss_mb, torch_flops
     from mtu_export.storage import tree_bytes
 
     work = Path(tempfile.mkdtemp(prefix="mtu-peers-"))
@@ -288,7 +272,7 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     log(f"peak fp32 GEMM on {threads} threads: {peak:.0f} GFLOP/s")
     rows = {}
     for name, path in graphs.items():
-        row = {"bytes": tree_bytes(path.parent), "peak_rss_bytes": child_peak_rss(path, threads)}
+        row = {"bytes": tree_bytes(path.parent), "peak_rss_bytes": int(peak_rss_mb(path, feed(), threads) * 2**20)}
         row["psnr_per_call_db"] = psnr_per_call(path, feeds, references, threads)
         census = op_census(path)
         row["int8_ops"] = {op: n for op, n in census.items() if op in INT8_OPS}
