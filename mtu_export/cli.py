@@ -468,7 +468,9 @@ def _evaluate_checkpoint(
 
     sampler = SamplerConfig(config.steps, config.guidance, image_guidance, config.seed)
     results, images, _ = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,), data=data)
-    table = Table(title=f"{path} on {config.split} ({config.count} examples, {config.steps} steps)")
+    where = ", ".join(f"{t}: {spec.path}" for t, spec in data.items())
+    shown = f"{config.split}" + (f" (--data {where})" if where else "")
+    table = Table(title=f"{path} on {shown} ({config.count} examples, {config.steps} steps)")
     for column in ("task", "psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr"):
         table.add_column(column, justify="right")
     for name, row in results.items():
