@@ -198,8 +198,8 @@ def peak_gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
 
 
 def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], threads: int) -> float | None:
-    from mtu_export.export.onnx import psnr_db
     from mtu_export.export.runtime import session
+    from mtu_export.metrics import psnr_db
 
     sess = session(path, threads)
     got = np.concatenate([sess.run(None, f)[0].ravel() for f in feeds])

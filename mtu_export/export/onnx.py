@@ -20,7 +20,6 @@ Imports config, errors, storage, tasks, upcycle, fold, bundle, sample, quantize 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import warnings
@@ -52,6 +51,7 @@ from mtu_export.export.graphs import (
 from mtu_export.export.probes import ExampleSources, Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
 from mtu_export.fold import fold_task, verify_fold
+from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_onnx
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
 from mtu_export.storage import (
@@ -96,16 +96,6 @@ class GraphParity:
         where = f"{self.component}[{self.task}]" if self.task else self.component
         psnr = "exact" if self.psnr_db is None else f"{self.psnr_db:.1f} dB"
         return f"{where}.{self.output}: {psnr} (floor {self.floor_db:.0f} dB), max |diff| {self.max_abs_diff:.3g}"
-
-
-def psnr_db(reference: np.ndarray, output: np.ndarray, peak: float | None = None) -> float | None:
-    """20·log10(peak / RMSE); peak defaults to max |reference| (DESIGN.md §4). None when identical."""
-    reference, output = np.asarray(reference, np.float64), np.asarray(output, np.float64)
-    rmse = math.sqrt(float(np.mean((reference - output) ** 2)))
-    if rmse == 0:
-        return None
-    peak = float(np.abs(reference).max()) if peak is None else peak
-    return 20 * math.log10(max(peak, 1e-12) / rmse)
 
 
 # ------------------------------------------------------------------------------------------------------ the command
