@@ -13,7 +13,7 @@ from test_cli import assert_clean_failure, invoke
 from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
 
 from mtu_export.config import ExportConfig
-from mtu_export.export.coreml import _Converter, describe_package, require_coremltools
+from mtu_export.export.coreml import convert_module, describe_package, require_coremltools
 from mtu_export.export.graphs import UNetGraph
 from mtu_export.upcycle import load_unet
 
@@ -56,8 +56,7 @@ def test_folded_task_has_the_op_census_of_a_stock_unet(coreml_t2i, world_pipelin
         "timestep": torch.tensor([500.0, 500.0]),
         "encoder_hidden_states": torch.randn(2, 40, base.config.cross_attention_dim),
     }
-    converter = _Converter(ct, ExportConfig(), "iOS17", tmp_path, print)
-    model = converter.convert_module(UNetGraph(base), feed, ["out_sample"])
+    model = convert_module(ct, UNetGraph(base), feed, ["out_sample"], ExportConfig(), "iOS17")
     model.save(str(tmp_path / "base.mlpackage"))
     want = describe_package(ct, tmp_path / "base.mlpackage")["functions"]["main"]["ops"]
     got = _manifest(coreml_t2i)["packages"]["unet"]["functions"]["main"]["ops"]

@@ -19,8 +19,8 @@ from test_fold import perturb_
 from mtu_export.bundle import bundle_tasks
 from mtu_export.config import MoEConfig
 from mtu_export.export import onnx as onnx_export
-from mtu_export.export.onnx import psnr_db
 from mtu_export.fold import fold_checkpoint, fold_task
+from mtu_export.metrics import psnr_db
 from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
 from mtu_export.world import make_example
 

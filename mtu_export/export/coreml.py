@@ -33,16 +33,16 @@ from mtu_export import __version__
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, ParityError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.onnx import (
+from mtu_export.export.prepare import (
     IMAGE_PSNR_GOAL_DB,
     example_sources,
     fold_tasks,
     image_size,
     load_pipeline,
-    psnr_db,
     resolve_tasks,
 )
 from mtu_export.export.probes import trajectory_probes
+from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, tree_bytes, write_json
@@ -146,35 +146,36 @@ def _package_files(packages: dict) -> dict[str, str]:
     return {name: value if isinstance(value, str) else value["path"] for name, value in packages.items()}
 
 
+def convert_module(ct, module, feed: dict, outputs: list[str], config: ExportConfig, target: str):
+    """Trace `module` on `feed` and convert it to an mlprogram for `target` with `config`'s compute precision (not
+    saved, not loaded); `ct` is `require_coremltools()`."""
+    names = list(feed)
+    args = tuple(feed[n] for n in names)
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module.eval(), args, check_trace=False)
+        inputs = [
+            ct.TensorType(name=n, shape=tuple(a.shape), dtype=np.int32 if n in ("input_ids", "task_id") else None)
+            for n, a in zip(names, args, strict=True)
+        ]
+        precision = ct.precision.FLOAT16 if config.compute_precision == "fp16" else ct.precision.FLOAT32
+        model = ct.convert(
+            traced,
+            inputs=inputs,
+            outputs=[ct.TensorType(name=n) for n in outputs],
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=precision,
+            skip_model_load=True,
+        )
+    model.user_defined_metadata["mtu_export.version"] = __version__
+    return model
+
+
 class _Converter:
     def __init__(self, ct, config: ExportConfig, target: str, scratch: Path, log: Log):
         self.ct, self.config, self.target, self.scratch, self.log = ct, config, target, scratch, log
         self.sizes: dict[str, int | float] = {}
-
-    def convert_module(self, module, feed: dict, outputs: list[str]):
-        """Trace `module` on `feed` and convert it to an mlprogram (not saved, not loaded)."""
-        ct = self.ct
-        names = list(feed)
-        args = tuple(feed[n] for n in names)
-        with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(module.eval(), args, check_trace=False)
-            inputs = [
-                ct.TensorType(name=n, shape=tuple(a.shape), dtype=np.int32 if n in ("input_ids", "task_id") else None)
-                for n, a in zip(names, args, strict=True)
-            ]
-            precision = ct.precision.FLOAT16 if self.config.compute_precision == "fp16" else ct.precision.FLOAT32
-            model = ct.convert(
-                traced,
-                inputs=inputs,
-                outputs=[ct.TensorType(name=n) for n in outputs],
-                convert_to="mlprogram",
-                minimum_deployment_target=getattr(ct.target, self.target),
-                compute_precision=precision,
-                skip_model_load=True,
-            )
-        model.user_defined_metadata["mtu_export.version"] = __version__
-        return model
 
     def convert(self, module, feed: dict, tmp: Path, component: str = "text_encoder") -> str:
         outputs = {
@@ -183,7 +184,7 @@ class _Converter:
             "vae_decoder": ["sample"],
         }[component]
         feed = {k: v.int() if k == "input_ids" else v for k, v in feed.items()}
-        model = self.convert_module(module, feed, outputs)
+        model = convert_module(self.ct, module, feed, outputs, self.config, self.target)
         name = f"{PACKAGES[component]}.mlpackage"
         model.save(str(tmp / name))
         self.log(f"converted {component} -> {name}")
@@ -194,7 +195,7 @@ class _Converter:
         for task, unet in unets.items():
             feed = dict(feeds[task])
             feed["timestep"] = feed["timestep"].reshape(1).expand(feed["sample"].shape[0]).contiguous()  # (B,)
-            model = self.convert_module(UNetGraph(unet), feed, ["out_sample"])
+            model = convert_module(self.ct, UNetGraph(unet), feed, ["out_sample"], self.config, self.target)
             model.user_defined_metadata["mtu_export.task"] = task
             if self.config.quantize != "none":
                 self.log(f"quantizing {task} unet: {self.config.quantize}")

@@ -33,7 +33,7 @@ import torch
 from mtu_export import __version__, pipelines
 from mtu_export.bundle import bundle_tasks
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
-from mtu_export.errors import ConfigError, InputError, ParityError
+from mtu_export.errors import ConfigError, ParityError
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import (
     BUNDLE,
@@ -48,9 +48,16 @@ from mtu_export.export.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from mtu_export.export.probes import ExampleSources, Probes, trajectory_probes
+from mtu_export.export.prepare import (
+    IMAGE_PSNR_GOAL_DB,
+    example_sources,
+    fold_tasks,
+    image_size,
+    load_pipeline,
+    resolve_tasks,
+)
+from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
-from mtu_export.fold import fold_task, verify_fold
 from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_onnx
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
@@ -63,8 +70,8 @@ from mtu_export.storage import (
     tree_bytes,
     write_json,
 )
-from mtu_export.tasks import model_tasks, pipeline_class
-from mtu_export.upcycle import Checkpoint, file_sha256, load_checkpoint, load_components
+from mtu_export.tasks import pipeline_class
+from mtu_export.upcycle import Checkpoint, file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
@@ -72,7 +79,6 @@ EXTERNAL_DATA = "model.onnx_data"
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights in external data
 # Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
 GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0}
-IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
 CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8
 
 Log = Callable[[str], None]
@@ -123,59 +129,6 @@ def export_onnx(
         exporter = _Exporter(ckpt, config, components, Path(scratch), tmp, log, sources)
         manifest = exporter.run(tasks, unets, size)
     return manifest
-
-
-def example_sources(ckpt: Checkpoint, tasks: tuple[str, ...], data: dict, size: tuple[int, int, int]):
-    """Validation / calibration examples per exported task; refuses data for a task not exported and a declared
-    task without data, before any heavy work."""
-    from mtu_export.data import check_data_tasks
-
-    check_data_tasks(data, tasks, f"this export of {ckpt.path}")
-    defs = model_tasks(ckpt.model)
-    height, _, factor = size
-    return ExampleSources({t: defs[t] for t in tasks}, data, height, factor)
-
-
-def resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
-    if ckpt.model.unet.config.addition_embed_type == "text_time":
-        raise ConfigError(
-            "SDXL-style UNets (text_time conditioning) are not exportable yet; fold and export with optimum"
-        )
-    if not config.tasks:
-        return ckpt.model.config.task_names
-    return tuple(ckpt.model.config.task(name).name for name in config.tasks)
-
-
-def load_pipeline(ckpt: Checkpoint):
-    if ckpt.pipeline_dir is None:
-        raise InputError(
-            f"{ckpt.path} holds a UNet only; export needs the pipeline's text encoder, VAE, tokenizer and scheduler: "
-            "upcycle a pipeline folder (e.g. models/shapes-base), not a bare UNet"
-        )
-    return load_components(ckpt.pipeline_dir)
-
-
-def fold_tasks(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch.nn.Module]:
-    unets = {}
-    for task in tasks:
-        unets[task] = fold_task(ckpt.model, task).eval()
-        diff = verify_fold(ckpt.model, unets[task], task)
-        log(f"folded {task} (fold vs routed max |diff| {diff:.2e})")
-    return unets
-
-
-def image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, int]:
-    """(height, width, VAE factor) of the export; the default is the UNet's sample size times the VAE's factor."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    sample = ckpt.model.unet.config.sample_size
-    sample = sample[0] if isinstance(sample, (list, tuple)) else (sample or 64)
-    height, width = config.height or sample * factor, config.width or sample * factor
-    for name, value in (("height", height), ("width", width)):
-        if value % factor:
-            raise ConfigError(f"--{name} {value} is not a multiple of the VAE's downsampling factor {factor}")
-    if height != width:
-        raise ConfigError(f"--height {height} and --width {width} differ; square images only for now")
-    return height, width, factor
 
 
 class _Exporter:

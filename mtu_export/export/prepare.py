@@ -1,0 +1,73 @@
+"""What both exporters (onnx.py, coreml.py) do before they write anything: resolve the tasks to export, load the
+checkpoint's pipeline components, settle the image size, find each task's validation / calibration examples and
+fold every task, plus the end-to-end image quality goal both report against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mtu_export.config import ExportConfig
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.export.probes import ExampleSources
+from mtu_export.fold import fold_task, verify_fold
+from mtu_export.tasks import model_tasks
+from mtu_export.upcycle import Checkpoint, load_components
+
+IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
+
+Log = Callable[[str], None]
+
+
+def example_sources(ckpt: Checkpoint, tasks: tuple[str, ...], data: dict, size: tuple[int, int, int]):
+    """Validation / calibration examples per exported task; refuses data for a task not exported and a declared
+    task without data, before any heavy work."""
+    from mtu_export.data import check_data_tasks
+
+    check_data_tasks(data, tasks, f"this export of {ckpt.path}")
+    defs = model_tasks(ckpt.model)
+    height, _, factor = size
+    return ExampleSources({t: defs[t] for t in tasks}, data, height, factor)
+
+
+def resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
+    if ckpt.model.unet.config.addition_embed_type == "text_time":
+        raise ConfigError(
+            "SDXL-style UNets (text_time conditioning) are not exportable yet; fold and export with optimum"
+        )
+    if not config.tasks:
+        return ckpt.model.config.task_names
+    return tuple(ckpt.model.config.task(name).name for name in config.tasks)
+
+
+def load_pipeline(ckpt: Checkpoint):
+    if ckpt.pipeline_dir is None:
+        raise InputError(
+            f"{ckpt.path} holds a UNet only; export needs the pipeline's text encoder, VAE, tokenizer and scheduler: "
+            "upcycle a pipeline folder (e.g. models/shapes-base), not a bare UNet"
+        )
+    return load_components(ckpt.pipeline_dir)
+
+
+def fold_tasks(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch.nn.Module]:
+    unets = {}
+    for task in tasks:
+        unets[task] = fold_task(ckpt.model, task).eval()
+        diff = verify_fold(ckpt.model, unets[task], task)
+        log(f"folded {task} (fold vs routed max |diff| {diff:.2e})")
+    return unets
+
+
+def image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, int]:
+    """(height, width, VAE factor) of the export; the default is the UNet's sample size times the VAE's factor."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    sample = ckpt.model.unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else (sample or 64)
+    height, width = config.height or sample * factor, config.width or sample * factor
+    for name, value in (("height", height), ("width", width)):
+        if value % factor:
+            raise ConfigError(f"--{name} {value} is not a multiple of the VAE's downsampling factor {factor}")
+    if height != width:
+        raise ConfigError(f"--height {height} and --width {width} differ; square images only for now")
+    return height, width, factor
