@@ -125,8 +125,8 @@ bench-data: $(STAMP)
 # Stable Diffusion v1.5 scale with random weights: the fold's cost claims (about 20 minutes, 8 GB of RAM on 2 cores),
 # then our exported graphs against optimum's and onnxruntime's optimizer (about 25 minutes, 12 GB).
 bench-sd15: $(STAMP)
-	$(BIN)/python -m mtu_export.bench_sd15 --out $(RESULTS)
-	$(BIN)/python -m mtu_export.bench_peers --out $(RESULTS)
+	$(BIN)/python -m mtu_export.bench.sd15 --out $(RESULTS)
+	$(BIN)/python -m mtu_export.bench.peers --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -705,8 +705,8 @@ def bench_command(
 ) -> None:
     """Folded MTU vs single-task UNets side by side (latency, GFLOPs, size, memory, quality) -> JSON, Markdown,
     PNG; with --check, a CI gate on ratios measured in the same run."""
-    from mtu_export.bench import BenchConfig, bench, make_baseline, read_baseline
-    from mtu_export.bench import check as check_results
+    from mtu_export.bench.gate import enforce, make_baseline, read_baseline
+    from mtu_export.bench.run import BenchConfig, bench
     from mtu_export.errors import ConfigError
     from mtu_export.storage import check_output, read_json, write_json
 
@@ -751,12 +751,8 @@ def bench_command(
         write_json(save_baseline, make_baseline(report))
         console.print(f"wrote {save_baseline}")
     if check is not None:
-        problems = check_results(report, gate)
-        if problems:
-            for problem in problems:
-                stderr.print(f"[bold red]violation:[/] {escape(problem)}", highlight=False)
-            stderr.print(f"[bold red]error:[/] {len(problems)} benchmark violation(s) against {escape(str(check))}")
-            raise typer.Exit(7)
+        violation = lambda p: stderr.print(f"[bold red]violation:[/] {escape(p)}", highlight=False)  # noqa: E731
+        enforce(report, gate, check, on_violation=violation)
         console.print(f"bench check passed against {check}")
 
 
@@ -772,7 +768,7 @@ def bench_train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Training throughput: an MTU step (experts, routers, task LNs, conv_ins) ÷ a full fine-tune step, same batch."""
-    from mtu_export.bench import train_step_ratio
+    from mtu_export.bench.train_step import train_step_ratio
     from mtu_export.storage import check_output, write_json
 
     _separate(out, base)

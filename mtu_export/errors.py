@@ -44,6 +44,16 @@ class ParityError(MtuError):
     exit_code = 6
 
 
+class BenchGateError(MtuError):
+    """A bench result violates its CI baseline (`bench --check`); `problems` lists every violation."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
 class DiskFullError(MtuError):
     """The disk (or quota) filled up while an output was written; nothing half-written is left behind."""
 

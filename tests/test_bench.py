@@ -15,17 +15,11 @@ from conftest import tiny_unet
 from test_cli import assert_clean_failure, invoke
 from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
 
-from mtu_export.bench import (
-    _export_fixed,
-    check,
-    graph_signature,
-    interleaved,
-    interleaved_rounds,
-    onnx_flops,
-    torch_flops,
-    unet_feed,
-)
-from mtu_export.errors import ConfigError
+from mtu_export.bench.flops import onnx_flops, torch_flops
+from mtu_export.bench.gate import check, enforce
+from mtu_export.bench.graphs import export_fixed, graph_signature, unet_feed
+from mtu_export.bench.timing import interleaved, interleaved_rounds
+from mtu_export.errors import BenchGateError, ConfigError
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -34,7 +28,7 @@ def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
     unet = tiny_unet().eval()
     feed = unet_feed(dict(unet.config), 4, 1, 7, seed=0)
     counted = torch_flops(unet, feed)
-    path = _export_fixed(unet, feed, tmp_path / "g")
+    path = export_fixed(unet, feed, tmp_path / "g")
     assert counted == onnx_flops(path)
     # Graphs past 2 GB keep weights in external data: counting reads their shapes, never the data file.
     import onnx
@@ -54,12 +48,12 @@ def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
 
 def test_graph_signature_ignores_weight_values_and_nothing_else(tmp_path):
     feed = unet_feed(dict(tiny_unet().config), 4, 2, 7, seed=0)
-    one, other = (_export_fixed(tiny_unet(seed=s), feed, tmp_path / f"seed{s}") for s in (0, 1))
+    one, other = (export_fixed(tiny_unet(seed=s), feed, tmp_path / f"seed{s}") for s in (0, 1))
     assert graph_signature(one) == graph_signature(other)  # different weights, same graph
     wider = tiny_unet(in_channels=5)
     wide_feed = unet_feed(dict(wider.config), 5, 2, 7, seed=0)
-    assert graph_signature(_export_fixed(wider, wide_feed, tmp_path / "wide")) != graph_signature(one)
-    deeper = _export_fixed(tiny_unet(layers_per_block=2), feed, tmp_path / "deep")
+    assert graph_signature(export_fixed(wider, wide_feed, tmp_path / "wide")) != graph_signature(one)
+    deeper = export_fixed(tiny_unet(layers_per_block=2), feed, tmp_path / "deep")
     assert graph_signature(deeper) != graph_signature(one)
 
 
@@ -115,11 +109,12 @@ def test_bench_writes_json_markdown_and_plots(report):
         latency = row["unet_latency"]
         assert len(latency["mtu_vs_single"]["round_ratios"]) == 2 and latency["mtu_vs_single"]["pairs_per_round"] == 3
         assert len(latency["single_vs_single"]["round_ratios"]) == 2  # the A/A control
+        assert all(mb > 0 for mb in row["peak_rss_mb"].values())  # each graph's own child process
     t2i = results["tasks"]["t2i"]["flops_per_call_batch1"]
     assert t2i["base"]["torch"] == t2i["mtu"]["torch"]  # folded t2i costs exactly what the base model costs
     assert set(results["bundle"]["modes"]) == {"none", "dynamic-int8"}
     assert "latency_vs_fp32" in results["bundle"]["modes"]["dynamic-int8"]
-    assert "skipped" in results["coreml"]
+    assert all("skipped" in row["coreml_latency"] for row in results["tasks"].values())  # Core ML runs on macOS only
     markdown = (report / "bench.md").read_text()
     assert "Folded MTU task vs single-task UNet" in markdown and "dynamic-int8" in markdown
     assert (report / "bench.png").stat().st_size > 1000
@@ -149,6 +144,12 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     assert "bundle bytes / one model 1.5000 exceeds" in bad.stderr
     assert "inpaint: folded and single-task graph structures differ" in bad.stderr
     assert "6 benchmark violation(s)" in bad.stderr
+    # The Python API fails the same way: BenchGateError (exit 7) with every violation, none on the honest result.
+    enforce(results, baseline, "baseline.json")
+    seen: list[str] = []
+    with pytest.raises(BenchGateError, match=r"^6 benchmark violation\(s\) against baseline.json$") as failed:
+        enforce(doctored, baseline, "baseline.json", on_violation=seen.append)
+    assert failed.value.exit_code == 7 and failed.value.problems == seen == check(doctored, baseline)
 
 
 def test_training_step_benchmark_compares_the_mtu_split_with_a_full_fine_tune(world_pipeline, tmp_path):

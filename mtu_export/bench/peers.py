@@ -15,8 +15,7 @@ achieved GFLOP/s ÷ this machine's peak fp32 GEMM GFLOP/s (a large MatMul in onn
 peak RSS of a process that loads it and runs one call, bytes on disk, per-call PSNR against the fp32 torch UNet on
 inputs recorded along a short guided sampling trajectory, and which operators run in int8.
 
-Run: `python -m mtu_export.bench_peers --out benchmarks/results` (about 25 minutes and 12 GB RAM on 2 cores).
-Imports bench, bench_sd15, config, export and fold.
+Run: `python -m mtu_export.bench.peers --out benchmarks/results` (about 25 minutes and 12 GB RAM on 2 cores).
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtu_export.bench_sd15 import BATCH, LATENT, TOKENS, build_mtu, release
+from mtu_export.bench.memory import release
+from mtu_export.bench.sd15 import BATCH, LATENT, TOKENS, build_mtu
 
 REFERENCE = "optimum"
 INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits")
@@ -125,7 +125,7 @@ def in_child(function: str, *args: Path | bool) -> Path:
     """Run `function(*args)` of this module in a fresh process (each export, optimization and quantization of a
     3.4 GB graph peaks at several times that; a child returns it all to the OS) and return the path it prints."""
     code = (
-        "import sys\nfrom pathlib import Path\nimport mtu_export.bench_peers as b\n"
+        "import sys\nfrom pathlib import Path\nimport mtu_export.bench.peers as b\n"
         "args = [a == 'True' if a in ('True', 'False') else Path(a) for a in sys.argv[2:]]\n"
         "print(getattr(b, sys.argv[1])(*args))\n"
     )
@@ -216,7 +216,7 @@ def op_census(path: Path) -> dict[str, int]:
 
 
 def time_against(reference: Path, other: Path, threads: int, repeats: int) -> dict:
-    from mtu_export.bench import interleaved
+    from mtu_export.bench.timing import interleaved
     from mtu_export.export.runtime import session
 
     inputs = {k: v.numpy() for k, v in feed().items()}
@@ -248,7 +248,8 @@ def folded_unet(smoke: bool = False):
 
 
 def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -> dict:
-    from mtu_export.bench import peak_rss_mb, torch_flops
+    from mtu_export.bench.flops import torch_flops
+    from mtu_export.bench.memory import peak_rss_mb
     from mtu_export.storage import tree_bytes
 
     work = Path(tempfile.mkdtemp(prefix="mtu-peers-"))
@@ -311,7 +312,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Our exported UNet graphs vs the peers' at Stable Diffusion v1.5 scale (random weights)",
         "",
-        f"Made by `make bench-sd15` (`python -m mtu_export.bench_peers`). Folded t2i UNet, batch {c['batch']} "
+        f"Made by `make bench-sd15` (`python -m mtu_export.bench.peers`). Folded t2i UNet, batch {c['batch']} "
         f"(classifier-free guidance), {c['latent']}×{c['latent']} latents, {c['tokens']} tokens, onnxruntime CPU "
         f"on {c['threads']} threads; {c['repeats']} interleaved pairs against optimum's export per row. "
         f"{r['gflops_per_call']:.0f} GFLOPs per call; peak fp32 GEMM measured in the same run: "

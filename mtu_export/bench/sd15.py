@@ -10,25 +10,23 @@ exported the same way. Then, side by side in this process: GFLOPs per call (torc
 parameters, folded ÷ single-task latency in interleaved pairs on `threads` threads, and the bytes of the all-task
 bundle (one graph with a task_id input) ÷ one task's graph.
 
-Run: `python -m mtu_export.bench_sd15 --out benchmarks/results` (about 20 minutes and 8 GB RAM on 2 cores).
-Imports config, upcycle, fold, bundle, bench and the export graphs.
+Run: `python -m mtu_export.bench.sd15 --out benchmarks/results` (about 20 minutes and 8 GB RAM on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from mtu_export.config import SD15_UNET_CONFIG, MoEConfig
+from mtu_export.bench.memory import own_peak_rss_mb, release
+from mtu_export.config import SD15_UNET_CONFIG, ExportConfig, MoEConfig
 from mtu_export.export.graphs import BUNDLE, UNET, BundleGraph, UNetGraph
 from mtu_export.storage import tree_bytes
 
@@ -66,20 +64,11 @@ def feed(in_channels: int, batch: int = BATCH) -> dict[str, torch.Tensor]:
     }
 
 
-def release() -> None:
-    """Return freed model memory to the OS (glibc keeps large freed blocks otherwise, and peak RSS counts them)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def export_one(kind: str, task: str, out: Path, models: Path) -> None:
     """Child process, the user's path: load the saved checkpoint (or base UNet), fold (or stand in, or bundle),
-    free the rest, export one UNet graph (weights in external data, as torch.onnx writes them past 2 GB)."""
+    free the rest, export one UNet graph as `mtu-export onnx` writes it (weights in external data)."""
     from mtu_export.bundle import bundle_tasks
+    from mtu_export.export.onnx import write_graph
     from mtu_export.fold import fold_task
     from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
 
@@ -101,37 +90,17 @@ def export_one(kind: str, task: str, out: Path, models: Path) -> None:
     release()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            tuple(args[n] for n in io.inputs),
-            str(out / "model.onnx"),
-            input_names=list(io.inputs),
-            output_names=list(io.outputs),
-            opset_version=18,
-            dynamo=False,
-        )
+    with tempfile.TemporaryDirectory(prefix=".raw-", dir=out.parent) as scratch:  # beside `out`: same disk
+        write_graph(io, module, args, out, ExportConfig(fixed_shapes=True, external_data=True), Path(scratch))
     seconds = time.perf_counter() - start
-    print(json.dumps({"export_seconds": seconds, "peak_rss_mb": _peak_rss_mb()}))
-
-
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS. Not getrusage: on Linux a child's ru_maxrss starts at its parent's peak at
-    fork (the forked address space's high-water mark survives exec), which hid the children's own figures."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
+    print(json.dumps({"export_seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}))
 
 
 def _child(kind: str, task: str, out: Path, models: Path) -> dict:
     start = time.perf_counter()
     command = ["--export", kind, "--task", task, "--out", str(out), "--models", str(models)]
     result = subprocess.run(
-        [sys.executable, "-m", "mtu_export.bench_sd15", *command],
+        [sys.executable, "-m", "mtu_export.bench.sd15", *command],
         capture_output=True,
         text=True,
     )
@@ -143,7 +112,8 @@ def _child(kind: str, task: str, out: Path, models: Path) -> dict:
 
 
 def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print) -> dict:
-    from mtu_export.bench import interleaved, onnx_flops, torch_flops
+    from mtu_export.bench.flops import onnx_flops, torch_flops
+    from mtu_export.bench.timing import interleaved
     from mtu_export.export.runtime import session
     from mtu_export.fold import fold_task
 
@@ -226,7 +196,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Stable Diffusion v1.5 scale (random weights)",
         "",
-        "Made by `make bench-sd15` (`python -m mtu_export.bench_sd15 --out benchmarks/results`). UNet from the SD1.5 "
+        "Made by `make bench-sd15` (`python -m mtu_export.bench.sd15 --out benchmarks/results`). UNet from the SD1.5 "
         f"config, upcycled to {len(c['tasks'])} tasks with N={c['experts']}, routers set to a seeded non-uniform "
         f"state; each task folded and exported to ONNX (opset 18, fixed shapes: batch {c['batch']}, "
         f"{c['latent']}×{c['latent']} latents, {c['tokens']} tokens); onnxruntime on {c['threads']} threads, "

@@ -1,0 +1,161 @@
+"""The CI gate: a baseline (`make_baseline` writes it from a run; `read_baseline` validates one in full before any
+measuring), the check of a result against it (`check`: ratios only, never absolute times, every violation listed)
+and `enforce`, which fails with BenchGateError (exit 7) when anything is violated."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from mtu_export.config import ONNX_QUANTIZE
+from mtu_export.errors import BenchGateError, ConfigError
+from mtu_export.storage import read_json
+
+DEFAULT_TOLERANCES = {"latency_ratio_max": 1.10, "bundle_ratio_slack": 0.0, "graph_psnr_min_db": 60.0}
+BASELINE_FORMAT = "mtu-export-bench-baseline/1"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# key -> (a table keyed by task / mode?, what each value must be, the test)
+BASELINE_SCHEMA = {
+    "latency_ratio_max": (False, "a number", _is_number),
+    "bundle_ratio_max": (False, "a number", _is_number),
+    "graph_psnr_min_db": (False, "a number", _is_number),
+    "flops": (True, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "image_psnr_min_db": (True, "a number or null", lambda v: v is None or _is_number(v)),
+}
+
+
+def baseline_problems(baseline: dict) -> list[str]:
+    """Every way `baseline` departs from what `make_baseline` writes: unknown format, keys missing, wrong types."""
+    problems = []
+    if baseline.get("format") != BASELINE_FORMAT:
+        found = f"found {baseline['format']!r}" if "format" in baseline else "it is missing"
+        problems.append(f"'format' should be {BASELINE_FORMAT!r}, {found}")
+    for key, (table, expected, ok) in BASELINE_SCHEMA.items():
+        value = baseline.get(key)
+        if key not in baseline:
+            problems.append(f"'{key}' is missing")
+        elif table and not isinstance(value, dict):
+            problems.append(f"'{key}' should be an object of {expected} per entry, found {_json_type(value)}")
+        elif table:
+            problems += [
+                f"'{key}.{k}' should be {expected}, found {_json_type(v)}" for k, v in value.items() if not ok(v)
+            ]
+        elif not ok(value):
+            problems.append(f"'{key}' should be {expected}, found {_json_type(value)}")
+    modes = baseline.get("image_psnr_min_db")
+    unknown = [m for m in modes if m not in ONNX_QUANTIZE] if isinstance(modes, dict) else []
+    if unknown:
+        known = ", ".join(ONNX_QUANTIZE)
+        problems.append(f"'image_psnr_min_db' has unknown mode(s) {', '.join(unknown)} (known: {known})")
+    return problems
+
+
+def _json_type(value) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    shown = repr(value) if len(repr(value)) <= 30 else repr(value)[:27] + "..."
+    return "null" if value is None else f"{names.get(type(value), type(value).__name__)} {shown}"
+
+
+def read_baseline(path: Path) -> dict:
+    """A `--check` baseline, validated in full before any measuring; one ConfigError lists every problem."""
+    baseline = read_json(Path(path))
+    _require_valid(baseline, str(path))
+    return baseline
+
+
+def _require_valid(baseline: dict, where: str) -> None:
+    problems = baseline_problems(baseline)
+    if problems:
+        raise ConfigError(
+            f"{where} is not a valid bench baseline: {'; '.join(problems)} — fix it, or regenerate it with "
+            "`mtu-export bench CHECKPOINT --save-baseline FILE`"
+        )
+
+
+def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
+    """A CI baseline from a run: exact FLOPs per task, the bundle ratio, PSNR floors, ratio tolerances."""
+    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    return {
+        "format": BASELINE_FORMAT,
+        "latency_ratio_max": tol["latency_ratio_max"],
+        "flops": {task: row["flops_per_call_batch1"]["mtu"]["torch"] for task, row in results["tasks"].items()},
+        "bundle_ratio_max": results["bundle"]["size_ratio"] + tol["bundle_ratio_slack"],
+        "graph_psnr_min_db": tol["graph_psnr_min_db"],
+        "image_psnr_min_db": {
+            mode: math.floor(min(v for v in row["image_psnr_db"].values() if v is not None) - 3.0)
+            if any(v is not None for v in row["image_psnr_db"].values())
+            else None
+            for mode, row in results["bundle"]["modes"].items()
+        },
+    }
+
+
+def check(results: dict, baseline: dict) -> list[str]:
+    """Every way `results` violates `baseline` (empty: the gate passes). Ratios only; no absolute times. A malformed
+    baseline raises ConfigError listing all its problems."""
+    _require_valid(baseline, "the baseline")
+    problems = []
+    for task, row in results["tasks"].items():
+        problems += _task_problems(task, row, baseline)
+    bundle = results["bundle"]
+    if bundle["size_ratio"] > baseline["bundle_ratio_max"]:
+        problems.append(
+            f"bundle bytes / one model {bundle['size_ratio']:.4f} exceeds {baseline['bundle_ratio_max']:.4f}"
+        )
+    for mode, row in bundle["modes"].items():
+        if mode == "none":
+            for task, value in row["graph_psnr_db"].items():
+                if value is not None and value < baseline["graph_psnr_min_db"]:
+                    problems.append(
+                        f"{task}: exported UNet PSNR {value:.1f} dB below {baseline['graph_psnr_min_db']} dB"
+                    )
+        floor = baseline["image_psnr_min_db"].get(mode)
+        for task, value in row["image_psnr_db"].items():
+            if floor is not None and value is not None and value < floor:
+                problems.append(f"{task} [{mode}]: end-to-end image PSNR {value:.1f} dB below its floor {floor} dB")
+    return problems
+
+
+def _task_problems(task: str, row: dict, baseline: dict) -> list[str]:
+    problems = []
+    limit = baseline["latency_ratio_max"]
+    ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
+    if ratio > limit:
+        problems.append(f"{task}: folded / single-task UNet latency {ratio:.3f} exceeds {limit:.3f}")
+    if row.get("same_structure") is not True:
+        found = "not recorded (rerun bench)" if "same_structure" not in row else "differ"
+        problems.append(f"{task}: folded and single-task graph structures {found}")
+    flops = row["flops_per_call_batch1"]
+    want = baseline["flops"].get(task)
+    if want is None:
+        problems.append(f"{task}: no FLOPs in the baseline; regenerate it with --save-baseline")
+    elif flops["mtu"]["torch"] != want:
+        problems.append(
+            f"{task}: GFLOPs per call changed: {flops['mtu']['torch'] / 1e9:.6f}, baseline {want / 1e9:.6f}"
+        )
+    if flops["mtu"]["torch"] != flops["mtu"]["onnx"]:
+        problems.append(f"{task}: torch counts {flops['mtu']['torch']} FLOPs, the ONNX graph {flops['mtu']['onnx']}")
+    if flops["mtu"]["torch"] != flops["single"]["torch"]:
+        pair = f"{flops['mtu']['torch']} vs {flops['single']['torch']}"
+        problems.append(f"{task}: folded MTU and single-task FLOPs differ ({pair})")
+    return problems
+
+
+def enforce(
+    results: dict, baseline: dict, source: Path | str, on_violation: Callable[[str], None] | None = None
+) -> None:
+    """The gate: returns when `results` meets `baseline`; otherwise passes each violation to `on_violation` and
+    raises BenchGateError (exit 7) saying how many there are against `source` (its `problems` lists them)."""
+    problems = check(results, baseline)
+    if not problems:
+        return
+    for problem in problems:
+        if on_violation is not None:
+            on_violation(problem)
+    raise BenchGateError(f"{len(problems)} benchmark violation(s) against {source}", problems)

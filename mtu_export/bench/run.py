@@ -1,0 +1,332 @@
+"""`mtu-export bench`: what a folded MTU task costs next to a single-task model, measured side by side in one run.
+
+For each task, the folded MTU UNet and the single-task baseline's UNet (a trained baseline checkpoint, or — when
+none is given — the base UNet with the task's conv_in, which has the same architecture) are exported to ONNX with
+fixed shapes and timed on onnxruntime call by call in *interleaved* rounds (A B, B A, …, fresh non-spinning
+sessions each round; timing.py), so machine noise hits both alike; the headline is the median of the round ratios,
+beside an A/A control (the single-task graph against itself) and a structural comparison of the two graphs. End to
+end (text encoder, `steps` guided UNet calls, VAE decoder) and each quantization mode against fp32 are timed in
+interleaved samples of at least `MIN_SAMPLE_SECONDS`. GFLOPs per UNet call come from torch's FlopCounterMode and
+are cross-checked against the exported graph (flops.py); parameters, bytes on disk, peak memory (a child process
+per graph; memory.py) and quality (exported-vs-torch PSNR per task and mode; the trainer's parity table when
+given) complete the report (report.py). The gate that checks a result against a baseline is gate.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtu_export import __version__
+from mtu_export.bench.flops import onnx_flops, torch_flops
+from mtu_export.bench.graphs import export_fixed, graph_bytes, graph_signature, parameter_count, unet_feed
+from mtu_export.bench.memory import peak_rss_mb
+from mtu_export.bench.report import render_markdown, write_plots
+from mtu_export.bench.timing import MIN_SAMPLE_SECONDS, interleaved, interleaved_rounds
+from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.export.graphs import UNetGraph
+from mtu_export.export.onnx import export_onnx
+from mtu_export.export.runtime import session
+from mtu_export.fold import fold_task
+from mtu_export.storage import check_output, check_separate, read_json, write_json
+from mtu_export.tasks import BUILTIN, declared
+from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
+
+Log = Callable[[str], None]
+QUANT_MODES = tuple(m for m in ONNX_QUANTIZE if m != "none")  # timed against fp32
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 2  # onnxruntime intra-op threads (2 ≈ a phone's big cores)
+    repeats: int = 25  # timed A/B pairs per comparison (end to end, quantization modes)
+    rounds: int = 8  # UNet latency: rounds, each with fresh sessions of both graphs ...
+    pairs: int = 100  # ... and this many A/B pairs of single calls
+    warmup: int = 3
+    e2e_steps: int = 10  # sampling steps of the end-to-end latency (text encoder, guided UNet calls, VAE decoder)
+    e2e_repeats: int = 3
+    modes: tuple[str, ...] = QUANT_MODES  # quantization modes timed against fp32 (all-task bundle)
+    image_count: int = 2  # end-to-end images per task in each export's quality check
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        counts = (self.threads, self.repeats, self.rounds, self.pairs, self.e2e_steps)
+        if min(counts) < 1 or self.warmup < 0 or self.e2e_repeats < 0:
+            raise ConfigError("bench needs --threads, --repeats, --rounds, --pairs, --steps >= 1 and --warmup >= 0")
+        unknown = [m for m in self.modes if m not in QUANT_MODES]
+        if unknown:
+            raise ConfigError(
+                f"unknown quantization mode(s) {', '.join(unknown)}; choose from {', '.join(QUANT_MODES)}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+@dataclass
+class _Models:
+    """The torch UNets compared for one task: the folded MTU task and its single-task reference."""
+
+    mtu: torch.nn.Module
+    single: torch.nn.Module
+    single_kind: str  # "trained baseline <path>" or "architecture stand-in (base UNet + task conv_in)"
+    base: torch.nn.Module | None = None  # t2i: the untouched base UNet
+
+
+def bench(
+    checkpoint: Path,
+    out: Path,
+    config: BenchConfig,
+    baselines: dict[str, Path] | None = None,
+    base: Path | None = None,
+    parity: Path | None = None,
+    log: Log = print,
+    overwrite: bool = False,
+) -> dict:
+    """Measure everything for every task of `checkpoint`; write bench.json, bench.md and plots into `out` (existing
+    ones are refused unless `overwrite`, before anything is measured)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_result_files(out, overwrite)
+    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    base = Path(base) if base else _base_of(ckpt)
+    baselines = {k: Path(v) for k, v in (baselines or {}).items()}
+    _check_result_files(out, overwrite, checkpoint, base, parity, *baselines.values())
+    for task in baselines:
+        ckpt.model.config.task(task)  # unknown task -> one-line error
+    base_unet = load_unet(base).float().eval()
+    tokens = _tokens(ckpt)
+    results: dict = {
+        "format": "mtu-export-bench/1",
+        "checkpoint": str(checkpoint),
+        "base": str(base),
+        "config": asdict(config),
+        "machine": _machine(config),
+        "tasks": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="mtu-bench-") as scratch:
+        scratch = Path(scratch)
+        results["bundle"] = _bench_bundle(checkpoint, scratch, config, log)
+        pipeline = _PipelineParts(scratch / "bundle-none", config.threads)
+        for task in ckpt.model.config.task_names:
+            models = _models(ckpt, task, base_unet, baselines.get(task))
+            results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline, log)
+    results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
+    _check_result_files(out, overwrite)  # again: something may have appeared there while measuring
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bench-", dir=out) as staging:  # all three, or none, replaced
+        write_json(Path(staging) / "bench.json", results)
+        (Path(staging) / "bench.md").write_text(render_markdown(results))
+        write_plots(results, Path(staging))
+        for name in RESULT_FILES:
+            os.replace(Path(staging) / name, out / name)
+    return results
+
+
+RESULT_FILES = ("bench.json", "bench.md", "bench.png")
+
+
+def _check_result_files(out: Path, overwrite: bool, *inputs: Path | None) -> None:
+    """Refuse result files in `out` that exist (unless `overwrite`) or overlap what the bench reads (`inputs`)."""
+    for name in RESULT_FILES:
+        check_separate(out / name, *inputs)
+        check_output(out / name, overwrite)
+
+
+def _base_of(ckpt) -> Path:
+    recorded = ckpt.meta.get("training", {}).get("base")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    raise InputError(
+        f"{ckpt.path} does not record a usable base pipeline (it was not made by `mtu-export train` here); "
+        "pass --base path/to/base-pipeline"
+    )
+
+
+def _tokens(ckpt) -> int:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ckpt.pipeline_dir / "tokenizer").model_max_length
+
+
+def _models(ckpt, task: str, base_unet, baseline: Path | None) -> _Models:
+    mtu = fold_task(ckpt.model, task).eval()
+    if baseline is not None:
+        single_ckpt = load_checkpoint(baseline, dtype=torch.float32)
+        single = fold_task(single_ckpt.model, single_ckpt.model.config.task(task).name).eval()
+        kind = f"trained baseline {baseline}"
+    else:
+        single = _stand_in(base_unet, ckpt.model.config.task(task))
+        kind = "architecture stand-in (base UNet with the task's conv_in, untrained)"
+    return _Models(mtu, single, kind, base_unet if task == "t2i" else None)
+
+
+def _stand_in(base_unet, spec):
+    import copy
+
+    unet = copy.deepcopy(base_unet)
+    unet.conv_in = task_conv_in(base_unet.conv_in, spec)
+    unet.register_to_config(in_channels=spec.in_channels)
+    return unet.eval()
+
+
+class _PipelineParts:
+    """The exported text encoder and VAE decoder, shared by both sides of an end-to-end comparison."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        self.text_encoder = session(folder / "text_encoder" / "model.onnx", threads, spinning=False)
+        self.vae_decoder = session(folder / "vae_decoder" / "model.onnx", threads, spinning=False)
+        tokens = read_json(folder / "tokenizer" / "tokenizer_config.json").get("model_max_length", 77)
+        latent = read_json(folder / "unet" / "config.json")["sample_size"]
+        latent = latent[0] if isinstance(latent, list) else latent
+        self.ids = np.zeros((1, tokens), np.int64)
+        self.latent = np.random.default_rng(0).standard_normal((1, 4, latent, latent)).astype(np.float32)
+
+    def end_to_end(self, unet, feeds: dict, steps: int) -> Callable[[], None]:
+        """Prompt and empty prompt through the text encoder, `steps` guided UNet calls, one VAE decode."""
+
+        def run() -> None:
+            self.text_encoder.run(None, {"input_ids": self.ids})
+            self.text_encoder.run(None, {"input_ids": self.ids})
+            for _ in range(steps):
+                unet.run(None, feeds)
+            self.vae_decoder.run(None, {"latent_sample": self.latent})
+
+        return run
+
+
+def _bench_task(
+    task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, pipeline: _PipelineParts, log: Log
+) -> dict:
+    batch = 3 if BUILTIN.get(task, declared(task)).image_guidance else 2  # the guidance batch of its sampler
+    channels = models.mtu.config.in_channels
+    feed = unet_feed(dict(models.mtu.config), channels, batch, tokens, config.seed)
+    one = {k: (v[:1] if v.dim() else v) for k, v in feed.items()}
+    unets = {
+        name: u for name, u in (("mtu", models.mtu), ("single", models.single), ("base", models.base)) if u is not None
+    }
+    graphs = {name: export_fixed(unet, feed, scratch / name) for name, unet in unets.items()}
+    row: dict = {"single_kind": models.single_kind, "batch": batch, "in_channels": channels}
+    row["parameters"] = {"mtu": parameter_count(models.mtu), "single": parameter_count(models.single)}
+    row["bytes"] = {name: graph_bytes(path) for name, path in graphs.items()}
+    signatures = {name: graph_signature(path) for name, path in graphs.items()}
+    row["same_structure"] = signatures["mtu"] == signatures["single"]  # same ops, wiring and shapes; weights aside
+    flops = {
+        name: {"torch": torch_flops(unet, one), "onnx": onnx_flops(export_fixed(unet, one, scratch / f"{name}-b1"))}
+        for name, unet in unets.items()
+    }
+    row["flops_per_call_batch1"] = flops
+    row["gflops"] = flops["mtu"]["torch"] / 1e9
+    feeds = {k: v.numpy() for k, v in feed.items()}
+
+    def opener(name: str) -> Callable[[], Callable[[], object]]:
+        def open_session() -> Callable[[], object]:
+            graph = session(graphs[name], config.threads, spinning=False)
+            return lambda: graph.run(None, feeds)
+
+        return open_session
+
+    rounds = f"{config.rounds} rounds of {config.pairs} interleaved calls"
+    log(f"{task}: timing the folded MTU UNet against the single-task UNet, and that against itself ({rounds})")
+    pair = lambda a, b: interleaved_rounds(opener(a), opener(b), config.rounds, config.pairs, config.warmup)  # noqa: E731
+    # single vs single: the same graph against itself shows how far this protocol on this machine can resolve.
+    row["unet_latency"] = {"mtu_vs_single": pair("mtu", "single"), "single_vs_single": pair("single", "single")}
+    if "base" in graphs:
+        row["unet_latency"]["mtu_vs_base"] = pair("mtu", "base")
+    sessions = {name: session(path, config.threads, spinning=False) for name, path in graphs.items()}
+    if config.e2e_repeats:
+        mtu_run, single_run = (pipeline.end_to_end(sessions[k], feeds, config.e2e_steps) for k in ("mtu", "single"))
+        row["e2e_latency"] = interleaved(mtu_run, single_run, config.e2e_repeats, 1)
+        row["e2e_latency"]["steps"] = config.e2e_steps
+    row["peak_rss_mb"] = {name: peak_rss_mb(path, feed, config.threads) for name, path in graphs.items()}
+    row["coreml_latency"] = _coreml_latency(models, feed, scratch, config)
+    ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
+    log(f"{task}: {row['gflops']:.3f} GFLOPs/call (batch 1); folded / single latency {ratio:.3f}")
+    return row
+
+
+def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log) -> dict:
+    """Export the all-task bundle in fp32 and each quantization mode; sizes, quality, latency of mode ÷ fp32."""
+    rows: dict = {}
+    folders = {}
+    for mode in ("none", *config.modes):
+        log(f"exporting the all-task bundle ({mode})")
+        export_config = ExportConfig(quantize=mode, image_count=config.image_count, seed=config.seed)
+        folders[mode] = scratch / f"bundle-{mode}"
+        manifest = export_onnx(checkpoint, export_config, folders[mode], log=lambda m: None)
+        unet_rows = [
+            r for r in manifest["graph_parity"] if r["component"] == ("unet" if mode == "none" else f"unet[{mode}]")
+        ]
+        rows[mode] = {
+            "unet_bytes": graph_bytes(folders[mode] / "unet" / "model.onnx"),
+            "graph_psnr_db": {r["task"]: r["psnr_db"] for r in unet_rows},
+            "image_psnr_db": {r["task"]: r["psnr_db"] for r in manifest["image_parity"]},
+            "sizes": manifest["sizes"],
+        }
+    fp32 = session(folders["none"] / "unet" / "model.onnx", config.threads, spinning=False)
+    feeds = _bundle_feed(folders["none"], config.seed)
+    for mode in config.modes:
+        quantized = session(folders[mode] / "unet" / "model.onnx", config.threads, spinning=False)
+        log(f"timing the {mode} bundle UNet against fp32 ({config.repeats} interleaved pairs)")
+        rows[mode]["latency_vs_fp32"] = interleaved(
+            lambda q=quantized: q.run(None, feeds),
+            lambda: fp32.run(None, feeds),
+            config.repeats,
+            config.warmup,
+            MIN_SAMPLE_SECONDS,
+        )
+    return {"modes": rows, "size_ratio": rows["none"]["sizes"]["ratio"]}
+
+
+def _bundle_feed(folder: Path, seed: int) -> dict[str, np.ndarray]:
+    manifest = read_json(folder / "manifest.json")
+    unet_config = read_json(folder / "unet" / "config.json")
+    tokens = read_json(folder / "tokenizer" / "tokenizer_config.json").get("model_max_length", 77)
+    feed = unet_feed(unet_config, manifest["unet_input_channels"], 2, tokens, seed)
+    feed["task_id"] = torch.tensor(0, dtype=torch.int64)
+    return {k: v.numpy() for k, v in feed.items()}
+
+
+def _machine(config: BenchConfig) -> dict:
+    import platform
+
+    import onnxruntime
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": config.threads,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "mtu_export": __version__,
+    }
+
+
+COREML_SKIPPED = "Core ML latency needs macOS (coremltools cannot run models on this platform)"
+
+
+def _coreml_latency(models: _Models, feed: dict, scratch: Path, config: BenchConfig) -> dict:
+    """macOS: the folded and single-task UNets as mlpackages (fp16 compute, fixed batch), timed interleaved."""
+    if sys.platform != "darwin":
+        return {"skipped": COREML_SKIPPED}
+    from mtu_export.export.coreml import convert_module, require_coremltools
+
+    try:
+        ct = require_coremltools()
+    except ConfigError as exc:
+        return {"skipped": str(exc)}
+    coreml_feed = dict(feed, timestep=feed["timestep"].reshape(1).expand(feed["sample"].shape[0]).contiguous())
+    loaded = {}
+    for name, unet in (("mtu", models.mtu), ("single", models.single)):
+        path = scratch / f"{name}.mlpackage"
+        convert_module(ct, UNetGraph(unet), coreml_feed, ["out_sample"], ExportConfig(), "iOS17").save(str(path))
+        loaded[name] = ct.models.MLModel(str(path))
+    inputs = {k: v.numpy() for k, v in coreml_feed.items()}
+    mtu_run, single_run = (lambda m=loaded[k]: m.predict(inputs) for k in ("mtu", "single"))
+    return interleaved(mtu_run, single_run, config.repeats, config.warmup)
