@@ -1,7 +1,8 @@
-"""The `mtu-export` command line: parse options -> config -> one library call -> a short report.
+"""The `mtu-export` command line: parse options -> config -> one library call -> a short report (display.py).
 
-Known problems (MtuError) print one `error:` line and exit with the error's code, and so do usage errors (an
-unknown option, a missing argument, a value of the wrong type: exit 3, as ConfigError); nothing imports this module.
+Defaults and checks live in the configs and library functions, so Python callers get the same behaviour. Known
+problems (MtuError) print one `error:` line and exit with the error's code, and so do usage errors (an unknown
+option, a missing argument, a value of the wrong type: exit 3, as ConfigError); nothing imports this module.
 """
 
 from __future__ import annotations
