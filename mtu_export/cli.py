@@ -1,72 +1,28 @@
-"""The `mtu-export` command line: parse options -> config -> one library call -> a short report.
+"""The `mtu-export` command line: parse options -> config -> one library call -> a short report (display.py).
 
-Known problems (MtuError) print one `error:` line and exit with the error's code, and so do usage errors (an
-unknown option, a missing argument, a value of the wrong type: exit 3, as ConfigError); nothing imports this module.
+Defaults and checks live in the configs and library functions, so Python callers get the same behaviour. Known
+problems (MtuError) print one `error:` line and exit with the error's code, and so do usage errors (an unknown
+option, a missing argument, a value of the wrong type: exit 3, as ConfigError); nothing imports this module.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
-from typer.core import TyperGroup
-
-try:  # typer >= 0.22 vendors click
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:  # older typer depends on click
-    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 # diffusers logs a warning at import time about optimum's two distributions; keep the CLI's output to results.
 # Users who want diffusers' logs back set DIFFUSERS_VERBOSITY themselves.
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+from mtu_export import display
 from mtu_export.config import MoEConfig
-from mtu_export.errors import ConfigError, MtuError
-
-console = Console(soft_wrap=True)  # one result line per message, however narrow the terminal
-stderr = Console(stderr=True)
-F = TypeVar("F", bound=Callable)
-
-
-def _print_error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-class OneLineUsageErrors(TyperGroup):
-    """Parse errors as one `error:` line and exit 3, like every ConfigError, instead of click's boxed usage text and
-    exit 2. `main` is what both `mtu-export` and typer's CliRunner call; `--help` still prints help and exits 0."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, or a command's value
-        except NoArgsIsHelpError as exc:  # bare `mtu-export`: the help (rich has printed it already), exit 3
-            if exc.format_message().strip():
-                print(exc.format_message(), file=sys.stderr)
-            sys.exit(ConfigError.exit_code)
-        except UsageError as exc:
-            message = " ".join(exc.format_message().split()).rstrip(".")
-            where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else "; see --help"
-            _print_error(f"{message[:1].lower()}{message[1:]}{where}")
-            sys.exit(ConfigError.exit_code)
-        except ClickException as exc:
-            _print_error(" ".join(exc.format_message().split()))
-            sys.exit(exc.exit_code)
-        except typer.Abort:
-            _print_error("aborted")
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
+from mtu_export.display import OneLineUsageErrors, console, handles_errors, stderr
+from mtu_export.errors import ConfigError, InputError
+from mtu_export.storage import check_separate
 
 app = typer.Typer(
     name="mtu-export",
@@ -101,9 +57,7 @@ def _data(data: list[str] | None, columns: list[str] | None) -> dict:
 
 def _separate(out: Path | None, *inputs: Path | str | None, data: dict | None = None, option: str = "--out") -> None:
     """Refuse an output overlapping anything the command reads, `--data` datasets included (storage.check_separate);
-    for library calls that do not check every input themselves."""
-    from mtu_export.storage import check_separate
-
+    for library calls that do not check every input themselves (pretrain, parity, the benches)."""
     if out is not None:
         check_separate(out, *inputs, *(spec.path for spec in (data or {}).values()), option=option)
 
@@ -114,24 +68,6 @@ def _parse_tasks(text: str, source: Path):
     from mtu_export.tasks import parse_tasks
 
     return parse_tasks(text, *task_geometry(source))
-
-
-def handles_errors(command: F) -> F:
-    """Turn an MtuError into one line on stderr and the error's exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except MtuError as exc:
-            _print_error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
-        except OSError as exc:  # disk full, permissions, a path that became a file: no traceback either
-            where = f" ({exc.filename})" if exc.filename else ""
-            _print_error(f"{exc.strerror or exc}{where}")
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
@@ -157,13 +93,7 @@ def upcycle(
     config = MoEConfig(_parse_tasks(tasks, source), experts, task_embed_dim, router_hidden_dim)
     with console.status(f"upcycling {source} ..."):
         ckpt = upcycle_folder(source, out, config, overwrite=overwrite)
-    summary = describe(ckpt.model)
-    params = summary["parameters"]
-    console.print(
-        f"wrote {ckpt.path}: {summary['moe_layers']} FFNs -> {experts} experts each, tasks "
-        f"{', '.join(config.task_names)}; {params['total']:,} parameters ({params['trainable']:,} trainable)"
-        + ("; pipeline components kept" if ckpt.pipeline_dir else "")
-    )
+    display.print_upcycled(ckpt, describe(ckpt.model))
 
 
 @app.command()
@@ -179,10 +109,7 @@ def fold(
 
     with console.status(f"folding task {task!r} of {checkpoint} ..."):
         result = fold_checkpoint(checkpoint, task, out, overwrite=overwrite)
-    console.print(
-        f"wrote {result.path}: task {task!r} as a plain diffusers UNet2DConditionModel "
-        f"(max |folded - routed| = {result.max_abs_diff:.2e})"
-    )
+    display.print_folded(result, task)
 
 
 @app.command()
@@ -194,22 +121,7 @@ def info(
     """Show what an MTU checkpoint holds: tasks, experts, parameters and per-layer routing weights."""
     from mtu_export.upcycle import describe, load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    summary = describe(ckpt.model)
-    if as_json:
-        console.print_json(json.dumps(summary))
-        return
-    params = summary["parameters"]
-    console.print(f"[bold]{checkpoint}[/]")
-    console.print("tasks: " + ", ".join(f"{t['name']} ({t['in_channels']} ch)" for t in summary["tasks"]))
-    console.print(
-        f"experts per FFN: {summary['num_experts']}, MoE layers: {summary['moe_layers']}, "
-        f"task embedding {summary['task_embed_dim']}, router hidden {summary['router_hidden_dim']}"
-    )
-    console.print(
-        f"parameters: {params['total']:,} total, {params['trainable']:,} trainable, {params['frozen']:,} frozen"
-    )
-    console.print(_routing_table(summary))
+    display.print_info(checkpoint, describe(load_checkpoint(checkpoint).model), as_json)
 
 
 @app.command()
@@ -227,18 +139,13 @@ def world(
 ) -> None:
     """Render a PNG grid of shapes-world examples (inputs, then the target, per row; a block per task), or write
     them as a dataset folder that `--data` reads (--export-dataset)."""
-    from mtu_export.errors import ConfigError
-
     if (out is None) == (export_dataset is None):
         raise ConfigError("give --out PNG (a grid) or --export-dataset DIR (a dataset), one of the two")
     if export_dataset is not None:
         from mtu_export.data import export_world_dataset
 
         path = export_world_dataset(export_dataset, task, split, count, overwrite=overwrite, start=start)
-        console.print(
-            f"wrote {path}: {count} {task} examples of the {split} split from index {start} (images/ + metadata.jsonl)"
-        )
-        return
+        return display.print_world_dataset(path, task, split, count, start)
     if count > 64:
         raise ConfigError(f"a grid shows at most 64 examples per task, got --count {count}")
     from mtu_export.world_grid import write_grid
@@ -276,7 +183,6 @@ def pretrain(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train the shapes-world base pipeline (VAE, text encoder, UNet) from scratch; re-run to resume."""
-    from mtu_export.errors import ConfigError
     from mtu_export.pretrain import pretrain as run
 
     if dtype not in ("fp16", "fp32"):
@@ -329,18 +235,16 @@ def train(
 ) -> None:
     """Train an MTU checkpoint (or a single-task baseline) on your --data datasets or the shapes world, on
     accelerate; `accelerate launch` runs the same command on several processes."""
-    from mtu_export.config import TrainConfig
+    from mtu_export.config import TrainConfig, parse_task_weights
     from mtu_export.train import train as run
 
     specs = _parse_tasks(tasks, base)
-    data_specs = _data(data, column)
-    _separate(out, base, data=data_specs)
     config = TrainConfig(
         tasks=specs,
         num_experts=experts,
         single_task=single_task,
-        trainable=trainable or ("full" if single_task else "mtu"),
-        task_weights=_parse_weights(task_weights, [t.name for t in specs]) if task_weights else None,
+        trainable=trainable,
+        task_weights=parse_task_weights(task_weights, [t.name for t in specs]) if task_weights else None,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -351,29 +255,13 @@ def train(
         checkpoint_every=checkpoint_every,
         seed=seed,
         stop_at=stop_at,
-        data=tuple(data_specs.values()),
+        data=tuple(_data(data, column).values()),
         resolution=resolution,
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
     )
     path = run(config, base, work, out, resume=resume, overwrite=overwrite)
     console.print(f"wrote {path}" if path else f"stopped at step {stop_at}; continue with --resume")
-
-
-def _parse_weights(text: str, names: list[str]) -> tuple[float, ...]:
-    from mtu_export.config import did_you_mean
-    from mtu_export.errors import ConfigError
-
-    weights = dict.fromkeys(names, 0.0)
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in weights:
-            raise ConfigError(f"--task-weights names {name!r}, not a trained task{did_you_mean(name, names)}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ConfigError(f"--task-weights: {item!r} is not task=number, as in 'edit=2'") from None
-    return tuple(weights.values())
 
 
 @app.command("eval")
@@ -407,20 +295,9 @@ def evaluate(
         _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid, specs, overwrite)
         return
     if specs:
-        from mtu_export.errors import ConfigError
-
         raise ConfigError("--data evaluates a checkpoint's tasks; a base pipeline is scored on the shapes world")
     result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
-    vae, acc = result["vae"], result["t2i_accuracy"]
-    console.print(f"VAE reconstruction on {split}: {vae['psnr_mean_db']:.2f} dB mean, {vae['psnr_min_db']:.2f} worst")
-    ceiling = vae["reader_accuracy_on_reconstructions"]
-    shown = ", ".join(f"{k} {100 * v:.1f} %" for k, v in ceiling.items())
-    console.print(f"scene reader on those reconstructions (the ceiling through this VAE): {shown}")
-    table = Table(title=f"t2i attribute accuracy on {split} ({count} captions, {steps} steps, cfg {guidance})")
-    for key in acc:
-        table.add_column(key, justify="right")
-    table.add_row(*(f"{100 * v:.1f} %" for v in acc.values()))
-    console.print(table)
+    display.print_base_eval(result, split, count, steps, guidance)
     for path in write_outputs(json_out, grid, result, images, overwrite):
         console.print(f"wrote {path}")
 
@@ -452,12 +329,7 @@ def parity_report(
     _separate(out, mtu, *baselines.values(), data=specs)
     config = EvalConfig(split=split, count=count, steps=steps, guidance=guidance, seed=seed)
     sampler = SamplerConfig(steps, guidance, image_guidance, seed)
-    report = write_report(mtu, baselines, config, sampler, out, overwrite, specs)
-    for task, entry in report["parity"].items():
-        row = entry["metrics"][entry["primary"]]
-        ratio = f"MTU {row['mtu']:.4f} / single {row['single']:.4f} = {row['ratio']:.4f}"
-        console.print(f"{task}: {entry['primary']} {ratio}")
-    console.print(f"wrote {out}/parity.md")
+    display.print_parity(write_report(mtu, baselines, config, sampler, out, overwrite, specs), out)
 
 
 def _evaluate_checkpoint(
@@ -468,18 +340,9 @@ def _evaluate_checkpoint(
 
     sampler = SamplerConfig(config.steps, config.guidance, image_guidance, config.seed)
     results, images, _ = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,), data=data)
-    where = ", ".join(f"{t}: {spec.path}" for t, spec in data.items())
-    shown = f"{config.split}" + (f" (--data {where})" if where else "")
-    table = Table(title=f"{path} on {shown} ({config.count} examples, {config.steps} steps)")
-    for column in ("task", "psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr"):
-        table.add_column(column, justify="right")
-    for name, row in results.items():
-        cells = [row.get(k) for k in ("psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr")]
-        table.add_row(name, *("" if v is None else f"{v:.3f}" for v in cells))
-    console.print(table)
-    settings = {"split": config.split, "first": config.first, "count": config.count, "steps": config.steps}
-    settings |= {"guidance": config.guidance, "image_guidance": image_guidance, "seed": config.seed}
-    settings["data"] = {t: spec.path for t, spec in data.items()}
+    display.print_checkpoint_eval(path, results, config.split, config.count, config.steps, data)
+    settings = {key: getattr(config, key) for key in ("split", "first", "count", "steps", "guidance")}
+    settings |= {"image_guidance": image_guidance, "seed": config.seed, "data": {t: d.path for t, d in data.items()}}
     first = [im for name in results for im in images[name][:8]]
     report = {"checkpoint": str(path), **settings, "tasks": results}
     for written in write_outputs(json_out, grid, report, first, overwrite):
@@ -488,17 +351,6 @@ def _evaluate_checkpoint(
 
 # ---------------------------------------------------------------------------------------------------------- export
 TaskArg = Annotated[str, typer.Option("--task", help="A task of the checkpoint, or all (one bundle, shared weights).")]
-
-
-def _export_config(task: str, **options):
-    from mtu_export.config import ExportConfig
-
-    tasks = () if task == "all" else tuple(t.strip() for t in task.split(",") if t.strip())
-    if len(tasks) > 1:
-        from mtu_export.errors import ConfigError
-
-        raise ConfigError(f"--task takes one task or all, got {task!r}; run once per task or use --task all")
-    return ExportConfig(tasks=tasks, **options)
 
 
 @app.command("onnx")
@@ -528,10 +380,11 @@ def onnx_command(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold and export to ONNX in optimum's folder layout, validating every graph against torch."""
+    from mtu_export.config import ExportConfig
     from mtu_export.export.onnx import export_onnx
 
-    config = _export_config(
-        task,
+    config = ExportConfig(
+        tasks=task,
         opset=opset,
         dynamo=dynamo,
         fixed_shapes=fixed_shapes,
@@ -543,12 +396,8 @@ def onnx_command(
         allow_drift=allow_drift,
         image_count=image_count,
     )
-    specs = _data(data, column)
-    _separate(out, checkpoint, data=specs)  # the export checks the checkpoint and its pipeline, not --data
-    manifest = export_onnx(
-        checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)), data=specs
-    )
-    _print_export_report(manifest)
+    manifest = export_onnx(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
+    display.print_onnx_report(manifest)
     console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
 
 
@@ -570,39 +419,20 @@ def coreml_command(
 ) -> None:
     """Fold and convert to Core ML .mlpackages (a multifunction UNet for all tasks); structure checked here,
     numbers compared with torch on macOS."""
+    from mtu_export.config import ExportConfig
     from mtu_export.export.coreml import export_coreml
 
-    chosen = target or ("iOS18" if task == "all" else "iOS17")
-    config = _export_config(
-        task,
-        target=chosen,
+    config = ExportConfig(
+        tasks=task,
+        target=target or None,  # the config's default: iOS18 for all tasks (a multifunction UNet), else iOS17
         compute_precision=compute_precision,
         height=height,
         width=width,
         quantize=quantize,
         allow_drift=allow_drift,
     )
-    specs = _data(data, column)
-    _separate(out, checkpoint, data=specs)  # the export checks the checkpoint and its pipeline, not --data
-    manifest = export_coreml(
-        checkpoint, config, out, overwrite=overwrite, log=lambda m: console.print(escape(m)), data=specs
-    )
-    table = Table(title="Core ML packages (reloaded, spec read)")
-    for column in ("package", "functions", "inputs", "outputs", "ops", "MB"):
-        table.add_column(column)
-    for name, info in manifest["packages"].items():
-        ops = sum(sum(f["ops"].values()) for f in info["functions"].values())
-        table.add_row(
-            name,
-            ",".join(info["functions"]),
-            ",".join(info["inputs"]),
-            ",".join(info["outputs"]),
-            str(ops),
-            f"{info['bytes'] / 1e6:.2f}",
-        )
-    console.print(table)
-    parity = manifest["parity"]
-    console.print(escape(parity["skipped"]) if "skipped" in parity else f"{len(parity['rows'])} outputs compared")
+    manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
+    display.print_coreml_report(manifest)
     console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
 
 
@@ -624,51 +454,15 @@ def generate_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Run an exported task end to end on onnxruntime and write an image (same seed, same image)."""
-    from rich.progress import Progress
-
     from mtu_export.generate import GenerateRequest, generate
 
     for path in (image, mask):
         if path is not None and not path.is_file():
-            from mtu_export.errors import InputError
-
             raise InputError(f"{path} is not a file; pass an existing PNG")
     request = GenerateRequest(task, prompt, image, mask, steps, guidance, image_guidance, seed, threads, optimum)
-    with Progress(console=stderr, transient=True) as bar:
-        job = bar.add_task(f"{task}: sampling", total=steps)
-        runner = generate(
-            export_dir,
-            request,
-            out,
-            progress=lambda i, n: bar.update(job, completed=min(i, n)),
-            overwrite=overwrite,
-            log=lambda m: stderr.print(escape(m), highlight=False, soft_wrap=True),
-        )
+    with display.progress(f"{task}: sampling", steps) as advance:
+        runner = generate(export_dir, request, out, progress=advance, overwrite=overwrite, log=display.log_stderr)
     console.print(f"wrote {out} ({runner}, {steps} steps, seed {seed})")
-
-
-def _print_export_report(manifest: dict) -> None:
-    table = Table(title="exported graphs vs torch (trajectory inputs)")
-    for column in ("graph", "output", "feeds", "max |diff|", "PSNR dB", "floor", "ok"):
-        table.add_column(column, justify="right" if column not in ("graph", "output") else "left")
-    for row in manifest["graph_parity"]:
-        graph = escape(row["component"] + (f" {row['task']}" if row["task"] else ""))
-        psnr = "exact" if row["psnr_db"] is None else f"{row['psnr_db']:.1f}"
-        ok = "yes" if row["ok"] else "[red]NO[/]"
-        table.add_row(
-            graph, row["output"], str(row["feeds"]), f"{row['max_abs_diff']:.2e}", psnr, f"{row['floor_db']:.0f}", ok
-        )
-    console.print(table)
-    for row in manifest["image_parity"]:
-        psnr = "identical" if row["psnr_db"] is None else f"{row['psnr_db']:.1f} dB"
-        goal = "" if row["meets_goal"] else f" [red]below the {manifest['image_psnr_goal_db']:.0f} dB goal[/]"
-        console.print(f"{row['task']}: end-to-end images vs torch fp32: {psnr}{goal}")
-    if manifest.get("sizes"):
-        s = manifest["sizes"]
-        console.print(
-            f"bundle of {s['tasks']} tasks: {s['bundle_bytes'] / 1e6:.2f} MB = {s['ratio']:.3f} x one single-task "
-            f"export ({s['single_task_bytes'] / 1e6:.2f} MB); UNet {s['unet_ratio']:.3f} x"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------- bench
@@ -785,31 +579,10 @@ def bench_train(
 
 
 def _task_path(item: str) -> tuple[str, Path]:
-    from mtu_export.errors import ConfigError
-
     task, _, path = item.partition("=")
     if not path:
         raise ConfigError(f"--baseline {item!r} is not TASK=CHECKPOINT, as in 'edit=models/shapes-single-edit'")
     return task, Path(path)
-
-
-def _routing_table(summary: dict) -> Table:
-    tasks = [t["name"] for t in summary["tasks"]]
-    table = Table(title="routing probabilities per layer, % per expert 1..N")
-    table.add_column("layer")
-    for task in tasks:
-        table.add_column(task, justify="right")
-    for layer, per_task in summary["routing"].items():
-        table.add_row(_short_layer(layer), *(" ".join(f"{100 * p:2.0f}" for p in per_task[task]) for task in tasks))
-    return table
-
-
-def _short_layer(name: str) -> str:
-    """`down_blocks.1.attentions.0.transformer_blocks.2.ff` -> `down1.a0.t2`."""
-    pairs = (("transformer_blocks.", "t"), ("down_blocks.", "down"), ("up_blocks.", "up"), ("attentions.", "a"))
-    for long, short in pairs:
-        name = name.replace(long, short)
-    return name.replace("mid_block.", "mid.").removesuffix(".ff")
 
 
 def main() -> None:

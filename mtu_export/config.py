@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -210,15 +211,18 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # ----------------------------------------------------------------------------------------------------- MTU training
 @dataclass(frozen=True)
 class TrainConfig:
-    """`mtu-export train`: an MTU run over `tasks`, or a single-task baseline (`single_task`, full fine-tune)."""
+    """`mtu-export train`: an MTU run over `tasks`, or a single-task baseline (`single_task`, full fine-tune).
+
+    `trainable` defaults to the run's kind ("full" for a single-task baseline, else "mtu"); `task_weights` may be a
+    mapping {task: weight} (tasks not named get 0), stored as the tuple in `tasks` order."""
 
     tasks: tuple[TaskSpec, ...] = field(
         default_factory=lambda: tuple(TaskSpec(n, c) for n, c in DEFAULT_TASK_CHANNELS.items())
     )
     num_experts: int = 4
     single_task: str | None = None
-    trainable: str = "mtu"  # "mtu": the paper's split; "full": every UNet parameter (the baselines)
-    task_weights: tuple[float, ...] | None = None  # sampling weight per task, in `tasks` order; None = uniform
+    trainable: str | None = None  # "mtu": the paper's split; "full": every UNet parameter; None: by the run's kind
+    task_weights: tuple[float, ...] | Mapping[str, float] | None = None  # per task, in `tasks` order; None = uniform
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-4
@@ -251,8 +255,15 @@ class TrainConfig:
                     f"unknown task {self.single_task!r} for --single-task; known: {', '.join(names)}"
                     f"{did_you_mean(self.single_task, names)}"
                 )
+        if self.trainable is None:  # a baseline fine-tunes the whole UNet, as the paper's baselines do
+            object.__setattr__(self, "trainable", "full" if self.single_task is not None else "mtu")
         if self.trainable not in ("mtu", "full"):
             raise ConfigError(f"--trainable must be 'mtu' or 'full', got {self.trainable!r}")
+        if isinstance(self.task_weights, Mapping):
+            names = [t.name for t in self.tasks]
+            for name in self.task_weights:
+                _check_weight_name(name, names)
+            object.__setattr__(self, "task_weights", tuple(float(self.task_weights.get(n, 0.0)) for n in names))
         if self.task_weights is not None:
             if len(self.task_weights) != len(self.tasks) or any(w < 0 for w in self.task_weights):
                 raise ConfigError("--task-weights needs one non-negative weight per task, e.g. t2i=1,edit=2,sr=1")
@@ -304,6 +315,24 @@ class TrainConfig:
         return asdict(self)
 
 
+def parse_task_weights(text: str, names: list[str]) -> tuple[float, ...]:
+    """`--task-weights t2i=1,edit=2` -> one weight per task of `names`, in that order (tasks not named: 0)."""
+    weights = dict.fromkeys(names, 0.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        _check_weight_name(name, names)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--task-weights: {item!r} is not task=number, as in 'edit=2'") from None
+    return tuple(weights.values())
+
+
+def _check_weight_name(name: str, names: list[str]) -> None:
+    if name not in names:
+        raise ConfigError(f"--task-weights names {name!r}, not a trained task{did_you_mean(name, names)}")
+
+
 # ---------------------------------------------------------------------------------------------------------- export
 ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "fp16")
 COREML_QUANTIZE = ("none", "int8", "palettize-6", "palettize-4", "int4-block")
@@ -314,9 +343,13 @@ ATTENTION = ("default", "fused")  # fused: onnxruntime's MultiHeadAttention oper
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """`mtu-export onnx` / `mtu-export coreml`: which tasks, graph options, quantization and validation."""
+    """`mtu-export onnx` / `mtu-export coreml`: which tasks, graph options, quantization and validation.
 
-    tasks: tuple[str, ...] = ()  # empty: every task of the checkpoint, as one bundle
+    `tasks` is one task, or empty for every task as one bundle; the CLI's spelling (`"edit"`, `"all"`) is read as
+    `--task` reads it. `target` defaults to what the export needs (iOS18 for the bundle's multifunction Core ML UNet,
+    else iOS17)."""
+
+    tasks: tuple[str, ...] | str = ()  # empty (or "all"): every task of the checkpoint, as one bundle
     opset: int = 18
     dynamo: bool = False  # torch.onnx's dynamo exporter (opset >= 18) instead of the TorchScript one
     fixed_shapes: bool = False  # fixed batch / height / width instead of dynamic axes
@@ -333,10 +366,18 @@ class ExportConfig:
     image_guidance: float = 1.5
     seed: int = 0
     # Core ML
-    target: str = "iOS17"  # a multifunction UNet (all tasks) needs iOS18
+    target: str | None = None  # None: iOS18 for all tasks (a multifunction UNet needs it), else iOS17
     compute_precision: str = "fp16"
 
     def __post_init__(self) -> None:
+        given = self.tasks if isinstance(self.tasks, str) else ",".join(self.tasks)
+        if isinstance(self.tasks, str):
+            tasks = () if self.tasks == "all" else tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+            object.__setattr__(self, "tasks", tasks)
+        if len(self.tasks) > 1:
+            raise ConfigError(f"--task takes one task or all, got {given!r}; run once per task or use --task all")
+        if self.target is None:
+            object.__setattr__(self, "target", "iOS17" if self.tasks else "iOS18")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset {self.opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (default 18)")
         if self.dynamo and self.opset < 18:

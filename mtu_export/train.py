@@ -33,7 +33,7 @@ from mtu_export.errors import ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.moe import MTUUNet, routed_checkpointing
 from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
-from mtu_export.storage import check_output, locate_unet, write_json
+from mtu_export.storage import check_output, check_separate, locate_unet, write_json
 from mtu_export.tasks import resolve
 from mtu_export.upcycle import load_components, load_unet, save_checkpoint, upcycle_unet
 from mtu_export.vocab import tokenize
@@ -207,6 +207,7 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
 def train(config: TrainConfig, base: Path, workdir: Path, out: Path, resume: bool = False, overwrite: bool = False):
     """Train (or resume) in `workdir`, then write the MTU checkpoint (with the base's pipeline) to `out`. Returns
     `out`, or None when the call stopped early (`stop_at`) or on processes other than the main one."""
+    check_separate(Path(out), base, *(spec.path for spec in config.data))  # writing `out` must not destroy them
     if Path(out).exists() and not overwrite:
         check_output(Path(out), overwrite)  # refuse before training, not after
     mtu, progress = fit(config, base, workdir, resume)

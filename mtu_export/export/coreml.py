@@ -93,7 +93,7 @@ def export_coreml(
     ct = require_coremltools()
     out, checkpoint = Path(out), Path(checkpoint)
     config.check_quantize(COREML_QUANTIZE, "coreml")
-    check_separate(out, checkpoint)
+    check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
     check_output(out, overwrite)
     bundled = not config.tasks
     target = resolve_target(config, bundled)

@@ -117,7 +117,7 @@ def export_onnx(
     `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
     out, checkpoint = Path(out), Path(checkpoint)
     config.check_quantize(ONNX_QUANTIZE, "onnx")
-    check_separate(out, checkpoint)
+    check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
     check_output(out, overwrite)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     tasks = resolve_tasks(ckpt, config)

@@ -1,0 +1,119 @@
+"""The Python API behaves as the CLI does: every default and check `mtu-export` applies is the config's or the
+library function's own, so a Python caller gets the same run and the same one-line refusal (same message)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cli import assert_clean_failure, invoke
+
+from mtu_export.config import COREML_QUANTIZE, DataSpec, ExportConfig, TrainConfig, parse_task_weights
+from mtu_export.errors import ConfigError, MtuError
+from mtu_export.export.coreml import export_coreml
+from mtu_export.export.onnx import export_onnx
+from mtu_export.storage import write_json
+from mtu_export.tiny import tiny_unet
+from mtu_export.train import prepare_model, train
+
+torch.set_num_threads(1)  # tiny models: one thread is many times faster than two on a loaded machine
+
+
+def cli_error(*args) -> str:
+    """The message of the one `error:` line a refused command prints (exit 3, as every ConfigError)."""
+    result = invoke(*args)
+    assert_clean_failure(result, "", ConfigError.exit_code)
+    return result.stderr.strip().removeprefix("error: ")
+
+
+def api_error(call) -> str:
+    with pytest.raises(MtuError) as refused:
+        call()
+    assert isinstance(refused.value, ConfigError)
+    return str(refused.value)
+
+
+# ------------------------------------------------------------------------------------------------------- training
+def test_a_single_task_config_fine_tunes_the_whole_unet_as_the_cli_does():
+    assert TrainConfig().trainable == "mtu"
+    assert TrainConfig(single_task="edit").trainable == "full"
+    assert TrainConfig(single_task="edit", trainable="mtu").trainable == "mtu"  # an explicit choice is kept
+    baseline = prepare_model(TrainConfig(single_task="edit"), tiny_unet())
+    assert all(p.requires_grad for p in baseline.parameters())
+    mtu = prepare_model(TrainConfig(), tiny_unet())
+    assert 0 < sum(p.requires_grad for p in mtu.parameters()) < len(list(mtu.parameters()))
+
+
+def test_the_cli_builds_the_config_a_python_caller_gets_by_default(tmp_path):
+    """A run recorded from Python, resumed through the CLI with one option changed: the CLI lists every setting
+    that differs from the recorded run, and finds only that one (the work folder is checked before the base is read;
+    a base folder that is not there keeps the built-in tasks at their default channels)."""
+    write_json(
+        tmp_path / "w" / "train_config.json",
+        TrainConfig(single_task="edit", steps=2, batch_size=8, cache_size=16).to_dict(),  # as `fit` records it
+    )
+    options = ["--single-task", "edit", "--steps", "2", "--batch-size", "8", "--cache-size", "16", "--lr", "0.5"]
+    args = ("train", tmp_path / "base", "--out", tmp_path / "o", "--work", tmp_path / "w", "--resume", *options)
+    assert f"other settings than the run in {tmp_path / 'w'} (lr); use the same options" in cli_error(*args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_task_weights_by_name_are_checked_as_the_cli_checks_them(tmp_path):
+    names = [t.name for t in TrainConfig().tasks]
+    assert TrainConfig(task_weights={"edit": 2, "t2i": 1}).task_weights == (1.0, 2.0, 0.0, 0.0)
+    assert parse_task_weights("edit=2,t2i=1", names) == (1.0, 2.0, 0.0, 0.0)
+    cli = cli_error(
+        "train", tmp_path / "base", "--out", tmp_path / "o", "--work", tmp_path / "w", "--task-weights", "edit=2,edt=1"
+    )
+    assert cli.startswith("--task-weights names 'edt', not a trained task — did you mean 'edit'?")
+    assert api_error(lambda: TrainConfig(task_weights={"edit": 2, "edt": 1})) == cli
+    assert api_error(lambda: parse_task_weights("edit=2,edt=1", names)) == cli
+    assert "is not task=number" in api_error(lambda: parse_task_weights("edit=lots", names))
+
+
+def test_train_refuses_an_output_over_its_data_before_any_work(tmp_path):
+    data = tmp_path / "data"
+    spec = DataSpec("edit", str(data / "edits.jsonl"))
+    cli = cli_error("train", tmp_path / "base", "--out", data, "--work", tmp_path / "w", "--data", f"edit={spec.path}")
+    assert "overlaps the input" in cli
+    api = api_error(lambda: train(TrainConfig(data=(spec,)), tmp_path / "base", tmp_path / "w", data))
+    assert api == cli
+    assert not data.exists() and not (tmp_path / "w").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- export
+def test_an_export_config_takes_one_task_or_all_as_the_cli_does(tmp_path):
+    assert ExportConfig(tasks="all").tasks == () and ExportConfig(tasks="edit").tasks == ("edit",)
+    cli = cli_error("onnx", tmp_path / "ckpt", "--out", tmp_path / "x", "--task", "t2i,edit")
+    assert "--task takes one task or all" in cli
+    assert api_error(lambda: ExportConfig(tasks=("t2i", "edit"))) == cli
+    assert api_error(lambda: ExportConfig(tasks="t2i,edit")) == cli
+
+
+def test_the_core_ml_target_follows_the_export_as_the_cli_chooses_it(tmp_path):
+    assert ExportConfig().target == "iOS18"  # the multifunction UNet of all tasks needs it
+    assert ExportConfig(tasks="t2i").target == "iOS17"
+    assert ExportConfig(tasks="t2i", target="iOS18").target == "iOS18"
+    ExportConfig(quantize="int4-block").check_quantize(COREML_QUANTIZE, "coreml")  # iOS18 by default: accepted
+    single = ExportConfig(tasks="t2i", quantize="int4-block")
+    cli = cli_error("coreml", tmp_path / "ckpt", "--out", tmp_path / "x", "--task", "t2i", "--quantize", "int4-block")
+    assert api_error(lambda: single.check_quantize(COREML_QUANTIZE, "coreml")) == cli
+    pytest.importorskip("coremltools")
+    cli = cli_error("coreml", tmp_path / "ckpt", "--out", tmp_path / "x", "--target", "iOS17")
+    assert "needs Core ML's iOS18 target" in cli
+    assert api_error(lambda: export_coreml(tmp_path / "ckpt", ExportConfig(target="iOS17"), tmp_path / "x")) == cli
+    with pytest.raises(MtuError) as refused:  # the default passes the target check and fails on the checkpoint
+        export_coreml(tmp_path / "ckpt", ExportConfig(), tmp_path / "x")
+    assert "iOS18" not in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["onnx", "coreml"])
+def test_exports_refuse_an_output_over_their_data(tmp_path, command):
+    if command == "coreml":
+        pytest.importorskip("coremltools")
+    data = tmp_path / "data"
+    spec = DataSpec("edit", str(data / "edits.jsonl"))
+    cli = cli_error(command, tmp_path / "ckpt", "--out", data, "--task", "edit", "--data", f"edit={spec.path}")
+    assert "overlaps the input" in cli
+    export = export_onnx if command == "onnx" else export_coreml
+    assert api_error(lambda: export(tmp_path / "ckpt", ExportConfig(tasks="edit"), data, data={"edit": spec})) == cli
+    assert not data.exists()
