@@ -262,7 +262,7 @@ class _Exporter:
             height, _, factor = self.size
             index = pipelines.ship(
                 self.tmp, index, "MTUOnnxPipeline", **pipelines.onnx_components(), tasks=table,
-                scaling_factor=self.components[0].config.scaling_factor, vae_scale_factor=factor,
+                scaling_factor=self.components.vae.config.scaling_factor, vae_scale_factor=factor,
                 sample_size=height // factor,
             )  # fmt: skip
         write_json(self.tmp / PIPELINE_INDEX, index)
