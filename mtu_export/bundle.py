@@ -24,6 +24,11 @@ from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.upcycle import transformer_blocks
 
 
+def pad_to_channels(sample: torch.Tensor, channels: int) -> torch.Tensor:
+    """A task's (B, C_task, H, W) sample -> the bundle's (B, channels, H, W), zeros in the extra channels."""
+    return F.pad(sample, (0, 0, 0, 0, 0, channels - sample.shape[1]))
+
+
 class TaskIndex:
     """The active task id, a 0-d int64 tensor, shared by reference between a TaskBundle and its modules."""
 
@@ -89,7 +94,7 @@ class TaskTableConvIn(nn.Module):
 
 
 class TaskBundle(nn.Module):
-    """`(sample, timestep, encoder_hidden_states, task_id) -> ε` for every task of an MTU checkpoint."""
+    """`(sample, timestep, encoder_hidden_states, task_id) -> model output` for every task of an MTU checkpoint."""
 
     def __init__(self, unet: UNet2DConditionModel, tasks: tuple[str, ...], channels: dict[str, int], index: TaskIndex):
         super().__init__()
@@ -107,7 +112,7 @@ class TaskBundle(nn.Module):
 
     def pad(self, sample: torch.Tensor) -> torch.Tensor:
         """A task's (B, C_task, H, W) input -> the bundle's (B, C_max, H, W), zeros in the extra channels."""
-        return F.pad(sample, (0, 0, 0, 0, 0, self.in_channels - sample.shape[1]))
+        return pad_to_channels(sample, self.in_channels)
 
     def forward(self, sample, timestep, encoder_hidden_states, task_id):
         self._index.value = task_id

@@ -88,7 +88,8 @@ def upcycle(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Turn a pretrained diffusers UNet into a multi-task MTU checkpoint (exact at initialisation)."""
-    from mtu_export.upcycle import describe, upcycle_folder
+    from mtu_export.checkpoint import upcycle_folder
+    from mtu_export.upcycle import describe
 
     config = MoEConfig(_parse_tasks(tasks, source), experts, task_embed_dim, router_hidden_dim)
     with console.status(f"upcycling {source} ..."):
@@ -119,7 +120,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Show what an MTU checkpoint holds: tasks, experts, parameters and per-layer routing weights."""
-    from mtu_export.upcycle import describe, load_checkpoint
+    from mtu_export.checkpoint import load_checkpoint
+    from mtu_export.upcycle import describe
 
     display.print_info(checkpoint, describe(load_checkpoint(checkpoint).model), as_json)
 
@@ -166,7 +168,7 @@ def pack(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Re-save a checkpoint for shipping: weights in --dtype, the base pipeline shared by reference, not copied."""
-    from mtu_export.upcycle import pack_checkpoint
+    from mtu_export.checkpoint import pack_checkpoint
 
     console.print(f"wrote {pack_checkpoint(checkpoint, out, pipeline_ref, dtype, overwrite)}")
 
@@ -287,12 +289,13 @@ def evaluate(
     """Measure a shapes-world pipeline (VAE PSNR, text-to-image scene-reader accuracy) or every task of an MTU
     checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr)."""
     from mtu_export.evaluate import EvalConfig, check_outputs, evaluate_base, write_outputs
+    from mtu_export.sample import SamplerConfig
 
-    config = EvalConfig(split=split, count=count, first=first, steps=steps, guidance=guidance, seed=seed)
+    config = EvalConfig(split, count, first, sampler=SamplerConfig(steps, guidance, image_guidance, seed))
     specs = _data(data, column)
     check_outputs(pipeline, json_out, grid, overwrite, specs)
     if (pipeline / "mtu_config.json").is_file():
-        _evaluate_checkpoint(pipeline, task, config, image_guidance, json_out, grid, specs, overwrite)
+        _evaluate_checkpoint(pipeline, task, config, json_out, grid, specs, overwrite)
         return
     if specs:
         raise ConfigError("--data evaluates a checkpoint's tasks; a base pipeline is scored on the shapes world")
@@ -327,22 +330,17 @@ def parity_report(
     baselines = dict(_task_path(item) for item in baseline)
     specs = _data(data, column)
     _separate(out, mtu, *baselines.values(), data=specs)
-    config = EvalConfig(split=split, count=count, steps=steps, guidance=guidance, seed=seed)
-    sampler = SamplerConfig(steps, guidance, image_guidance, seed)
-    display.print_parity(write_report(mtu, baselines, config, sampler, out, overwrite, specs), out)
+    config = EvalConfig(split=split, count=count, sampler=SamplerConfig(steps, guidance, image_guidance, seed))
+    display.print_parity(write_report(mtu, baselines, config, out, overwrite, specs), out)
 
 
-def _evaluate_checkpoint(
-    path: Path, task: str, config, image_guidance: float, json_out, grid, data, overwrite: bool
-) -> None:
+def _evaluate_checkpoint(path: Path, task: str, config, json_out, grid, data, overwrite: bool) -> None:
     from mtu_export.evaluate import evaluate_checkpoint, write_outputs
-    from mtu_export.sample import SamplerConfig
 
-    sampler = SamplerConfig(config.steps, config.guidance, image_guidance, config.seed)
-    results, images, _ = evaluate_checkpoint(path, config, sampler, None if task == "all" else (task,), data=data)
-    display.print_checkpoint_eval(path, results, config.split, config.count, config.steps, data)
-    settings = {key: getattr(config, key) for key in ("split", "first", "count", "steps", "guidance")}
-    settings |= {"image_guidance": image_guidance, "seed": config.seed, "data": {t: d.path for t, d in data.items()}}
+    results, images, _ = evaluate_checkpoint(path, config, None if task == "all" else (task,), data=data)
+    display.print_checkpoint_eval(path, results, config.split, config.count, config.sampler.steps, data)
+    settings = config.base_record() | {"image_guidance": config.sampler.image_guidance}
+    settings["data"] = {t: d.path for t, d in data.items()}
     first = [im for name in results for im in images[name][:8]]
     report = {"checkpoint": str(path), **settings, "tasks": results}
     for written in write_outputs(json_out, grid, report, first, overwrite):

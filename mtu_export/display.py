@@ -204,7 +204,7 @@ def print_onnx_report(manifest: dict) -> None:
     table = Table(title="exported graphs vs torch (trajectory inputs)")
     for column in ("graph", "output", "feeds", "max |diff|", "PSNR dB", "floor", "ok"):
         table.add_column(column, justify="right" if column not in ("graph", "output") else "left")
-    for row in manifest["graph_parity"]:
+    for row in manifest["graph_agreement"]:
         graph = escape(row["component"] + (f" {row['task']}" if row["task"] else ""))
         psnr = "exact" if row["psnr_db"] is None else f"{row['psnr_db']:.1f}"
         ok = "yes" if row["ok"] else "[red]NO[/]"
@@ -212,7 +212,7 @@ def print_onnx_report(manifest: dict) -> None:
             graph, row["output"], str(row["feeds"]), f"{row['max_abs_diff']:.2e}", psnr, f"{row['floor_db']:.0f}", ok
         )
     console.print(table)
-    for row in manifest["image_parity"]:
+    for row in manifest["image_agreement"]:
         psnr = "identical" if row["psnr_db"] is None else f"{row['psnr_db']:.1f} dB"
         goal = "" if row["meets_goal"] else f" [red]below the {manifest['image_psnr_goal_db']:.0f} dB goal[/]"
         console.print(f"{row['task']}: end-to-end images vs torch fp32: {psnr}{goal}")
@@ -240,5 +240,6 @@ def print_coreml_report(manifest: dict) -> None:
             f"{info['bytes'] / 1e6:.2f}",
         )
     console.print(table)
-    parity = manifest["parity"]
-    console.print(escape(parity["skipped"]) if "skipped" in parity else f"{len(parity['rows'])} outputs compared")
+    agreement = manifest["agreement"]
+    compared = f"{len(agreement.get('rows', []))} outputs compared"
+    console.print(escape(agreement["skipped"]) if "skipped" in agreement else compared)

@@ -1,7 +1,7 @@
 """Errors the user can act on. Every message says what was expected, what was found and how to fix it.
 
 The CLI prints `error: <message>` on one line and exits with the subclass's `exit_code` (1 MtuError, 2 input,
-3 config, 4 checkpoint, 5 output exists, 6 parity, 7 `bench --check` violations, 8 disk full); nothing here
+3 config, 4 checkpoint, 5 output exists, 6 drift, 7 `bench --check` violations, 8 disk full); nothing here
 imports anything else from the package.
 """
 
@@ -38,8 +38,8 @@ class OutputExistsError(MtuError):
     exit_code = 5
 
 
-class ParityError(MtuError):
-    """A transformed model does not match its reference within tolerance."""
+class DriftError(MtuError):
+    """A transformed model (folded, exported) drifts from its reference beyond tolerance."""
 
     exit_code = 6
 

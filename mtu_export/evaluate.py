@@ -7,35 +7,36 @@ task's `--data` dataset. Imports errors, reader, tasks and world (data, sample a
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mtu_export.errors import ConfigError, InputError
+from mtu_export.metrics import UINT8_PEAK, as_db, masked_psnr_db, psnr_db, ssim
 from mtu_export.reader import accuracy, score
+from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
 from mtu_export.tasks import TaskDef, model_tasks
 from mtu_export.world import SPLITS, make_example
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """Which examples to score (split, range, batch size) and how to sample them."""
+
     split: str = "heldout"
     count: int = 200
     first: int = 0  # index of the first example: tune guidance on other indices than the ones reported
-    steps: int = 25
-    guidance: float = 7.5
-    seed: int = 0
     batch_size: int = 50
+    sampler: SamplerConfig = SamplerConfig()
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ConfigError(f"unknown split {self.split!r}; known: {', '.join(SPLITS)}")
-        if self.count < 1 or self.steps < 1 or self.batch_size < 1 or self.first < 0:
+        if self.count < 1 or self.sampler.steps < 1 or self.batch_size < 1 or self.first < 0:
             raise ConfigError("count, steps and batch size must be positive, and the first index >= 0")
 
     def batches(self) -> Iterator[range]:
@@ -44,14 +45,21 @@ class EvalConfig:
         for start in range(self.first, end, self.batch_size):
             yield range(start, min(start + self.batch_size, end))
 
+    def base_record(self) -> dict:
+        """The settings a base pipeline's evaluation reports (text guidance only: t2i has no image input)."""
+        sampler = self.sampler
+        return {
+            "split": self.split,
+            "count": self.count,
+            "first": self.first,
+            "steps": sampler.steps,
+            "guidance": sampler.text_guidance,
+            "seed": sampler.seed,
+            "batch_size": self.batch_size,
+        }
 
-def psnr(reference: np.ndarray, image: np.ndarray) -> float:
-    """PSNR in dB of uint8 images (peak 255); infinite when identical."""
-    mse = np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
-
-def load_pipeline(path: Path):
+def load_sd_pipeline(path: Path):
     """A StableDiffusionPipeline from a local folder, in fp32 (CPU), without progress bars."""
     from diffusers import StableDiffusionPipeline
 
@@ -74,7 +82,7 @@ def vae_psnr(vae, config: EvalConfig) -> dict:
         targets = [e.target for e in examples]
         latents = vae.encode(image_tensor(targets)).latent_dist.mean
         recon = to_uint8(vae.decode(latents).sample)
-        values += [psnr(t, r) for t, r in zip(targets, recon, strict=True)]
+        values += [as_db(psnr_db(t, r, UINT8_PEAK)) for t, r in zip(targets, recon, strict=True)]
         scores += [score(r, e.prompt) for e, r in zip(examples, recon, strict=True)]
     return {
         "psnr_mean_db": float(np.mean(values)),
@@ -95,9 +103,9 @@ def t2i_accuracy(pipe, config: EvalConfig, grid_count: int = 0) -> tuple[dict[st
             prompts,
             height=64,
             width=64,
-            num_inference_steps=config.steps,
-            guidance_scale=config.guidance,
-            generator=torch.Generator().manual_seed(config.seed + indices.start),
+            num_inference_steps=config.sampler.steps,
+            guidance_scale=config.sampler.text_guidance,
+            generator=torch.Generator().manual_seed(config.sampler.seed + indices.start),
             output_type="np",
         ).images  # (B, 64, 64, 3) float in [0, 1]
         images = (images * 255).round().astype(np.uint8)
@@ -108,52 +116,44 @@ def t2i_accuracy(pipe, config: EvalConfig, grid_count: int = 0) -> tuple[dict[st
 
 def evaluate_base(path: Path, config: EvalConfig, grid_count: int = 0) -> tuple[dict, list[np.ndarray]]:
     """VAE PSNR and t2i accuracy of the pipeline at `path` on `config.split`."""
-    pipe = load_pipeline(path)
+    pipe = load_sd_pipeline(path)
     vae = vae_psnr(pipe.vae, config)
     t2i, images = t2i_accuracy(pipe, config, grid_count)
-    return {"pipeline": str(path), "config": asdict(config), "vae": vae, "t2i_accuracy": t2i}, images
+    return {"pipeline": str(path), "config": config.base_record(), "vae": vae, "t2i_accuracy": t2i}, images
 
 
 # ------------------------------------------------------------------------------------------------ task evaluation
-def ssim(reference: np.ndarray, image: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(reference, image, channel_axis=2, data_range=255))
-
-
-def masked_psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray) -> float:
-    """PSNR over the pixels inside `mask` only (inpainting: how well the hole was filled)."""
-    return psnr(reference[mask], image[mask]) if mask.any() else math.inf
-
-
 def bicubic(low_res: np.ndarray, size: int = 64) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(low_res).resize((size, size), Image.BICUBIC))
 
 
-def example_metrics(task: TaskDef, example, image: np.ndarray) -> dict[str, float]:
-    """Per-example metrics of a generated `image` (uint8 (H, W, 3)) for `task`, with its do-nothing floor."""
+def example_metrics(task: TaskDef, example, image: np.ndarray) -> dict[str, float | None]:
+    """Per-example metrics of a generated `image` (uint8 (H, W, 3)) for `task`, with its do-nothing floor; a PSNR is
+    None where the images are identical (metrics.psnr_db)."""
     if not task.has_image_input:
         return {}
-    out = {"psnr": psnr(example.target, image), "ssim": ssim(example.target, image)}
+    out = {"psnr": psnr_db(example.target, image, UINT8_PEAK), "ssim": ssim(example.target, image)}
     if example.mask is not None:
-        out["psnr_mask"] = masked_psnr(example.target, image, example.mask)
+        out["psnr_mask"] = masked_psnr_db(example.target, image, example.mask)
     if task.floor == "bicubic":
         floor = bicubic(example.source, example.target.shape[0])
-        out["bicubic_psnr"], out["bicubic_ssim"] = psnr(example.target, floor), ssim(example.target, floor)
+        out["bicubic_psnr"] = psnr_db(example.target, floor, UINT8_PEAK)
+        out["bicubic_ssim"] = ssim(example.target, floor)
     elif task.floor == "source":  # the floor of an edit: hand back the source unchanged
         unchanged = example.source
-        out["source_psnr"], out["source_ssim"] = psnr(example.target, unchanged), ssim(example.target, unchanged)
+        out["source_psnr"] = psnr_db(example.target, unchanged, UINT8_PEAK)
+        out["source_ssim"] = ssim(example.target, unchanged)
     return out
 
 
 def summarise(task: TaskDef, examples: list, images: list[np.ndarray]) -> dict[str, float]:
     """Mean metrics over a split: PSNR / SSIM to ground truth (image-conditioned tasks) and, on the shapes world,
     scene-reader accuracy against the target scene's caption (t2i: is the caption drawn; edit: did the edit
-    happen)."""
+    happen). An identical image counts as an infinite PSNR (metrics.as_db)."""
     rows = [example_metrics(task, e, im) for e, im in zip(examples, images, strict=True)]
-    out = {k: float(np.mean([r[k] for r in rows])) for k in (rows[0] if rows else {})}
+    out = {k: float(np.mean([as_db(r[k]) for r in rows])) for k in (rows[0] if rows else {})}
     if task.reader_scored and all(e.scene is not None for e in examples):
         out["reader_accuracy"] = accuracy(
             [score(im, e.scene.caption()) for e, im in zip(examples, images, strict=True)]
@@ -183,7 +183,6 @@ def evaluation_source(task: TaskDef, spec, config: EvalConfig, pipeline_dir: Pat
 def evaluate_checkpoint(
     path: Path,
     config: EvalConfig,
-    sampler,
     tasks: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
     data: dict | None = None,
@@ -191,9 +190,8 @@ def evaluate_checkpoint(
     """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` (or a task's `--data`
     dataset) and measure it, logging a line per batch. Returns results, generated images and the examples, each
     per task."""
+    from mtu_export.checkpoint import load_checkpoint, load_components
     from mtu_export.data import check_data_tasks
-    from mtu_export.sample import denoiser_for, sample_examples
-    from mtu_export.upcycle import load_checkpoint, load_components
 
     ckpt = load_checkpoint(path, dtype=torch.float32)
     if ckpt.pipeline_dir is None:
@@ -206,7 +204,7 @@ def evaluate_checkpoint(
     check_data_tasks(data, tuple(chosen), str(path))
     unet_config = dict(ckpt.model.unet.config)
     sources = {t: evaluation_source(defs[t], data.get(t), config, ckpt.pipeline_dir, unet_config) for t in chosen}
-    vae, text_encoder, tokenizer, scheduler = load_components(ckpt.pipeline_dir)
+    components = load_components(ckpt.pipeline_dir)
     results, generated, inputs = {}, {}, {}
     for task in chosen:
         examples, images = [], []
@@ -214,9 +212,7 @@ def evaluate_checkpoint(
         start = time.perf_counter()
         for indices in config.batches():
             batch = [sources[task].example(i) for i in indices]
-            images += list(
-                sample_examples(denoise, defs[task], batch, vae, text_encoder, tokenizer, scheduler, sampler)
-            )
+            images += list(sample_examples(denoise, defs[task], batch, components, config.sampler))
             examples += batch
             log(f"{path} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
         results[task] = summarise(defs[task], examples, images)

@@ -21,7 +21,8 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from mtu_export import pipelines
-from mtu_export.errors import InputError, ParityError
+from mtu_export.checkpoint import load_checkpoint
+from mtu_export.errors import DriftError, InputError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.storage import (
     PIPELINE_INDEX,
@@ -33,7 +34,7 @@ from mtu_export.storage import (
     write_json,
 )
 from mtu_export.tasks import pipeline_class, resolve
-from mtu_export.upcycle import load_checkpoint, transformer_blocks
+from mtu_export.upcycle import transformer_blocks
 
 
 @torch.no_grad()
@@ -109,7 +110,7 @@ FOLD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2
 
 @torch.no_grad()
 def verify_fold(mtu: MTUUNet, folded: UNet2DConditionModel, task: str, seed: int = 0) -> float:
-    """Run routed and folded models on one seeded random input; raise ParityError past FOLD_TOLERANCE."""
+    """Run routed and folded models on one seeded random input; raise DriftError past FOLD_TOLERANCE."""
     config = folded.config
     size = 2 ** len(config.block_out_channels)  # every resolution level is visited, and the input stays small
     dtype, device = folded.dtype, folded.device
@@ -125,7 +126,7 @@ def verify_fold(mtu: MTUUNet, folded: UNet2DConditionModel, task: str, seed: int
     diff = (routed - dense).abs().max().item()
     limit = FOLD_TOLERANCE.get(dtype, 1e-2) * max(1.0, routed.abs().max().item())
     if not diff <= limit:
-        raise ParityError(
+        raise DriftError(
             f"folded task {task!r} differs from the routed model by {diff:.3g} (limit {limit:.3g}); "
             "this is a bug — please report it with the checkpoint's mtu_config.json"
         )

@@ -3,7 +3,7 @@
 A single-task `t2i` or `inpaint` export runs in optimum's `ORTStableDiffusionPipeline` /
 `ORTStableDiffusionInpaintPipeline`, as users of optimum would run it. `edit` and `sr` (no optimum pipeline takes
 an 8- or 7-channel UNet) and every task of an all-task bundle (its UNet takes a `task_id`) run in this project's
-own sampler (`sample.sample_latents`) over the exported graphs, with text and image guidance as in training.
+own sampler (`sample.sample_examples`) over the exported graphs, with text and image guidance as in training.
 
 The output follows every command's rule: an existing `out` is refused unless `overwrite`, as is one that overlaps
 an input (the export folder, --image, --mask); it is written in the format its suffix names. An input image of
@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtu_export.conditioning import encode_batch, task_condition, to_uint8
 from mtu_export.config import TaskSpec
 from mtu_export.data import low_res_size
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
-from mtu_export.sample import SamplerConfig, encode_prompts, sample_latents
+from mtu_export.sample import Components, SamplerConfig, sample_examples
 from mtu_export.storage import check_output, check_separate, read_json
 from mtu_export.tasks import TaskDef, resolve
 from mtu_export.world import Example
@@ -158,11 +157,6 @@ def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_confi
     )
     unet = OrtUNet(export_dir / "unet" / "model.onnx", request.threads, **bundle)
     example = _inputs(task, request, pixels, factor, log)
-    scaling = vae.config.scaling_factor
-    encoded = encode_batch(task, vae, [example])
-    condition = task_condition(task, encoded, scaling, torch.Generator().manual_seed(request.seed + 1))
-    text = encode_prompts(text_encoder, tokenizer, [request.prompt])
-    empty = encode_prompts(text_encoder, tokenizer, [""])
     sampler = SamplerConfig(request.steps, request.guidance, request.image_guidance, request.seed)
     calls = [0]
 
@@ -172,10 +166,7 @@ def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_confi
             progress(calls[0], request.steps)
         return unet(x, t, h)
 
-    latents = sample_latents(
-        denoise, task, scheduler, text, empty, condition, tuple(encoded["target_mean"].shape), sampler
-    )
-    return to_uint8(vae.decode(latents / scaling).sample)[0]
+    return sample_examples(denoise, task, [example], Components(vae, text_encoder, tokenizer, scheduler), sampler)[0]
 
 
 def _optimum(export_dir, task: TaskDef, request, pixels, progress, log) -> np.ndarray:

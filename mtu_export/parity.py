@@ -33,8 +33,9 @@ def parity(mtu: dict[str, dict], baselines: dict[str, dict]) -> dict[str, dict]:
 
 
 def markdown(table: dict[str, dict], config: EvalConfig) -> str:
+    sampler = config.sampler
     lines = [
-        f"Parity on `{config.split}` ({config.count} examples per task, {config.steps} steps, seed {config.seed}); "
+        f"Parity on `{config.split}` ({config.count} examples per task, {sampler.steps} steps, seed {sampler.seed}); "
         f"goal: MTU ÷ single-task ≥ {PARITY_GOAL} on the primary metric.",
         "",
         "| task | metric | MTU | single-task | MTU ÷ single | goal met |",
@@ -54,7 +55,7 @@ def routing_summary(mtu_path: Path) -> dict[str, dict]:
     and the normalised entropy (1 = uniform routing, 0 = one expert per layer)."""
     import torch
 
-    from mtu_export.upcycle import load_checkpoint
+    from mtu_export.checkpoint import load_checkpoint
 
     model = load_checkpoint(Path(mtu_path), dtype=torch.float32).model
     summary = {}
@@ -101,7 +102,6 @@ def write_report(
     mtu_path: Path,
     baselines: dict[str, Path],
     config: EvalConfig,
-    sampler,
     out: Path,
     overwrite: bool = False,
     data: dict | None = None,
@@ -114,16 +114,17 @@ def write_report(
     extra = sorted(set(data) - set(tasks))
     if extra:
         raise ConfigError(f"--data names task(s) {', '.join(extra)} without a --baseline; add one or drop the data")
-    mtu_results, mtu_images, examples = evaluate_checkpoint(mtu_path, config, sampler, tasks, data=data)
+    mtu_results, mtu_images, examples = evaluate_checkpoint(mtu_path, config, tasks, data=data)
     single_results, single_images = {}, {}
     for task, path in baselines.items():
         results, images, _ = evaluate_checkpoint(
-            path, config, sampler, (task,), data={task: data[task]} if task in data else None
+            path, config, (task,), data={task: data[task]} if task in data else None
         )
         single_results[task], single_images[task] = results[task], images[task]
     table = parity(mtu_results, single_results)
     report = {"mtu": str(mtu_path), "baselines": {t: str(p) for t, p in baselines.items()}, "parity": table}
-    report["config"] = {"split": config.split, "count": config.count, "steps": config.steps, "seed": config.seed}
+    sampler = config.sampler
+    report["config"] = {"split": config.split, "count": config.count, "steps": sampler.steps, "seed": sampler.seed}
     report["data"] = {task: spec.path for task, spec in data.items()}
     report["routing"] = routing_summary(mtu_path)
     with atomic_output_dir(out, overwrite) as tmp:

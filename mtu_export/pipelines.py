@@ -132,7 +132,7 @@ class _GuidedSampling:
         generator: torch.Generator | None,
         device: torch.device,
     ) -> torch.Tensor:
-        """Guided sampling as sample.sample_latents; returns scaled latents (B, L, h, w)."""
+        """Guided sampling as sample.guided_loop; returns scaled latents (B, L, h, w)."""
         scheduler = self.scheduler
         text, empty = self._embed(prompts), self._embed([""] * len(prompts))
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -148,14 +148,14 @@ class _GuidedSampling:
         for t in self.progress_bar(scheduler.timesteps):
             x = scheduler.scale_model_input(torch.cat([latents] * copies), t)
             x = x if cond is None else torch.cat([x, cond.to(x.device)], dim=1)
-            eps = denoise(x, t.expand(x.shape[0]), hidden)
+            model_output = denoise(x, t.expand(x.shape[0]), hidden)  # ε, v or x0: what the scheduler expects
             if two_scale:
-                full, image_only, none = eps.chunk(3)
-                eps = none + image_guidance_scale * (image_only - none) + guidance_scale * (full - image_only)
+                full, image_only, none = model_output.chunk(3)
+                guided = none + image_guidance_scale * (image_only - none) + guidance_scale * (full - image_only)
             else:
-                full, none = eps.chunk(2)
-                eps = none + guidance_scale * (full - none)
-            latents = scheduler.step(eps, t, latents).prev_sample
+                full, none = model_output.chunk(2)
+                guided = none + guidance_scale * (full - none)
+            latents = scheduler.step(guided, t, latents).prev_sample
         return latents
 
     @staticmethod
@@ -325,7 +325,9 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
         def denoise(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
             feeds = {"sample": sample, "timestep": timestep.reshape(-1)[0].float(), "encoder_hidden_states": hidden}
             if task_id is not None:  # the bundle: the task's channels, then zeros
-                feeds["sample"] = F.pad(sample, (0, 0, 0, 0, 0, channels - sample.shape[1]))
+                feeds["sample"] = F.pad(
+                    sample, (0, 0, 0, 0, 0, channels - sample.shape[1])
+                )  # as bundle.pad_to_channels
                 feeds["task_id"] = torch.tensor(task_id, dtype=torch.int64)
             return torch.from_numpy(_run(self.unet, feeds)[0]).float()
 

@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from mtu_export.conditioning import image_tensor
-from mtu_export.config import PREDICTION_TYPES, BaseRecipe
+from mtu_export.config import BaseRecipe
 from mtu_export.errors import InputError
 from mtu_export.loop import process_state, run_stage
+from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.storage import atomic_output_dir, check_output, write_json
 from mtu_export.vocab import tokenize, world_tokenizer
 from mtu_export.world import make_example
 
-NUM_TRAIN_TIMESTEPS = 1000
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's
 ENCODE_BATCH = 250
 
@@ -76,38 +76,6 @@ def build_unet(recipe: BaseRecipe):
     return UNet2DConditionModel(
         in_channels=4, out_channels=4, cross_attention_dim=recipe.text_encoder["hidden_size"], **recipe.unet
     )
-
-
-def training_scheduler(config: dict):
-    """DDPM that adds the training noise, on the noise schedule and prediction type of a scheduler `config` (any
-    diffusers scheduler's, e.g. a pipeline's `scheduler/scheduler_config.json`)."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(config)
-    if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise InputError(
-            f"the scheduler config predicts {scheduler.config.prediction_type!r}; training supports "
-            f"{', '.join(PREDICTION_TYPES)}: fix prediction_type in scheduler/scheduler_config.json"
-        )
-    return scheduler
-
-
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to output for `scheduler.add_noise(latents, noise, timesteps)`: ε, v or x0."""
-    kind = scheduler.config.prediction_type
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    return latents if kind == "sample" else noise
-
-
-def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
-    """Per-sample Min-SNR-γ loss weight (Hang et al. 2023) for a model predicting ε, v or x0: the x0-loss weight
-    min(SNR, γ) expressed in the parameterisation's own loss."""
-    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr.clamp(min=1e-12)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped
 
 
 def recipe_schedule(recipe: BaseRecipe) -> dict:

@@ -6,9 +6,9 @@
   guidance, ε = ε(∅, ∅) + s_i·(ε(∅, img) − ε(∅, ∅)) +
   s_t·(ε(text, img) − ε(∅, img)), the image condition zeroed for ε(∅, ∅).
 
-The guidance formulas are linear in the model output, so they hold as written for v-prediction too; the
+The guidance formulas are linear in the model output, so they hold as written for v- and x0-prediction too; the
 scheduler's config says which one the UNet gives. The denoiser is any callable `(sample, timestep,
-encoder_hidden_states) -> ε or v`: a routed MTU UNet for one task, a folded or single-task UNet, or (for exports)
+encoder_hidden_states) -> ε, v or x0`: a routed MTU UNet for one task, a folded or single-task UNet, or (for exports)
 an ONNX session. The task's definition (`tasks.TaskDef`) says which guidance. Imports conditioning, tasks, vocab
 and world only.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,17 @@ from mtu_export.vocab import tokenize
 from mtu_export.world import Example
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Components:
+    """What sampling needs around the denoiser: a pipeline's frozen VAE, text encoder, tokenizer and scheduler (torch
+    modules from `checkpoint.load_components`, or exported graphs behind the same interface)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latents(
+def guided_loop(
     denoise: Denoiser,
     task: TaskDef,
     scheduler,
@@ -60,7 +72,7 @@ def sample_latents(
     shape: tuple[int, ...],  # (B, 4, h, w)
     config: SamplerConfig,
 ) -> torch.Tensor:
-    """Run the guided sampling loop; returns scaled latents (B, 4, h, w)."""
+    """Run the guided sampling loop from seeded noise; returns scaled latents (B, 4, h, w)."""
     generator = torch.Generator().manual_seed(config.seed)
     latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     scheduler.set_timesteps(config.steps)
@@ -74,36 +86,37 @@ def sample_latents(
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents] * (3 if two_scale else 2)), t)
         x = x if cond is None else torch.cat([x, cond], dim=1)
-        eps = denoise(x, t.expand(x.shape[0]), hidden)
+        model_output = denoise(x, t.expand(x.shape[0]), hidden)  # ε, v or x0: whatever the scheduler expects
         if two_scale:
-            full, image_only, none = eps.chunk(3)
-            eps = none + config.image_guidance * (image_only - none) + config.text_guidance * (full - image_only)
+            full, image_only, none = model_output.chunk(3)
+            guided = none + config.image_guidance * (image_only - none) + config.text_guidance * (full - image_only)
         else:
-            full, none = eps.chunk(2)
-            eps = none + config.text_guidance * (full - none)
-        latents = scheduler.step(eps, t, latents).prev_sample
+            full, none = model_output.chunk(2)
+            guided = none + config.text_guidance * (full - none)
+        latents = scheduler.step(guided, t, latents).prev_sample
     return latents
 
 
 @torch.no_grad()
+def sample_latents(
+    denoise: Denoiser, task: TaskDef, examples: list[Example], components: Components, config: SamplerConfig
+) -> torch.Tensor:
+    """Encode the task's conditioning and the prompts of `examples`, then sample; returns scaled latents
+    (B, 4, h, w). The one preamble behind every sampler here (evaluation, export probes and checks, generate)."""
+    scaling = components.vae.config.scaling_factor
+    encoded = encode_batch(task, components.vae, examples)
+    condition = task_condition(task, encoded, scaling, torch.Generator().manual_seed(config.seed + 1))
+    prompts = [e.prompt for e in examples]
+    text = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+    empty = encode_prompts(components.text_encoder, components.tokenizer, [""] * len(prompts))
+    shape = tuple(encoded["target_mean"].shape)
+    return guided_loop(denoise, task, components.scheduler, text, empty, condition, shape, config)
+
+
+@torch.no_grad()
 def sample_examples(
-    denoise: Denoiser,
-    task: TaskDef,
-    examples: list[Example],
-    vae,
-    text_encoder,
-    tokenizer,
-    scheduler,
-    config: SamplerConfig,
+    denoise: Denoiser, task: TaskDef, examples: list[Example], components: Components, config: SamplerConfig
 ) -> np.ndarray:
     """Generate the outputs of `task` for `examples` (their prompts and image inputs); uint8 (B, H, W, 3)."""
-    scaling = vae.config.scaling_factor
-    encoded = encode_batch(task, vae, examples)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    condition = task_condition(task, encoded, scaling, generator)
-    prompts = [e.prompt for e in examples]
-    text = encode_prompts(text_encoder, tokenizer, prompts)
-    empty = encode_prompts(text_encoder, tokenizer, [""] * len(prompts))
-    shape = tuple(encoded["target_mean"].shape)
-    latents = sample_latents(denoise, task, scheduler, text, empty, condition, shape, config)
-    return to_uint8(vae.decode(latents / scaling).sample)
+    latents = sample_latents(denoise, task, examples, components, config)
+    return to_uint8(components.vae.decode(latents / components.vae.config.scaling_factor).sample)

@@ -26,16 +26,17 @@ import torch
 from torch import nn
 
 from mtu_export.cache import LatentCache, build_cache
+from mtu_export.checkpoint import load_components, save_checkpoint
 from mtu_export.conditioning import drop_image, target_latents, task_condition
 from mtu_export.config import TrainConfig
 from mtu_export.data import Source, open_source, pipeline_geometry
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.moe import MTUUNet, routed_checkpointing
-from mtu_export.pretrain import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
+from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.storage import check_output, check_separate, locate_unet, write_json
 from mtu_export.tasks import resolve
-from mtu_export.upcycle import load_components, load_unet, save_checkpoint, upcycle_unet
+from mtu_export.upcycle import load_unet, upcycle_unet
 from mtu_export.vocab import tokenize
 
 
@@ -116,9 +117,9 @@ def load_base(base: Path):
     """The frozen parts of a base pipeline (VAE, text encoder, tokenizer) in fp32, its UNet, and the DDPM scheduler
     that adds training noise on the pipeline's noise schedule and prediction type."""
     require_pipeline(base)
-    vae, text_encoder, tokenizer, scheduler = load_components(base)
-    frozen = vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), tokenizer
-    return *frozen, load_unet(base), training_scheduler(dict(scheduler.config))
+    parts = load_components(base)
+    frozen = parts.vae.eval().requires_grad_(False), parts.text_encoder.eval().requires_grad_(False), parts.tokenizer
+    return *frozen, load_unet(base), training_scheduler(dict(parts.scheduler.config))
 
 
 def prepare_model(config: TrainConfig, unet) -> MTUUNet:

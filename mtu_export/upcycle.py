@@ -1,4 +1,4 @@
-"""Pretrained diffusers UNet -> MTU UNet (DESIGN.md §1), and the MTU checkpoint format.
+"""Pretrained diffusers UNet -> MTU UNet (DESIGN.md §1). The checkpoint format is checkpoint.py's.
 
 Upcycling is exact at initialisation: each FFN's hidden units are partitioned into N experts (output bias split
 N ways), every router starts uniform with mixture weights N·softmax = 1, per-task LayerNorms are copies of the
@@ -10,10 +10,7 @@ Imports config, errors, storage and moe; never fold/export/cli.
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,31 +18,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from torch import nn
 
-from mtu_export import __version__
 from mtu_export.config import MoEConfig, TaskSpec
-from mtu_export.errors import CheckpointError, ConfigError, InputError
+from mtu_export.errors import ConfigError, InputError
 from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm, TaskRouter, TaskRouting
-from mtu_export.storage import (
-    CHECKPOINT_CONFIG,
-    PIPELINE_INDEX,
-    atomic_output_dir,
-    check_output,
-    check_safetensors,
-    check_separate,
-    link_or_copy_tree,
-    locate_unet,
-    read_json,
-    refuse_pickles,
-    refuse_pipeline_pickles,
-    unet_variant,
-    unet_weights,
-    weights_dtype,
-    write_json,
-)
+from mtu_export.storage import locate_unet, unet_variant, unet_weights, weights_dtype
 
-CHECKPOINT_WEIGHTS = "mtu_unet.safetensors"
-CHECKPOINT_PIPELINE = "pipeline"
-CHECKPOINT_FORMAT = "mtu-export-checkpoint/1"
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -63,28 +40,6 @@ def load_unet(path: Path) -> UNet2DConditionModel:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"could not load the UNet in {source.unet_dir}: {first_line}") from None
     return unet.eval()
-
-
-def load_components(pipeline_dir: Path):
-    """VAE, text encoder, tokenizer and scheduler of a pipeline folder (fp32), each by the class its config names;
-    weights from safetensors only."""
-    import json
-
-    import diffusers
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    pipeline_dir = Path(pipeline_dir)
-    refuse_pickles(pipeline_dir / "vae", pipeline_dir / "text_encoder")
-    safe = dict(use_safetensors=True, local_files_only=True)
-    try:
-        vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae", torch_dtype=torch.float32, **safe)
-        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", dtype=torch.float32, **safe)
-        tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer", local_files_only=True)
-        scheduler_config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
-        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    except Exception as exc:  # a missing or broken component
-        raise InputError(f"could not load the components of {pipeline_dir}: {str(exc).splitlines()[0]}") from None
-    return vae.eval(), text_encoder.eval(), tokenizer, scheduler
 
 
 # ------------------------------------------------------------------------------------------------------- upcycling
@@ -194,184 +149,6 @@ def _check_block(name: str, block: BasicTransformerBlock) -> None:
             f"{name} uses norm_type={block.norm_type!r} without a plain LayerNorm before the FFN; "
             "MTU supports UNets whose transformer blocks use norm_type 'layer_norm' (SD 1.x/2.x, SDXL)"
         )
-
-
-# ------------------------------------------------------------------------------------------------------ checkpoint
-@dataclass(frozen=True)
-class Checkpoint:
-    """An MTU checkpoint loaded from disk: the model and where its frozen pipeline components live (if any)."""
-
-    model: MTUUNet
-    path: Path
-    pipeline_dir: Path | None
-    meta: dict
-
-
-def save_checkpoint(
-    mtu: MTUUNet,
-    out: Path,
-    pipeline_dir: Path | None = None,
-    overwrite: bool = False,
-    extra: dict | None = None,
-    pipeline_ref: str | None = None,
-) -> Path:
-    """Write `mtu_config.json` + `mtu_unet.safetensors` (+ the frozen pipeline components) atomically.
-
-    With `pipeline_ref` (a path relative to `out`, e.g. '../shapes-base') the checkpoint points at a pipeline
-    folder it shares with others instead of holding a copy."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    with atomic_output_dir(out, overwrite) as tmp:
-        state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items()}
-        save_file(state, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
-        if pipeline_ref is not None:
-            shared = Path(os.path.normpath(out / pipeline_ref))  # `out` itself does not exist yet
-            if not (shared / PIPELINE_INDEX).is_file():
-                raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
-        elif pipeline_dir is not None:
-            link_or_copy_tree(Path(pipeline_dir), tmp / CHECKPOINT_PIPELINE, skip=("unet",))
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "mtu_export_version": __version__,
-            "moe": mtu.config.to_dict(),
-            "unet_config": {k: v for k, v in mtu.unet.config.items() if not k.startswith("_")},
-            "pipeline": pipeline_ref or (CHECKPOINT_PIPELINE if pipeline_dir is not None else None),
-            **(extra or {}),
-        }
-        write_json(tmp / CHECKPOINT_CONFIG, meta)
-    return out
-
-
-def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    """Load an MTU checkpoint folder, validating its config against the weights' names and shapes."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{path} does not exist or is not a folder; pass a folder written by `mtu-export upcycle`")
-    if not (path / CHECKPOINT_CONFIG).is_file():
-        hint = " (it is a plain diffusers folder: run `mtu-export upcycle` on it first)" if _is_diffusers(path) else ""
-        raise InputError(f"{path} is not an MTU checkpoint: no {CHECKPOINT_CONFIG}{hint}")
-    meta = read_json(path / CHECKPOINT_CONFIG)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path / CHECKPOINT_CONFIG} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}; "
-            "re-run `mtu-export upcycle` with this version"
-        )
-    config = _checkpoint_moe(meta, path)
-    ref = meta.get("pipeline")
-    if ref is not None and (not isinstance(ref, str) or not ref or Path(ref).is_absolute()):
-        raise CheckpointError(
-            f"{path / CHECKPOINT_CONFIG}: 'pipeline' must be a relative folder ({CHECKPOINT_PIPELINE!r}, or a shared "
-            f"one such as '../shapes-base') or null, found {ref!r}; restore the file or re-run `mtu-export upcycle`"
-        )
-    if not isinstance(meta.get("unet_config"), dict):
-        raise CheckpointError(
-            f"{path / CHECKPOINT_CONFIG} has no 'unet_config' object; restore the file or re-run `mtu-export upcycle`"
-        )
-    shapes = check_safetensors(path / CHECKPOINT_WEIGHTS)
-    with torch.device("meta"):
-        model = build_skeleton(meta["unet_config"], config)
-    _check_state_shapes(model, shapes, path)
-    model.load_state_dict(read_safetensors(path / CHECKPOINT_WEIGHTS), strict=True, assign=True)
-    model = model.to(dtype) if dtype is not None else model
-    pipeline = path / meta["pipeline"] if meta.get("pipeline") else None
-    if pipeline is not None and not (pipeline / PIPELINE_INDEX).is_file():
-        raise CheckpointError(
-            f"the checkpoint's pipeline {ref!r} ({pipeline}) has no {PIPELINE_INDEX}; the checkpoint was copied "
-            "incompletely or without the pipeline folder it shares"
-        )
-    if pipeline is not None:
-        refuse_pipeline_pickles(pipeline)  # before anything downstream loads or copies a component
-    return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
-
-
-def pack_checkpoint(source: Path, out: Path, pipeline_ref: str, dtype: str = "fp16", overwrite: bool = False) -> Path:
-    """Re-save a checkpoint for shipping: weights cast to `dtype`, the pipeline shared by reference."""
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if dtype not in dtypes:
-        raise ConfigError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    shared = Path(os.path.normpath(Path(out) / pipeline_ref))  # the pipeline the packed checkpoint will read
-    check_separate(Path(out), Path(source), shared)
-    ckpt = load_checkpoint(Path(source), dtype=dtypes[dtype])
-    own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline")
-    extra = {k: v for k, v in ckpt.meta.items() if k not in own}
-    return save_checkpoint(ckpt.model, Path(out), overwrite=overwrite, extra=extra, pipeline_ref=pipeline_ref)
-
-
-def _checkpoint_moe(meta: dict, path: Path) -> MoEConfig:
-    """The checkpoint's MoE section; any defect in it is a damaged checkpoint (exit 4), not a user option error."""
-    try:
-        return MoEConfig.from_dict(meta.get("moe", {}))
-    except ConfigError as exc:
-        raise CheckpointError(f"{path / CHECKPOINT_CONFIG}: {exc}") from None
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, each in its own allocation (a shared, unaligned buffer changes CPU kernels
-    and hence the last bits of outputs; per-tensor reads keep a reload bit-identical to the saved model)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return {name: handle.get_tensor(name).clone() for name in handle.keys()}
-
-
-def build_skeleton(unet_config: dict, config: MoEConfig) -> MTUUNet:
-    """An MTU UNet of the right structure with untrained weights (use under torch.device('meta'))."""
-    try:
-        base = UNet2DConditionModel.from_config(unet_config)
-    except Exception as exc:  # diffusers raises many types for a bad config
-        raise CheckpointError(f"the checkpoint's unet_config does not build a UNet2DConditionModel: {exc}") from None
-    return upcycle_unet(base, config)
-
-
-def _check_state_shapes(model: MTUUNet, shapes: dict[str, tuple[list[int], str]], path: Path) -> None:
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k][0])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with another shape (e.g. {k}: config {expected[k]}, file {shapes[k][0]})")
-        raise CheckpointError(
-            f"{path} weights do not match {CHECKPOINT_CONFIG}: {'; '.join(parts)}; "
-            "the two files come from different models — re-run `mtu-export upcycle`"
-        )
-
-
-def _is_diffusers(path: Path) -> bool:
-    return (path / PIPELINE_INDEX).is_file() or (path / "config.json").is_file()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------- command
-def upcycle_folder(source: Path, out: Path, config: MoEConfig, overwrite: bool = False) -> Checkpoint:
-    """`mtu-export upcycle`: a diffusers UNet or pipeline folder -> an MTU checkpoint folder."""
-    located = locate_unet(Path(source))
-    if located.pipeline_dir is not None:
-        refuse_pipeline_pickles(located.pipeline_dir)  # its components are copied into the checkpoint
-    check_separate(Path(out), located.pipeline_dir or located.unet_dir)
-    check_output(Path(out), overwrite)  # before the heavy load
-    base = load_unet(Path(source))
-    mtu = upcycle_unet(base, config)
-    del base
-    digest = hashlib.sha256("".join(file_sha256(f) for f in unet_weights(located.unet_dir)).encode()).hexdigest()
-    extra = {"source": {"path": str(Path(source).resolve()), "unet_sha256": digest}}
-    out = save_checkpoint(mtu, Path(out), located.pipeline_dir, overwrite=overwrite, extra=extra)
-    pipeline = out / CHECKPOINT_PIPELINE if located.pipeline_dir else None
-    return Checkpoint(mtu, out, pipeline, read_json(out / CHECKPOINT_CONFIG))
 
 
 def describe(mtu: MTUUNet) -> dict:

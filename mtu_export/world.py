@@ -76,8 +76,8 @@ class Obj:
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[Obj, ...]
-    background: tuple[str, ...]  # one colour, or two for a split background
-    split: str = "none"  # "none", "vertical" (first colour left) or "horizontal" (first colour on top)
+    background: tuple[str, ...]  # one colour, or two for a two-part background
+    layout: str = "none"  # of the background: "none", "vertical" (first colour left), "horizontal" (first on top)
 
     def caption(self) -> str:
         phrases = [o.phrase() for o in self.objects]
@@ -124,9 +124,9 @@ def shape_mask(obj: Obj) -> np.ndarray:
 def render(scene: Scene) -> np.ndarray:
     image = np.empty((SIZE, SIZE, 3), np.uint8)
     image[:] = BACKGROUNDS[scene.background[0]]
-    if scene.split == "vertical":
+    if scene.layout == "vertical":
         image[:, SIZE // 2 :] = BACKGROUNDS[scene.background[1]]
-    elif scene.split == "horizontal":
+    elif scene.layout == "horizontal":
         image[SIZE // 2 :] = BACKGROUNDS[scene.background[1]]
     for obj in scene.objects:
         image[shape_mask(obj)] = COLOURS[obj.colour]
@@ -217,7 +217,7 @@ def _edit(rng: np.random.Generator, scene: Scene, split: str) -> tuple[str, Scen
         return f"change the background to {colour}", Scene(scene.objects, (colour,))
     else:
         return None
-    edited = Scene(tuple(objs), scene.background, scene.split)
+    edited = Scene(tuple(objs), scene.background, scene.layout)
     return (text, edited) if _allowed(edited.objects, split) or split == "unseen" else None
 
 

@@ -9,9 +9,10 @@ import torch
 from conftest import unet_inputs
 from test_fold import perturb_
 
+from mtu_export.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint
 from mtu_export.config import MoEConfig, TaskSpec
 from mtu_export.errors import CheckpointError, InputError, OutputExistsError
-from mtu_export.upcycle import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint, upcycle_unet
+from mtu_export.upcycle import upcycle_unet
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_pack_shares_the_base_pipeline_and_casts_to_fp16(trained, pipeline_dir, 
     """Shipped checkpoints point at the base pipeline they share ('../shapes-base') instead of copying it."""
     import shutil
 
-    from mtu_export.upcycle import pack_checkpoint
+    from mtu_export.checkpoint import pack_checkpoint
 
     shutil.copytree(pipeline_dir, tmp_path / "models" / "base")
     source = save_checkpoint(trained, tmp_path / "full", pipeline_dir=pipeline_dir, extra={"training": {"steps": 3}})

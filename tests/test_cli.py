@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mtu_export.cli import app
-from mtu_export.errors import ConfigError, MtuError, ParityError
+from mtu_export.errors import ConfigError, DriftError, MtuError
 
 runner = CliRunner()
 STEPS = 2
@@ -270,8 +270,9 @@ FOLD_ATOL = 1e-5  # the README's fold check, relative to max(1, |routed|): it mu
 def fp16_ckpt(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from test_fold import perturb_
 
+    from mtu_export.checkpoint import save_checkpoint
     from mtu_export.config import MoEConfig
-    from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
+    from mtu_export.upcycle import load_unet, upcycle_unet
 
     root = tmp_path_factory.mktemp("fp16")
     shutil.copytree(pipeline_dir, root / "base")
@@ -306,5 +307,5 @@ def test_the_fp16_fold_check_catches_an_error_the_fp16_tolerance_let_through(fp1
     fold_task = fold.fold_task
     monkeypatch.setattr(fold, "fold_task", off_by_a_little)
     result = invoke("fold", fp16_ckpt, "--task", "edit", "--out", tmp_path / "edit")
-    assert_clean_failure(result, "folded task 'edit' differs from the routed model", ParityError.exit_code)
+    assert_clean_failure(result, "folded task 'edit' differs from the routed model", DriftError.exit_code)
     assert not (tmp_path / "edit").exists()

@@ -65,7 +65,7 @@ def test_a_declared_task_trains_evaluates_exports_and_folds(world_pipeline, tmp_
     manifest = json.loads((onnx / "manifest.json").read_text())
     assert manifest["data"] == {"colorize": str(colorize_heldout)}
     assert manifest["calibration"] == {"colorize": {"source": "dataset", "examples": 4}}
-    assert all(row["ok"] for row in manifest["graph_parity"])
+    assert all(row["ok"] for row in manifest["graph_agreement"])
     assert json.loads((onnx / "model_index.json").read_text())["_class_name"] == ["pipeline_mtu", "MTUOnnxPipeline"]
     grey = Image.open(colorize_heldout / "images" / "0-grey.png")
     ort_pipe = DiffusionPipeline.from_pretrained(onnx, trust_remote_code=True, provider_options={})

@@ -117,7 +117,7 @@ def test_missing_coremltools_is_a_one_line_error(mtu_world, tmp_path, monkeypatc
 
 
 def test_linux_records_why_numbers_were_not_compared(coreml_t2i):
-    parity = _manifest(coreml_t2i)["parity"]
+    parity = _manifest(coreml_t2i)["agreement"]
     if sys.platform == "darwin":
         assert parity["rows"]
     else:
@@ -127,6 +127,6 @@ def test_linux_records_why_numbers_were_not_compared(coreml_t2i):
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction exists only on macOS")
 def test_coreml_packages_match_torch_on_macos(coreml_t2i):
-    rows = _manifest(coreml_t2i)["parity"]["rows"]
+    rows = _manifest(coreml_t2i)["agreement"]["rows"]
     assert {r["package"] for r in rows} >= {"text_encoder", "vae_encoder", "vae_decoder", "unet[t2i]"}
     assert all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in rows), rows

@@ -13,9 +13,9 @@ import torch
 from test_cli import assert_clean_failure, invoke
 from test_export_onnx import FAST, PROMPT, mtu_world  # noqa: F401 (module fixture)
 
+from mtu_export.checkpoint import load_checkpoint
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.tiny import tiny_unet
-from mtu_export.upcycle import load_checkpoint
 
 GRAPH_PSNR_MIN_DB = 60.0
 PIPELINE_PSNR_MIN_DB = 40.0
@@ -43,7 +43,7 @@ def test_fused_export_has_one_attention_node_per_layer_and_validates(task, mtu_w
     layers = sum(1 for m in unet.modules() if type(m).__name__ == "Attention")
     assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
     manifest = json.loads((out / "manifest.json").read_text())
-    unet_rows = [r for r in manifest["graph_parity"] if r["component"] == "unet"]
+    unet_rows = [r for r in manifest["graph_agreement"] if r["component"] == "unet"]
     assert unet_rows and all(r["psnr_db"] is None or r["psnr_db"] >= GRAPH_PSNR_MIN_DB for r in unet_rows)
     assert manifest["export"]["attention"] == "fused"
 

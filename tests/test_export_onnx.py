@@ -17,11 +17,12 @@ from test_cli import assert_clean_failure, invoke
 from test_fold import perturb_
 
 from mtu_export.bundle import bundle_tasks
+from mtu_export.checkpoint import save_checkpoint
 from mtu_export.config import MoEConfig
 from mtu_export.export import onnx as onnx_export
 from mtu_export.fold import fold_checkpoint, fold_task
 from mtu_export.metrics import psnr_db
-from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
+from mtu_export.upcycle import load_unet, upcycle_unet
 from mtu_export.world import make_example
 
 GRAPH_PSNR_MIN_DB = 60.0  # fp32 graphs vs torch on trajectory inputs
@@ -56,7 +57,7 @@ def _manifest(folder: Path) -> dict:
 def test_bundle_with_task_id_equals_the_routed_model_for_every_task(mtu_world):
     from conftest import unet_inputs
 
-    from mtu_export.upcycle import load_checkpoint
+    from mtu_export.checkpoint import load_checkpoint
 
     mtu = load_checkpoint(mtu_world).model
     bundle = bundle_tasks(mtu)
@@ -79,7 +80,7 @@ def test_every_graph_reloads_in_onnxruntime_and_matches_torch(exports):
 
     for name, folder in exports.items():
         manifest = _manifest(folder)
-        rows = manifest["graph_parity"]
+        rows = manifest["graph_agreement"]
         components = {r["component"] for r in rows}
         assert components == {"text_encoder", "vae_encoder", "vae_decoder", "unet"}
         assert all(r["ok"] and (r["psnr_db"] is None or r["psnr_db"] >= GRAPH_PSNR_MIN_DB) for r in rows), rows
@@ -88,7 +89,7 @@ def test_every_graph_reloads_in_onnxruntime_and_matches_torch(exports):
         for component in components:
             ort.InferenceSession(str(folder / component / "model.onnx"), providers=["CPUExecutionProvider"])
             assert (folder / component / "config.json").is_file()
-        assert all(r["psnr_db"] is None or r["psnr_db"] >= PIPELINE_PSNR_MIN_DB for r in manifest["image_parity"])
+        assert all(r["psnr_db"] is None or r["psnr_db"] >= PIPELINE_PSNR_MIN_DB for r in manifest["image_agreement"])
 
 
 def test_graphs_carry_their_validation_in_onnx_metadata(exports):
@@ -96,8 +97,8 @@ def test_graphs_carry_their_validation_in_onnx_metadata(exports):
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["mtu_export.tasks"]) == ["t2i"]
     assert props["mtu_export.source_sha256"] == _manifest(exports["t2i"])["source"]["sha256"]
-    parity = json.loads(props["mtu_export.parity"])
-    assert parity and all(r["component"] == "unet" and r["ok"] for r in parity)
+    agreement = json.loads(props["mtu_export.agreement"])
+    assert agreement and all(r["component"] == "unet" and r["ok"] for r in agreement)
     assert "t2i" in json.loads(props["mtu_export.routing"])
 
 
@@ -172,10 +173,10 @@ def test_quantized_exports_validate_and_keep_the_fp32_reference(mtu_world, tmp_p
     result = invoke("onnx", mtu_world, "--task", "t2i", "--quantize", mode, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
     manifest = _manifest(out)
-    rows = [r for r in manifest["graph_parity"] if r["component"] == f"unet[{mode}]"]
+    rows = [r for r in manifest["graph_agreement"] if r["component"] == f"unet[{mode}]"]
     assert len(rows) == 1 and rows[0]["ok"] and rows[0]["psnr_db"] < GRAPH_PSNR_MIN_DB * 3
     assert (out / "unet_fp32" / "model.onnx").is_file() and manifest["quantized"]["unet"] == mode
-    image = manifest["image_parity"][0]
+    image = manifest["image_agreement"][0]
     assert image["task"] == "t2i" and len(image["psnr_db_per_image"]) == image["images"] >= 1
     finite = [v for v in image["psnr_db_per_image"] if v is not None]  # None: that image came out identical
     assert image["psnr_db"] is None or min(finite) <= image["psnr_db"] <= max(finite)
@@ -221,7 +222,7 @@ def test_a_drifting_graph_fails_the_export_and_writes_nothing(mtu_world, tmp_pat
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
     kept = invoke("onnx", mtu_world, "--task", "t2i", "--out", tmp_path / "kept", "--image-count", "0", "--allow-drift")
     assert kept.exit_code == 0, kept.output
-    assert not all(r["ok"] for r in _manifest(tmp_path / "kept")["graph_parity"])
+    assert not all(r["ok"] for r in _manifest(tmp_path / "kept")["graph_agreement"])
 
 
 def test_two_exports_are_byte_identical(mtu_world, tmp_path):
@@ -251,7 +252,7 @@ def test_dynamo_exporter_round_trips_with_fixed_shapes(mtu_world, tmp_path):
     args = ("--task", "t2i", "--dynamo", "--fixed-shapes", "--image-count", "0")
     result = invoke("onnx", mtu_world, *args, "--out", tmp_path / "dyn")
     assert result.exit_code == 0, result.output
-    assert all(r["ok"] for r in _manifest(tmp_path / "dyn")["graph_parity"])
+    assert all(r["ok"] for r in _manifest(tmp_path / "dyn")["graph_agreement"])
 
 
 @pytest.mark.parametrize(
@@ -297,8 +298,8 @@ def test_generate_refuses_bad_requests(exports, tmp_path):
 
 
 def test_exported_unet_equals_the_folded_unet_of_the_same_task(mtu_world, exports):
+    from mtu_export.checkpoint import load_checkpoint
     from mtu_export.export.runtime import OrtUNet
-    from mtu_export.upcycle import load_checkpoint
 
     folded = fold_task(load_checkpoint(mtu_world).model, "t2i")
     g = torch.Generator().manual_seed(5)

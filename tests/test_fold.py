@@ -8,7 +8,7 @@ from conftest import tiny_unet, unet_inputs
 from diffusers import UNet2DConditionModel
 
 from mtu_export.config import MoEConfig
-from mtu_export.errors import ParityError
+from mtu_export.errors import DriftError
 from mtu_export.fold import fold_task, verify_fold
 from mtu_export.moe import MTUUNet
 from mtu_export.upcycle import upcycle_unet
@@ -93,7 +93,7 @@ def test_verify_fold_catches_a_tampered_weight(unet):
     assert verify_fold(mtu, folded, "t2i") <= FOLD_ATOL_FP32
     with torch.no_grad():
         folded.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight[0, 0] += 0.5
-    with pytest.raises(ParityError, match="folded task 't2i' differs from the routed model"):
+    with pytest.raises(DriftError, match="folded task 't2i' differs from the routed model"):
         verify_fold(mtu, folded, "t2i")
 
 

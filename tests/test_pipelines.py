@@ -22,12 +22,12 @@ from test_cli import invoke
 from transformers import CLIPTokenizer
 
 from mtu_export import pipelines
+from mtu_export.checkpoint import load_checkpoint, load_components
 from mtu_export.config import ExportConfig
 from mtu_export.export.onnx import export_onnx
 from mtu_export.fold import fold_task
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
 from mtu_export.tasks import BUILTIN, SR_SCALE, model_tasks, pipeline_class
-from mtu_export.upcycle import load_checkpoint, load_components
 from mtu_export.world import make_example
 
 STEPS, GUIDANCE, IMAGE_GUIDANCE, SEED = 2, 3.0, 1.5, 3
@@ -162,7 +162,7 @@ def _own_sr_sample(checkpoint: Path, low_res: Path) -> np.ndarray:
     denoise, task, components = _folded_sr(checkpoint)
     example = replace(make_example("sr", "heldout", 2), prompt=PROMPT, source=np.asarray(Image.open(low_res)))
     config = SamplerConfig(STEPS, GUIDANCE, IMAGE_GUIDANCE, SEED)
-    return sample_examples(denoise, task, [example], *components, config)[0]
+    return sample_examples(denoise, task, [example], components, config)[0]
 
 
 # --------------------------------------------------------------------------------------------------------- tests
@@ -280,12 +280,11 @@ def test_onnx_pipeline_refuses_bad_calls_in_one_line(folders, inputs, call, mess
 
 def test_sr_pipeline_refuses_a_missing_image_and_a_unet_of_another_task(trained):
     ckpt = load_checkpoint(trained["low_res_rgb"])
-    vae, text_encoder, tokenizer, scheduler = load_components(ckpt.pipeline_dir)
-    pipe = pipelines.MTUSuperResolutionPipeline(vae, text_encoder, tokenizer, fold_task(ckpt.model, "sr"), scheduler)
+    components = load_components(ckpt.pipeline_dir)
+    frozen = components.vae, components.text_encoder, components.tokenizer
+    pipe = pipelines.MTUSuperResolutionPipeline(*frozen, fold_task(ckpt.model, "sr"), components.scheduler)
     with pytest.raises(ValueError, match="sr needs `image`"):
         pipe(PROMPT, image=None)
-    pipe = pipelines.MTUSuperResolutionPipeline(
-        vae, text_encoder, tokenizer, fold_task(ckpt.model, "inpaint"), scheduler
-    )
+    pipe = pipelines.MTUSuperResolutionPipeline(*frozen, fold_task(ckpt.model, "inpaint"), components.scheduler)
     with pytest.raises(ValueError, match="this UNet takes 9 input channels; an sr UNet takes 7 or 8"):
         pipe(PROMPT, image=Image.new("RGB", (16, 16)))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtu_export.checkpoint import load_checkpoint
 from mtu_export.fold import fold_task, verify_fold
-from mtu_export.upcycle import load_checkpoint
 
 MODELS = Path(__file__).parents[1] / "models"
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"

@@ -20,6 +20,7 @@ import torch
 import typer
 from test_cli import assert_clean_failure, invoke, runner
 
+from mtu_export.checkpoint import load_components
 from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError
 from mtu_export.storage import (
     UNET_WEIGHTS,
@@ -30,7 +31,6 @@ from mtu_export.storage import (
     unet_weights,
     write_json,
 )
-from mtu_export.upcycle import load_components
 
 VAE_PICKLE = "diffusion_pytorch_model.bin"
 KILL_TIMEOUT_S = 60  # a killed writer must be gone (and a SIGTERMed one cleaned up) well within this

@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 from test_cli import assert_clean_failure, invoke
 
+from mtu_export.checkpoint import CHECKPOINT_WEIGHTS, load_checkpoint
 from mtu_export.config import TrainConfig
 from mtu_export.loop import process_state
-from mtu_export.pretrain import min_snr_weight
+from mtu_export.objective import min_snr_weight
 from mtu_export.tasks import BUILTIN
 from mtu_export.train import (
     TaskLoss,
@@ -29,7 +30,7 @@ from mtu_export.train import (
     train,
     training_sources,
 )
-from mtu_export.upcycle import CHECKPOINT_WEIGHTS, load_checkpoint, load_unet, upcycle_unet
+from mtu_export.upcycle import load_unet, upcycle_unet
 from mtu_export.vocab import tokenize
 
 TINY = dict(steps=4, batch_size=8, cache_size=16, checkpoint_every=2, warmup=1, lr=1e-3)
@@ -174,6 +175,28 @@ def test_min_snr_gamma_zero_weighs_every_timestep_alike(world_pipeline, tmp_path
     torch.testing.assert_close(weighted, (per_row * weights).mean(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [False, True], ids=["sd", "zero-terminal-snr"])
+def test_snr_is_diffusers_compute_snr(zero_terminal_snr):
+    from diffusers.training_utils import compute_snr
+
+    from mtu_export.objective import NUM_TRAIN_TIMESTEPS, signal_to_noise, training_scheduler
+
+    schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    scheduler = training_scheduler(dict(schedule, rescale_betas_zero_snr=zero_terminal_snr))
+    timesteps = torch.arange(NUM_TRAIN_TIMESTEPS)
+    ours = signal_to_noise(scheduler.alphas_cumprod.float(), timesteps)
+    torch.testing.assert_close(ours, compute_snr(scheduler, timesteps), rtol=1e-5, atol=0)
+
+
+def test_mean_psnr_counts_an_identical_image_as_infinite():
+    from mtu_export.evaluate import summarise
+    from mtu_export.world import make_example
+
+    examples = [make_example("edit", "heldout", i) for i in range(2)]
+    scores = summarise(BUILTIN["edit"], examples, [examples[0].target, examples[1].source])
+    assert scores["psnr"] == float("inf") and scores["ssim"] < 1
+
+
 def test_unsupported_prediction_type_fails_before_any_work(world_pipeline, tmp_path):
     base = _with_prediction_type(world_pipeline, tmp_path / "base", "flow")
     result = invoke("train", base, "--work", tmp_path / "w", "--out", tmp_path / "o")
@@ -265,10 +288,11 @@ def test_parity_report_end_to_end(world_pipeline, tmp_path):
 
 
 def test_edit_floor_is_the_unchanged_source():
-    from mtu_export.evaluate import example_metrics, psnr
+    from mtu_export.evaluate import example_metrics
+    from mtu_export.metrics import UINT8_PEAK, psnr_db
     from mtu_export.world import make_example
 
     example = make_example("edit", "heldout", 3)
     unchanged = example_metrics(BUILTIN["edit"], example, example.source)
-    assert unchanged["psnr"] == unchanged["source_psnr"] == psnr(example.target, example.source) < 60
-    assert example_metrics(BUILTIN["edit"], example, example.target)["psnr"] == float("inf")
+    assert unchanged["psnr"] == unchanged["source_psnr"] == psnr_db(example.target, example.source, UINT8_PEAK) < 60
+    assert example_metrics(BUILTIN["edit"], example, example.target)["psnr"] is None  # identical: psnr_db's None

@@ -84,7 +84,7 @@ def test_world_has_the_promised_variety():
     assert len(world.SHAPES) >= 3 and len(world.COLOURS) >= 6 and len(world.RADIUS) == 2
     scenes = [make_example("t2i", "train", i).scene for i in range(N_EXAMPLES)]
     assert {len(s.objects) for s in scenes} == {1, 2, 3}
-    assert {s.split for s in scenes} == {"none", "vertical", "horizontal"}
+    assert {s.layout for s in scenes} == {"none", "vertical", "horizontal"}
 
 
 def test_caption_round_trips_through_the_parser():

@@ -30,6 +30,7 @@ from mtu_export.bench.graphs import export_fixed, graph_bytes, graph_signature, 
 from mtu_export.bench.memory import peak_rss_mb
 from mtu_export.bench.report import render_markdown, write_plots
 from mtu_export.bench.timing import MIN_SAMPLE_SECONDS, interleaved, interleaved_rounds
+from mtu_export.checkpoint import load_checkpoint
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.graphs import UNetGraph
@@ -38,7 +39,7 @@ from mtu_export.export.runtime import session
 from mtu_export.fold import fold_task
 from mtu_export.storage import check_output, check_separate, read_json, write_json
 from mtu_export.tasks import BUILTIN, declared
-from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
+from mtu_export.upcycle import load_unet, task_conv_in
 
 Log = Callable[[str], None]
 QUANT_MODES = tuple(m for m in ONNX_QUANTIZE if m != "none")  # timed against fp32
@@ -260,12 +261,12 @@ def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log
         folders[mode] = scratch / f"bundle-{mode}"
         manifest = export_onnx(checkpoint, export_config, folders[mode], log=lambda m: None)
         unet_rows = [
-            r for r in manifest["graph_parity"] if r["component"] == ("unet" if mode == "none" else f"unet[{mode}]")
+            r for r in manifest["graph_agreement"] if r["component"] == ("unet" if mode == "none" else f"unet[{mode}]")
         ]
         rows[mode] = {
             "unet_bytes": graph_bytes(folders[mode] / "unet" / "model.onnx"),
             "graph_psnr_db": {r["task"]: r["psnr_db"] for r in unet_rows},
-            "image_psnr_db": {r["task"]: r["psnr_db"] for r in manifest["image_parity"]},
+            "image_psnr_db": {r["task"]: r["psnr_db"] for r in manifest["image_agreement"]},
             "sizes": manifest["sizes"],
         }
     fp32 = session(folders["none"] / "unet" / "model.onnx", config.threads, spinning=False)

@@ -68,9 +68,10 @@ def export_one(kind: str, task: str, out: Path, models: Path) -> None:
     """Child process, the user's path: load the saved checkpoint (or base UNet), fold (or stand in, or bundle),
     free the rest, export one UNet graph as `mtu-export onnx` writes it (weights in external data)."""
     from mtu_export.bundle import bundle_tasks
+    from mtu_export.checkpoint import load_checkpoint
     from mtu_export.export.onnx import write_graph
     from mtu_export.fold import fold_task
-    from mtu_export.upcycle import load_checkpoint, load_unet, task_conv_in
+    from mtu_export.upcycle import load_unet, task_conv_in
 
     spec = MoEConfig().task(task)
     if kind == "single":
@@ -130,7 +131,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
         },
         "tasks": {},
     }
-    from mtu_export.upcycle import save_checkpoint
+    from mtu_export.checkpoint import save_checkpoint
 
     models = work / "models"  # the children load these, as a user's export loads a checkpoint
     base = build_base()

@@ -30,15 +30,16 @@ import numpy as np
 import torch
 
 from mtu_export import __version__
+from mtu_export.checkpoint import file_sha256, load_checkpoint
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
-from mtu_export.errors import ConfigError, ParityError
+from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
 from mtu_export.export.prepare import (
     IMAGE_PSNR_GOAL_DB,
+    checkpoint_components,
     example_sources,
     fold_tasks,
     image_size,
-    load_pipeline,
     resolve_tasks,
 )
 from mtu_export.export.probes import trajectory_probes
@@ -46,7 +47,6 @@ from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, tree_bytes, write_json
-from mtu_export.upcycle import file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
 PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_decoder": "VAEDecoder", "unet": "Unet"}
@@ -99,8 +99,8 @@ def export_coreml(
     target = resolve_target(config, bundled)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     tasks = resolve_tasks(ckpt, config)
-    components = load_pipeline(ckpt)
-    sources = example_sources(ckpt, tasks, data or {}, image_size(ckpt, components[0], config))
+    components = checkpoint_components(ckpt)
+    sources = example_sources(ckpt, tasks, data or {}, image_size(ckpt, components.vae, config))
     unets = fold_tasks(ckpt, tasks, log)
     sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
     probes = {}
@@ -108,7 +108,7 @@ def export_coreml(
         examples = sources.validation(task, 1)
         probes[task] = trajectory_probes(unets[task], sources.tasks[task], examples, components, sampler)
     log(f"recorded heldout trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
-    vae, text_encoder, _, _ = components
+    vae, text_encoder = components.vae, components.text_encoder
     first = probes[tasks[0]].feeds
     with tempfile.TemporaryDirectory(prefix="mtu-coreml-") as scratch, atomic_output_dir(out, overwrite) as tmp:
         converter = _Converter(ct, config, target, Path(scratch), log)
@@ -120,7 +120,7 @@ def export_coreml(
         unet = converter.convert_unets(unets, {t: probes[t].feeds["unet"][0] for t in tasks}, tmp, bundled)
         packages["unet"] = unet
         checks = {name: describe_package(ct, tmp / path) for name, path in _package_files(packages).items()}
-        parity = _mac_parity(ct, tmp, packages, unets, probes, (vae, text_encoder))
+        agreement = _mac_agreement(ct, tmp, packages, unets, probes, (vae, text_encoder))
         manifest = {
             "format": "mtu-export-coreml/1",
             "kind": "multifunction" if bundled else "task",
@@ -130,15 +130,15 @@ def export_coreml(
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "packages": checks,
             "sizes": converter.sizes,
-            "parity": parity,
-            "parity_floor_db": COREML_PSNR_FLOOR_DB,
+            "agreement": agreement,
+            "agreement_floor_db": COREML_PSNR_FLOOR_DB,
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
         }
         write_json(tmp / MANIFEST, manifest)
-        failed = [r for r in parity.get("rows", []) if not r["ok"]]
+        failed = [r for r in agreement.get("rows", []) if not r["ok"]]
         if failed and not config.allow_drift:
             listed = "; ".join(f"{r['package']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
-            raise ParityError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
+            raise DriftError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
     return manifest
 
 
@@ -269,7 +269,7 @@ def _count_ops(block, census: Counter) -> None:
             _count_ops(nested, census)
 
 
-def _mac_parity(ct, tmp: Path, packages: dict, unets: dict, probes: dict, modules) -> dict:
+def _mac_agreement(ct, tmp: Path, packages: dict, unets: dict, probes: dict, modules) -> dict:
     """Run every package on the recorded inputs and compare with torch (macOS only: Core ML prediction)."""
     if sys.platform != "darwin":
         return {"skipped": "Core ML prediction needs macOS; structure was checked instead"}

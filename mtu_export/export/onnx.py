@@ -32,8 +32,9 @@ import torch
 
 from mtu_export import __version__, pipelines
 from mtu_export.bundle import bundle_tasks
+from mtu_export.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
-from mtu_export.errors import ConfigError, ParityError
+from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import (
     BUNDLE,
@@ -50,17 +51,17 @@ from mtu_export.export.graphs import (
 )
 from mtu_export.export.prepare import (
     IMAGE_PSNR_GOAL_DB,
+    checkpoint_components,
     example_sources,
     fold_tasks,
     image_size,
-    load_pipeline,
     resolve_tasks,
 )
 from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
-from mtu_export.metrics import psnr_db
+from mtu_export.metrics import UINT8_PEAK, psnr_db
 from mtu_export.quantize import quantize_onnx
-from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
+from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
 from mtu_export.storage import (
     PIPELINE_INDEX,
     atomic_output_dir,
@@ -71,7 +72,6 @@ from mtu_export.storage import (
     write_json,
 )
 from mtu_export.tasks import pipeline_class
-from mtu_export.upcycle import Checkpoint, file_sha256, load_checkpoint
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
@@ -85,7 +85,7 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class GraphParity:
+class GraphAgreement:
     component: str
     task: str | None  # the UNet's task (None: a graph shared by all tasks)
     output: str
@@ -113,7 +113,7 @@ def export_onnx(
     log: Log = print,
     data: dict | None = None,
 ) -> dict:
-    """Export, validate and describe; returns the manifest. Raises ParityError listing every drifting graph.
+    """Export, validate and describe; returns the manifest. Raises DriftError listing every drifting graph.
     `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
     out, checkpoint = Path(out), Path(checkpoint)
     config.check_quantize(ONNX_QUANTIZE, "onnx")
@@ -121,8 +121,8 @@ def export_onnx(
     check_output(out, overwrite)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     tasks = resolve_tasks(ckpt, config)
-    components = load_pipeline(ckpt)
-    size = image_size(ckpt, components[0], config)
+    components = checkpoint_components(ckpt)
+    size = image_size(ckpt, components.vae, config)
     sources = example_sources(ckpt, tasks, data or {}, size)
     unets = fold_tasks(ckpt, tasks, log)
     with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(out, overwrite) as tmp:
@@ -134,17 +134,26 @@ def export_onnx(
 class _Exporter:
     """One export run: writes graphs into `tmp`, validates them, writes the manifest."""
 
-    def __init__(self, ckpt: Checkpoint, config: ExportConfig, components, scratch: Path, tmp: Path, log: Log, sources):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        config: ExportConfig,
+        components: Components,
+        scratch: Path,
+        tmp: Path,
+        log: Log,
+        sources,
+    ):
         self.ckpt, self.config, self.components, self.sources = ckpt, config, components, sources
         self.scratch, self.tmp, self.log = scratch, tmp, log
-        self.parity: list[GraphParity] = []
+        self.agreement: list[GraphAgreement] = []
         self.calibration: dict[str, dict] | None = None  # static int8: what each task was calibrated on
         self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
 
     # -- orchestration -------------------------------------------------------------------------------------------
     def run(self, tasks: tuple[str, ...], unets: dict, size: tuple[int, int, int]) -> dict:
         bundled, self.size = not self.config.tasks, size
-        vae, text_encoder, _, _ = self.components
+        vae, text_encoder = self.components.vae, self.components.text_encoder
         bundle = bundle_tasks(self.ckpt.model) if bundled else None
         if self.config.attention == "fused":  # same math in torch; one MultiHeadAttention node per layer in ONNX
             for unet in [*unets.values(), *([bundle.unet] if bundle is not None else [])]:
@@ -206,7 +215,7 @@ class _Exporter:
             height, _, factor = self.size
             index = pipelines.ship(
                 self.tmp, index, "MTUOnnxPipeline", **pipelines.onnx_components(), tasks=table,
-                scaling_factor=self.components[0].config.scaling_factor, vae_scale_factor=factor,
+                scaling_factor=self.components.vae.config.scaling_factor, vae_scale_factor=factor,
                 sample_size=height // factor,
             )  # fmt: skip
         write_json(self.tmp / PIPELINE_INDEX, index)
@@ -218,7 +227,7 @@ class _Exporter:
         if config_dir is not None:
             shutil.copyfile(config_dir / "config.json", self.tmp / spec.component / "config.json")
         self.log(f"exported {spec.component}")
-        self.parity += validate_graph(spec, module, path, feeds, None, GRAPH_PSNR_FLOOR["none"])
+        self.agreement += validate_graph(spec, module, path, feeds, None, GRAPH_PSNR_FLOOR["none"])
 
     def _export_unet(self, spec: GraphSpec, module, probes: dict[str, Probes], tasks, unet_config: dict) -> None:
         path = self.write_graph(spec, module, probes[tasks[0]].feeds["unet"][0], self.tmp / "unet")
@@ -226,7 +235,7 @@ class _Exporter:
         self.log(f"exported unet ({'all tasks, task_id input' if spec is BUNDLE else tasks[0]})")
         for task in tasks:
             feeds = probes[task].feeds["unet"]
-            self.parity += validate_graph(spec, module, path, feeds, task, GRAPH_PSNR_FLOOR["none"])
+            self.agreement += validate_graph(spec, module, path, feeds, task, GRAPH_PSNR_FLOOR["none"])
 
     def write_graph(self, spec: GraphSpec, module, example: dict, folder: Path) -> Path:
         return write_graph(spec, module, example, folder, self.config, self.scratch)
@@ -249,19 +258,20 @@ class _Exporter:
         for task in tasks:
             feeds = probes[task].feeds["unet"]
             rows = validate_graph(spec, module, self.tmp / "unet" / MODEL, feeds, task, GRAPH_PSNR_FLOOR[mode])
-            self.parity += [replace(r, component=f"unet[{mode}]") for r in rows]
+            self.agreement += [replace(r, component=f"unet[{mode}]") for r in rows]
 
     # -- end to end ----------------------------------------------------------------------------------------------
     def _image_check(self, tasks, unets, bundle) -> list[dict]:
         """Each task's full sampling loop on the exported graphs vs the fp32 torch pipeline, as uint8 images."""
         if not self.config.image_count:
             return []
-        vae, text_encoder, tokenizer, scheduler = self.components
+        vae = self.components.vae
         sampler = SamplerConfig(
             self.config.image_steps, self.config.guidance, self.config.image_guidance, self.config.seed
         )
         ort_te = OrtTextEncoder(self.tmp / "text_encoder" / MODEL)
         ort_vae = OrtVae(self.tmp / "vae_encoder" / MODEL, self.tmp / "vae_decoder" / MODEL, dict(vae.config))
+        ort_components = replace(self.components, vae=ort_vae, text_encoder=ort_te)
         rows = []
         for task in tasks:
             count = self.config.image_count
@@ -270,11 +280,9 @@ class _Exporter:
             ids = {} if bundle is None else {"task_id": bundle.tasks.index(task), "channels": bundle.in_channels}
             ort_unet = OrtUNet(self.tmp / "unet" / MODEL, **ids)
             torch_denoiser = denoiser_for(unets[task])
-            torch_images = sample_examples(
-                torch_denoiser, definition, examples, vae, text_encoder, tokenizer, scheduler, sampler
-            )
-            ort_images = sample_examples(ort_unet, definition, examples, ort_vae, ort_te, tokenizer, scheduler, sampler)
-            value = psnr_db(torch_images, ort_images, peak=255.0)
+            torch_images = sample_examples(torch_denoiser, definition, examples, self.components, sampler)
+            ort_images = sample_examples(ort_unet, definition, examples, ort_components, sampler)
+            value = psnr_db(torch_images, ort_images, peak=UINT8_PEAK)
             rows.append(
                 {
                     "task": task,
@@ -282,7 +290,7 @@ class _Exporter:
                     "steps": sampler.steps,
                     "psnr_db": value,  # over all images; per image below (one diverging trajectory shows there)
                     "psnr_db_per_image": [
-                        psnr_db(t, o, peak=255.0) for t, o in zip(torch_images, ort_images, strict=True)
+                        psnr_db(t, o, peak=UINT8_PEAK) for t, o in zip(torch_images, ort_images, strict=True)
                     ],
                     "max_abs_diff": int(np.abs(torch_images.astype(int) - ort_images.astype(int)).max()),
                     "meets_goal": value is None or value >= IMAGE_PSNR_GOAL_DB,
@@ -352,8 +360,8 @@ class _Exporter:
                 "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
             },
-            "graph_parity": [asdict(r) | {"ok": r.ok} for r in self.parity],
-            "image_parity": images,
+            "graph_agreement": [asdict(r) | {"ok": r.ok} for r in self.agreement],
+            "image_agreement": images,
             "data": {task: spec.path for task, spec in self.sources.data.items()},
             "calibration": self.calibration,
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
@@ -361,20 +369,20 @@ class _Exporter:
         }
 
     def _stamp_metadata(self, manifest: dict) -> None:
-        """Write the source, task(s), versions and each graph's parity into the graph's ONNX metadata."""
+        """Write the source, task(s), versions and each graph's agreement with torch into the graph's ONNX metadata."""
         import onnx
 
         for folder in sorted(p.parent for p in self.tmp.glob(f"*/{MODEL}")):
             component = folder.name
             if component == "unet" and self.config.quantize != "none":
                 component = f"unet[{self.config.quantize}]"
-            rows = [r for r in manifest["graph_parity"] if r["component"] == component.replace("unet_fp32", "unet")]
+            rows = [r for r in manifest["graph_agreement"] if r["component"] == component.replace("unet_fp32", "unet")]
             props = {
                 "mtu_export.tasks": json.dumps(list(manifest["tasks"])),
                 "mtu_export.source_sha256": manifest["source"]["sha256"],
                 "mtu_export.versions": json.dumps(manifest["versions"], sort_keys=True),
                 "mtu_export.opset": str(self.config.opset),
-                "mtu_export.parity": json.dumps(rows, sort_keys=True),
+                "mtu_export.agreement": json.dumps(rows, sort_keys=True),
             }
             if component.startswith("unet"):
                 props["mtu_export.routing"] = json.dumps(
@@ -387,10 +395,10 @@ class _Exporter:
             onnx.save_model(model, str(folder / MODEL))
 
     def _raise_on_drift(self) -> None:
-        failed = [r for r in self.parity if not r.ok]
+        failed = [r for r in self.agreement if not r.ok]
         if failed and not self.config.allow_drift:
             listed = "; ".join(r.describe() for r in failed)
-            raise ParityError(
+            raise DriftError(
                 f"{len(failed)} exported output(s) drift from torch: {listed}; nothing was written "
                 "(pass --allow-drift to keep such an export)"
             )
@@ -442,7 +450,7 @@ def write_graph(spec: GraphSpec, module, example: dict, folder: Path, config: Ex
 # ---------------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate_graph(spec: GraphSpec, module, path: Path, feeds: list[dict], task: str | None, floor: float):
-    """Run the graph in onnxruntime and the torch module on every feed; one GraphParity per output."""
+    """Run the graph in onnxruntime and the torch module on every feed; one GraphAgreement per output."""
     sess = session(path)
     outputs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in spec.outputs}
     for feed in feeds:
@@ -456,7 +464,7 @@ def validate_graph(spec: GraphSpec, module, path: Path, feeds: list[dict], task:
         ref = np.concatenate([r.ravel() for r, _ in pairs])
         got = np.concatenate([g.ravel() for _, g in pairs])
         diff = float(np.abs(ref - got).max())
-        rows.append(GraphParity(spec.component, task, name, len(feeds), diff, psnr_db(ref, got), floor))
+        rows.append(GraphAgreement(spec.component, task, name, len(feeds), diff, psnr_db(ref, got), floor))
     return rows
 
 

@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 import torch
 
+from mtu_export.checkpoint import Checkpoint, load_components
 from mtu_export.config import ExportConfig
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.probes import ExampleSources
 from mtu_export.fold import fold_task, verify_fold
+from mtu_export.sample import Components
 from mtu_export.tasks import model_tasks
-from mtu_export.upcycle import Checkpoint, load_components
 
 IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
 
@@ -41,7 +42,8 @@ def resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
     return tuple(ckpt.model.config.task(name).name for name in config.tasks)
 
 
-def load_pipeline(ckpt: Checkpoint):
+def checkpoint_components(ckpt: Checkpoint) -> Components:
+    """The VAE, text encoder, tokenizer and scheduler of the pipeline a checkpoint refers to."""
     if ckpt.pipeline_dir is None:
         raise InputError(
             f"{ckpt.path} holds a UNet only; export needs the pipeline's text encoder, VAE, tokenizer and scheduler: "

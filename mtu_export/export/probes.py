@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtu_export.conditioning import encode_batch, image_tensor, mask_tensor, masked_image, task_condition
+from mtu_export.bundle import pad_to_channels
+from mtu_export.conditioning import image_tensor, mask_tensor, masked_image
 from mtu_export.config import DataSpec
 from mtu_export.data import Source, open_source
-from mtu_export.sample import SamplerConfig, encode_prompts, sample_latents
+from mtu_export.sample import Components, SamplerConfig, sample_latents
 from mtu_export.tasks import TaskDef
 from mtu_export.vocab import tokenize
 from mtu_export.world import Example
@@ -76,7 +77,7 @@ def trajectory_probes(
     unet,
     task: TaskDef,
     examples: list[Example],
-    components,
+    components: Components,
     sampler: SamplerConfig,
     bundle: tuple[int, int] | None = None,
 ) -> Probes:
@@ -86,15 +87,14 @@ def trajectory_probes(
     zero-padded to the bundle's channels and carry `task_id` (the trajectory itself is the folded model's, which
     the bundle equals).
     """
-    vae, text_encoder, tokenizer, scheduler = components
     probes = Probes()
     for example in examples:
-        ids = tokenize(tokenizer, [example.prompt, ""])
+        ids = tokenize(components.tokenizer, [example.prompt, ""])
         probes.add("text_encoder", {"input_ids": ids[:1]})
         probes.add("text_encoder", {"input_ids": ids[1:]})
         probes.add("vae_encoder", {"sample": _encoder_image(task, example)})
-        latents = _sample([example], task, unet, components, sampler, probes, bundle)
-        probes.add("vae_decoder", {"latent_sample": latents / vae.config.scaling_factor})
+        latents = sample_latents(_recorder(unet, probes, bundle), task, [example], components, sampler)
+        probes.add("vae_decoder", {"latent_sample": latents / components.vae.config.scaling_factor})
     return probes
 
 
@@ -104,23 +104,16 @@ def _encoder_image(task: TaskDef, example: Example) -> torch.Tensor:
     return masked_image(image, mask_tensor([example.mask])) if task.condition == "masked_latent" else image
 
 
-def _sample(examples, task, unet, components, sampler, probes: Probes, bundle) -> torch.Tensor:
-    vae, text_encoder, tokenizer, scheduler = components
-    scaling = vae.config.scaling_factor
-    encoded = encode_batch(task, vae, examples)
-    condition = task_condition(task, encoded, scaling, torch.Generator().manual_seed(sampler.seed + 1))
-    prompts = [e.prompt for e in examples]
-    text = encode_prompts(text_encoder, tokenizer, prompts)
-    empty = encode_prompts(text_encoder, tokenizer, [""] * len(prompts))
+def _recorder(unet, probes: Probes, bundle: tuple[int, int] | None):
+    """`unet` as a denoiser that records each call's feeds (padded to the bundle's channels, with its task id)."""
 
     def record(sample, timestep, hidden):
         feed = {"sample": sample, "timestep": timestep[0].float(), "encoder_hidden_states": hidden}
         if bundle is not None:
             task_id, channels = bundle
-            feed["sample"] = torch.nn.functional.pad(sample, (0, 0, 0, 0, 0, channels - sample.shape[1]))
+            feed["sample"] = pad_to_channels(sample, channels)
             feed["task_id"] = torch.tensor(task_id, dtype=torch.int64)
         probes.add("unet", feed)
         return unet(sample, timestep, hidden).sample
 
-    shape = tuple(encoded["target_mean"].shape)
-    return sample_latents(record, task, scheduler, text, empty, condition, shape, sampler)
+    return record
