@@ -1,13 +1,11 @@
-"""All tasks of an MTU checkpoint as one UNet with a `task_id` input, every shared weight stored once (DESIGN.md §2,
-the second exact way to ship several tasks).
+"""All tasks of an MTU checkpoint as one UNet with a `task_id` input, every shared weight stored once (the second
+exact way to ship several tasks, beside one folded UNet per task).
 
 For task t with mixture weights wᵢ, Σ wᵢ·Eᵢ(x) = W2·(s_t ⊙ act(W1·x)) + Σ wᵢ·b2ᵢ, where W1 and W2 stack the
 experts (the fold with all wᵢ = 1) and s_t repeats wᵢ over expert i's d_ff/N hidden channels. So the bundle keeps
 W1 and W2 once and, per task, only s_t (d_ff), the output bias (d), the pre-FFN LayerNorm (2·d) and a conv_in whose
 missing input channels are zero (so every task reads a sample with the widest task's channel count; callers pad
 with zeros). The task is a graph input, gathered from those small tables: no routing MLP is left in the graph.
-
-Imports errors, moe, fold and upcycle; never export/bench/cli.
 """
 
 from __future__ import annotations

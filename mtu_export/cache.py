@@ -4,7 +4,7 @@ A cache folder holds `shard-NNNNN/` folders of `SHARD_ROWS` rows, one `.npy` per
 prompt token ids), and `meta.json`, written last, which says what was encoded (the source's description). Each
 distributed rank encodes its share of the shards (shard i on rank i mod world size); a shard appears by an atomic
 rename, so an interrupted build resumes where it stopped. Training reads rows through `np.load(mmap_mode="r")`:
-memory does not grow with the dataset. Imports conditioning, data, errors and vocab.
+memory does not grow with the dataset.
 """
 
 from __future__ import annotations

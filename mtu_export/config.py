@@ -1,4 +1,4 @@
-"""Frozen, validated configuration dataclasses. Imports nothing from the package but `errors`."""
+"""Frozen, validated configuration dataclasses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mtu_export.errors import ConfigError
 
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
-# Conditioning channels of the single-task models each task mirrors (DESIGN.md §1): text-to-image 4 (latent),
+# Conditioning channels of the single-task models each task mirrors: text-to-image 4 (latent),
 # InstructPix2Pix 8 (+ source latent), SD x4 upscaler 7 (+ low-res RGB), SD inpainting 9 (+ masked latent + mask).
 DEFAULT_TASK_CHANNELS: dict[str, int] = {"t2i": 4, "edit": 8, "sr": 7, "inpaint": 9}
 

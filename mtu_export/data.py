@@ -8,8 +8,7 @@ per task. Images are resized (shorter side) and centre-cropped to the resolution
 its low-res input by an antialiased bicubic downsample unless a `low_res_image` column gives it; `inpaint` reads a
 `mask` column (white = hole) or draws a random box or free-form strokes per row (seeded by the row index).
 
-Every problem with a dataset is one `InputError` line naming the file, row and column. Imports config, errors,
-tasks and world.
+Every problem with a dataset is one `InputError` line naming the file, row and column.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 accuracy by the scene reader (the way CLIP score is used for Stable Diffusion).
 
 Loads pipelines with plain diffusers, exactly as a user would. Checkpoints are evaluated on the shapes world or on a
-task's `--data` dataset. Imports errors, reader, tasks and world (data, sample and upcycle inside functions).
+task's `--data` dataset.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""MTU UNet + task -> a vanilla diffusers `UNet2DConditionModel` of the original shape (DESIGN.md §2).
+"""MTU UNet + task -> a vanilla diffusers `UNet2DConditionModel` of the original shape.
 
 For a fixed task every mixture weight wᵢ is a constant, so Σ wᵢ·Eᵢ(x) is one FeedForward whose input projection
 stacks the experts' rows (value rows, then gate rows for GLU activations) and whose output projection is
 [w₁W2₁ | … | w_N·W2_N] with bias Σ wᵢ·b2ᵢ. The task's LayerNorm and conv_in are selected. Arithmetic is done in
 float64 and cast back, so the fold adds no rounding of its own beyond the final cast.
 
-The pipeline class a folded folder is labelled with comes from the task registry (tasks.py). Imports config,
-errors, storage, tasks, moe and upcycle (for the checkpoint); never export/bench/cli.
+The pipeline class a folded folder is labelled with comes from the task registry (tasks.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ own sampler (`sample.sample_examples`) over the exported graphs, with text and i
 The output follows every command's rule: an existing `out` is refused unless `overwrite`, as is one that overlaps
 an input (the export folder, --image, --mask); it is written in the format its suffix names. An input image of
 another size is resized to the model's, with a note to `log` (stderr by default), never silently.
-
-Imports config, data, errors, storage, conditioning, sample, tasks, vocab, world_grid and the export runtime.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ cosine decay, gradient clipping, an optional EMA, progress (a rich bar on a term
 lines always) and checkpoints with optimiser, schedule, EMA and RNG state that a later call resumes from.
 
 Batches are a pure function of (seed, step, rank) through `step_generator`, so a resumed run sees the data and
-noise an uninterrupted one would. Imports config and errors and storage only.
+noise an uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Every nn.Module of Multi-Task Upcycling, top to bottom: routing state, router, experts, task LayerNorm,
 task conv_in, and the MTU UNet that wires them into a diffusers `UNet2DConditionModel`.
 
-Routing depends on the task only (DESIGN.md §1), so the active task is set once per forward by `MTUUNet.route`
-and read by every task-dependent module through one shared `TaskRouting` object. Imports `config` and `errors`
-only; building an MTU UNet from a pretrained one lives in `upcycle.py`.
+Routing depends on the task only, so the active task is set once per forward by `MTUUNet.route`
+and read by every task-dependent module through one shared `TaskRouting` object. Building an MTU UNet from a
+pretrained one lives in `upcycle.py`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class TaskRouter(nn.Module):
     """Task embedding -> 2-layer MLP -> N·softmax over experts.
 
     The last layer starts at zero, so every expert weighs exactly 1 at initialisation and the partitioned experts
-    sum to the pretrained FFN (DESIGN.md §1).
+    sum to the pretrained FFN (README, *What upcycling does*).
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, num_experts: int) -> None:

@@ -1,6 +1,6 @@
 """The parity report of the paper's central claim: one MTU model against single-task baselines, task by task, on
 the same split, sampler and seeds. Writes JSON, a Markdown table and a PNG grid per task
-(input | MTU | single-task | ground truth). Imports errors, evaluate, storage, tasks and world_grid.
+(input | MTU | single-task | ground truth).
 """
 
 from __future__ import annotations

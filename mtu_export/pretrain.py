@@ -11,7 +11,7 @@ same code runs DDP under `accelerate launch`):
             classifier-free guidance and an EMA of the weights.
 
 Batches are a pure function of (seed, step, rank): a resumed run sees the data and noise an uninterrupted run
-would. Imports config, errors, conditioning, loop, storage, vocab and world.
+would.
 """
 
 from __future__ import annotations

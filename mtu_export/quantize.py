@@ -2,7 +2,7 @@
 
 ONNX (`quantize_onnx`, applied to the UNet, which runs once per sampling step; the text encoder and VAE stay fp32):
 - `dynamic-int8`: weights int8, activations quantized at run time, MatMul/Gemm only — ConvInteger is slower than
-  fp32 Conv on x86 CPUs (DESIGN.md §3);
+  fp32 Conv on x86 CPUs;
 - `static-int8`: QDQ int8 (MatMul, Gemm, Conv; per-channel int8 weights, asymmetric uint8 activations) calibrated
   on recorded UNet inputs of the task's own sampling trajectories (train split), never on random tensors; the
   input and output convolutions and the timestep embedding stay fp32 (measured on the shapes model's t2i: symmetric
@@ -12,8 +12,6 @@ ONNX (`quantize_onnx`, applied to the UNet, which runs once per sampling step; t
 
 Core ML (`quantize_coreml`, applied to every weight of an `.mlpackage`'s model): `int8` linear weights, `palettize-6`
 / `palettize-4` k-means lookup tables, `int4-block` (iOS18, per-block int4 with block size 32).
-
-Imports errors only; onnxruntime and coremltools are imported inside the handlers.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ shape, size and position, plus the background.
 
 It classifies pixels to the nearest palette colour, takes the largest connected blob of each stated object colour
 and measures it (fill ratio and widest row for the shape, extent for the size, centroid cell for the position).
-Imports `world` and numpy/scipy only.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@
 The guidance formulas are linear in the model output, so they hold as written for v- and x0-prediction too; the
 scheduler's config says which one the UNet gives. The denoiser is any callable `(sample, timestep,
 encoder_hidden_states) -> ε, v or x0`: a routed MTU UNet for one task, a folded or single-task UNet, or (for exports)
-an ONNX session. The task's definition (`tasks.TaskDef`) says which guidance. Imports conditioning, tasks, vocab
-and world only.
+an ONNX session. The task's definition (`tasks.TaskDef`) says which guidance.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Files on disk: finding a diffusers UNet in a folder, checking safetensors files before loading them (and
 refusing pickles, which run code when loaded), and writing outputs atomically (temp folder, then rename; SIGTERM,
-killed writers and a full disk leave nothing half-written). Imports `errors` only.
+killed writers and a full disk leave nothing half-written).
 """
 
 from __future__ import annotations

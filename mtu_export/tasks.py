@@ -14,7 +14,7 @@ Conditions (L = the UNet's latent channels, 4 for Stable Diffusion):
 - `masked_latent`   mask + latent of the masked image, as SD inpainting                             2L + 1
 
 Besides the built-in `t2i`, `edit`, `sr` and `inpaint`, any other task name declared with 2L channels (`colorize:8`)
-is an image-conditioned task like `edit`: source image in, target image out. Imports config and errors only.
+is an image-conditioned task like `edit`: source image in, target image out.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """A tiny Stable-Diffusion-shaped pipeline with random weights, built offline from real diffusers and
 transformers classes: the fixture of the test suite and the model of `make demo` until a trained model ships.
-
-Imports nothing from the package at import time (`write_world_pipeline` runs the pretrain recipe).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""Pretrained diffusers UNet -> MTU UNet (DESIGN.md §1). The checkpoint format is checkpoint.py's.
+"""Pretrained diffusers UNet -> MTU UNet (README, *What upcycling does*). The checkpoint format is checkpoint.py's.
 
 Upcycling is exact at initialisation: each FFN's hidden units are partitioned into N experts (output bias split
 N ways), every router starts uniform with mixture weights N·softmax = 1, per-task LayerNorms are copies of the
 pretrained one, and per-task conv_ins carry the pretrained kernel on the first channels and zeros elsewhere.
-
-Imports config, errors, storage and moe; never fold/export/cli.
 """
 
 from __future__ import annotations

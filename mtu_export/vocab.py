@@ -3,7 +3,7 @@
 CLIP's tokenizer is byte-level BPE: every byte has a base token (and an end-of-word `</w>` twin), and a ranked list
 of merges joins them into words. Here the merges are learnt on the shapes world's own words (captions and edit
 instructions), with plain BPE training until every world word is one token. Any other text still tokenizes (into
-byte tokens), so a misspelt prompt degrades instead of failing. Imports the world only.
+byte tokens), so a misspelt prompt degrades instead of failing.
 """
 
 from __future__ import annotations

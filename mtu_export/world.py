@@ -10,7 +10,7 @@ truth for every MTU task:
 - `inpaint` image with a masked region (box or free-form strokes) + mask + caption -> full image
 
 Splits: `train`, `heldout` (same distribution, disjoint seeds) and `unseen` (every scene holds at least one
-shape–colour pair that `train` and `heldout` never contain). Imports numpy only.
+shape–colour pair that `train` and `heldout` never contain).
 """
 
 from __future__ import annotations

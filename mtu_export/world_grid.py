@@ -1,5 +1,5 @@
 """PNG grids of shapes-world examples (the `mtu-export world` command), and atomic image writes in the format a file
-name's suffix names (PNG, JPEG, WebP). Imports world, config, errors, storage."""
+name's suffix names (PNG, JPEG, WebP)."""
 
 from __future__ import annotations
 

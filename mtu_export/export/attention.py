@@ -9,7 +9,6 @@ what diffusers' `AttnProcessor2_0` does) and whose ONNX symbolic is the contrib 
 provider runs in one kernel. The projections, the output projection and everything else stay as they were.
 
 TorchScript exporter only (a `symbolic` is what it honours); the graph then needs onnxruntime (contrib domain).
-Imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ Conversion traces each module and converts it with fp16 compute by default. On L
 model, so every package is checked structurally: it is reloaded, its inputs and outputs are read from the spec and
 its MIL ops are counted (a folded task has exactly the op census of a stock UNet: no routing left). On macOS each
 package is also run on the trajectory inputs of the ONNX validation and compared with torch (PSNR per output).
-
-Imports config, errors, storage, upcycle, fold, quantize and the export helpers; coremltools inside functions.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """What each exported graph is: the component's folder in optimum's layout, its input and output names with their
 dynamic axes (optimum-onnx's `UNetOnnxConfig`, `VaeEncoderOnnxConfig`, … use the same names, so optimum's ORT
 pipelines load our folders), and a thin module with the tensor-in / tensor-out signature the exporters trace.
-
-Imports bundle only.
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@ runs on the exported graphs and is compared, as images, with the fp32 torch pipe
 listed) unless `allow_drift`.
 
 Validation and calibration examples come from the shapes world or from a task's `--data` dataset (probes.py).
-
-Imports config, errors, storage, tasks, upcycle, fold, bundle, sample, quantize and the export helpers.
 """
 
 from __future__ import annotations

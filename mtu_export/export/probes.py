@@ -4,8 +4,6 @@ For examples of the task (its prompt and image inputs, from the shapes world or 
 export's resolution) the torch sampler runs `steps` guided steps with the folded UNet; every UNet call's inputs are
 kept, with the prompt tokens, the VAE encoder's image and the final latent for the decoder. Validation feeds these
 to the exported graphs and to the torch modules; static int8 quantization calibrates on them.
-
-Imports conditioning, data, sample, tasks and vocab.
 """
 
 from __future__ import annotations

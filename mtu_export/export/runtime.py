@@ -1,8 +1,6 @@
 """Exported graphs on onnxruntime behind the interface the torch samplers use, so one sampling loop
 (`sample.sample_examples`) runs torch and ONNX alike: `OrtTextEncoder(ids)[0]`, `OrtVae.encode(x).latent_dist`,
 `OrtVae.decode(z).sample`, and a UNet denoiser `(sample, timestep, encoder_hidden_states) -> ε`.
-
-Imports nothing from the package; onnxruntime is imported inside `session`.
 """
 
 from __future__ import annotations
