@@ -367,8 +367,8 @@ def export_world_dataset(out: Path, task: str, split: str, count: int, overwrite
 
     if task not in BUILTIN:
         raise ConfigError(f"the shapes world has no task {task!r}; choose one of {', '.join(BUILTIN)}")
-    if count < 1:
-        raise ConfigError(f"--count must be positive, got {count}")
+    if count < 1 or start < 0:
+        raise ConfigError(f"--count must be positive and --start >= 0, got {count} and {start}")
     check_output(out, overwrite)
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "images").mkdir()

@@ -51,6 +51,13 @@ class GenerateRequest:
     threads: int | None = None
     use_optimum: bool = True  # t2i / inpaint single-task exports: optimum's pipelines
 
+    def __post_init__(self) -> None:
+        for path in (self.image, self.mask):
+            if path is not None and not Path(path).is_file():
+                raise InputError(f"{path} is not a file; pass an existing PNG")
+        if self.steps < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"--steps and --threads must be >= 1, got {self.steps} and {self.threads}")
+
 
 def generate(
     export_dir: Path,

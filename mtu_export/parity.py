@@ -11,7 +11,7 @@ import numpy as np
 
 from mtu_export.errors import ConfigError
 from mtu_export.evaluate import EvalConfig, bicubic, evaluate_checkpoint
-from mtu_export.storage import atomic_output_dir, check_output, write_json
+from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
 from mtu_export.tasks import BUILTIN, declared
 from mtu_export.world_grid import write_images
 
@@ -108,9 +108,10 @@ def write_report(
 ) -> dict:
     """Evaluate the MTU checkpoint on the baselines' tasks and each baseline on its own (each task on its `--data`
     dataset when given, else the shapes world); write the report to `out`."""
+    data = data or {}
+    check_separate(Path(out), mtu_path, *baselines.values(), *(spec.path for spec in data.values()))
     check_output(out, overwrite)
     tasks = tuple(baselines)
-    data = data or {}
     extra = sorted(set(data) - set(tasks))
     if extra:
         raise ConfigError(f"--data names task(s) {', '.join(extra)} without a --baseline; add one or drop the data")

@@ -27,10 +27,10 @@ from torch import nn
 
 from mtu_export.conditioning import image_tensor
 from mtu_export.config import BaseRecipe
-from mtu_export.errors import InputError
+from mtu_export.errors import ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
-from mtu_export.storage import atomic_output_dir, check_output, write_json
+from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
 from mtu_export.vocab import tokenize, world_tokenizer
 from mtu_export.world import make_example
 
@@ -209,6 +209,9 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
 # ----------------------------------------------------------------------------------------------------- whole recipe
 def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = False, dtype: str = "fp16") -> Path:
     """Run (or resume) every stage of the recipe in `workdir`, then write the StableDiffusionPipeline to `out`."""
+    if dtype not in ("fp16", "fp32"):
+        raise ConfigError(f"--dtype must be fp16 or fp32, got {dtype!r}")
+    check_separate(Path(out), recipe_path)
     recipe = load_recipe(recipe_path)
     check_output(out, overwrite)  # refuse before hours of training, not after
     workdir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ from mtu_export.world import SPLITS, TASKS, example_grid
 
 
 def write_grid(out: Path, task: str, split: str, count: int, start: int = 0, overwrite: bool = False) -> Path:
+    if not 1 <= count <= 64:
+        raise ConfigError(f"a grid shows 1 to 64 examples per task, got --count {count}")
+    if start < 0:
+        raise ConfigError(f"--start must be >= 0, got {start}")
     tasks = list(TASKS) if task == "all" else [task]
     for name, known in ((task, [*TASKS, "all"]), (split, list(SPLITS))):
         if name not in known:
