@@ -198,22 +198,14 @@ def train(
     tasks: Annotated[str, typer.Option(help="Tasks, optionally with channels (sr:7).")] = "t2i,edit,sr,inpaint",
     experts: Annotated[int, typer.Option(help="Experts per FFN (N).")] = 4,
     single_task: Annotated[str | None, typer.Option(help="Train the single-task baseline of this task.")] = None,
-    trainable: Annotated[
-        str | None, typer.Option(help="mtu (the paper's split) or full; default mtu, full with --single-task.")
-    ] = None,
-    task_weights: Annotated[
-        str | None, typer.Option(help="Sampling weights, e.g. t2i=1,edit=2,sr=1,inpaint=2.")
-    ] = None,
+    trainable: Annotated[str | None, typer.Option(help="mtu (the paper's split) or full (baselines).")] = None,
+    task_weights: Annotated[str | None, typer.Option(help="Sampling weights, e.g. t2i=1,edit=2,sr=1.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Rows per step, split across tasks by weight.")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    input_lr_scale: Annotated[
-        float, typer.Option(help="Learning-rate multiplier for conv_in (its condition channels start at zero).")
-    ] = 1.0,
+    input_lr_scale: Annotated[float, typer.Option(help="lr multiplier of conv_in (new channels start at zero).")] = 1.0,
     cfg_dropout: Annotated[float, typer.Option(help="InstructPix2Pix-style condition dropout p.")] = 0.05,
-    min_snr_gamma: Annotated[
-        float, typer.Option(help="Min-SNR loss weighting gamma; 0 weighs every timestep alike.")
-    ] = 5.0,
+    min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR weighting gamma; 0 weighs all timesteps alike.")] = 5.0,
     cache_size: Annotated[int, typer.Option(help="Train examples per task, VAE-encoded once.")] = 4000,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 250,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and noise.")] = 0,
@@ -221,13 +213,14 @@ def train(
     stop_at: Annotated[int | None, typer.Option(help="End this call after this step (resume later).")] = None,
     data: DataOption = None,
     column: ColumnOption = None,
-    resolution: Annotated[
-        int | None, typer.Option(help="Training images in pixels (default: the UNet's sample size x VAE factor).")
-    ] = None,
+    resolution: Annotated[int | None, typer.Option(help="Pixels (default: UNet sample size x VAE factor).")] = None,
     mixed_precision: Annotated[str, typer.Option(help="accelerate autocast: no, fp16 (GPU) or bf16.")] = "no",
-    gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Recompute activations in backward (less memory, slower).")
-    ] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations: less memory, slower.")] = False,
+    eval_every: Annotated[int, typer.Option(help="Score held-out scenes every N steps into curve.jsonl (0: off).")] = 0,
+    eval_count: Annotated[int, typer.Option(help="Held-out scenes per task in each evaluation.")] = 32,
+    eval_steps: Annotated[int, typer.Option(help="Sampling steps of each evaluation.")] = 10,
+    eval_first: Annotated[int, typer.Option(help="First held-out index scored (parity reports 0-199).")] = 2000,
+    eval_guidance: Annotated[float, typer.Option(help="Text guidance scale of each evaluation.")] = 3.0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train an MTU checkpoint (or a single-task baseline) on your --data datasets or the shapes world, on
@@ -256,9 +249,32 @@ def train(
         resolution=resolution,
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
+        eval_every=eval_every,
+        eval_count=eval_count,
+        eval_steps=eval_steps,
+        eval_first=eval_first,
+        eval_guidance=eval_guidance,
     )
     path = run(config, base, work, out, resume=resume, overwrite=overwrite)
     console.print(f"wrote {path}" if path else f"stopped at step {stop_at}; continue with --resume")
+
+
+@app.command()
+@handles_errors
+def curves(
+    runs: Annotated[list[str], typer.Argument(help="NAME=WORK of a run trained with --eval-every (repeat).")],
+    out: OutOption,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Learning curves of training runs, each task's runs side by side: curves.json, curves.md, curves.png."""
+    from mtu_export.curves import parse_runs, write_curves
+
+    for task, rows in write_curves(parse_runs(runs), out, overwrite)["tasks"].items():
+        console.print(
+            f"{task}: "
+            + ", ".join(f"{n} {r['last']['value']:.4g} at step {r['last']['step']}" for n, r in rows.items())
+        )
+    console.print(f"wrote {out / 'curves.md'}, {out / 'curves.json'}, {out / 'curves.png'}")
 
 
 @app.command("eval")

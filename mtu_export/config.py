@@ -209,6 +209,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------------- MTU training
+PARITY_HELDOUT = 200  # `make parity` reports held-out examples 0-199: a learning curve must not score them
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """`mtu-export train`: an MTU run over `tasks`, or a single-task baseline (`single_task`, full fine-tune).
@@ -240,6 +243,11 @@ class TrainConfig:
     resolution: int | None = None  # pixels; None: the UNet's sample_size times the VAE factor
     mixed_precision: str = "no"  # accelerate's autocast: no, fp16 (GPU) or bf16
     gradient_checkpointing: bool = False
+    eval_every: int = 0  # score a held-out slice every N steps (and at the last) into curve.jsonl; 0: off
+    eval_count: int = 32  # held-out examples per task in each evaluation
+    eval_steps: int = 10  # sampling steps of each evaluation
+    eval_first: int = 2000  # first held-out index of the slice; `make parity` reports 0-199, the ablation 1000-1099
+    eval_guidance: float = 3.0  # text guidance of each evaluation (`make parity`'s)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -287,6 +295,27 @@ class TrainConfig:
                 raise ConfigError(
                     f"--data names task {spec.task!r}, which this run does not train ({', '.join(sorted(trained))})"
                 )
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        if self.eval_every < 0 or self.eval_count < 1 or self.eval_steps < 1:
+            raise ConfigError("--eval-every must be >= 0 (0: off), --eval-count and --eval-steps >= 1")
+        if self.eval_first < PARITY_HELDOUT:
+            raise ConfigError(
+                f"--eval-first {self.eval_first} overlaps the held-out examples parity reports (0-"
+                f"{PARITY_HELDOUT - 1}); start the curve's slice at {PARITY_HELDOUT} or later"
+            )
+        own = sorted(set(self.weights()) - set(DEFAULT_TASK_CHANNELS))
+        if self.eval_every and own:
+            raise ConfigError(
+                f"--eval-every scores the shapes world's held-out examples, which task(s) {', '.join(own)} lack; "
+                "drop --eval-every, or evaluate checkpoints on a held-out dataset with `mtu-export eval --data`"
+            )
+        if self.eval_every and self.data:
+            raise ConfigError(
+                f"--eval-every scores held-out examples, and a --data dataset ({self.data[0].task}) trains on all its "
+                "rows; drop --eval-every, or evaluate checkpoints on a held-out dataset with `mtu-export eval --data`"
+            )
 
     def weights(self) -> dict[str, float]:
         """Sampling weight per trained task (one task with weight 1 for a baseline)."""

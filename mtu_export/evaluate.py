@@ -180,6 +180,52 @@ def evaluation_source(task: TaskDef, spec, config: EvalConfig, pipeline_dir: Pat
     return source
 
 
+def evaluation_sources(
+    model, pipeline_dir: Path, config: EvalConfig, tasks: tuple[str, ...], data: dict | None, where: str
+) -> dict:
+    """Each of `tasks`' evaluation source (`evaluation_source`) for an MTU UNet whose pipeline is `pipeline_dir`;
+    a clear error for a task the model lacks or a `--data` for one (`where` names the model in it)."""
+    from mtu_export.data import check_data_tasks
+
+    defs = model_tasks(model)
+    for task in tasks:
+        model.config.task(task)  # a clear error for a task the model lacks
+    data = data or {}
+    check_data_tasks(data, tuple(tasks), where)
+    unet_config = dict(model.unet.config)
+    return {t: evaluation_source(defs[t], data.get(t), config, pipeline_dir, unet_config) for t in tasks}
+
+
+def _denoiser_on_cpu(model, task: str):
+    """The routed denoiser of `task`, fed and read on the CPU (where sampling keeps its latents) wherever `model`
+    lives (a training run's model may sit on a GPU)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return denoiser_for(model, task)
+    return lambda x, t, h: model(x.to(device), t.to(device), h.to(device), task=task).sample.cpu()
+
+
+def evaluate_model(
+    model, sources: dict, components, config: EvalConfig, log: Callable[[str], None] = print, label: str = ""
+) -> tuple:
+    """Sample every task of `sources` (task -> Source) with the MTU UNet `model` and measure it, logging a line per
+    batch (`label` opens it). Returns results, generated images and the examples, each per task."""
+    defs = model_tasks(model)
+    results, generated, inputs = {}, {}, {}
+    for task, source in sources.items():
+        examples, images = [], []
+        denoise = _denoiser_on_cpu(model, task)
+        start = time.perf_counter()
+        for indices in config.batches():
+            batch = [source.example(i) for i in indices]
+            images += list(sample_examples(denoise, defs[task], batch, components, config.sampler))
+            examples += batch
+            log(f"{label} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
+        results[task] = summarise(defs[task], examples, images)
+        generated[task], inputs[task] = images, examples
+    return results, generated, inputs
+
+
 def evaluate_checkpoint(
     path: Path,
     config: EvalConfig,
@@ -191,33 +237,13 @@ def evaluate_checkpoint(
     dataset) and measure it, logging a line per batch. Returns results, generated images and the examples, each
     per task."""
     from mtu_export.checkpoint import load_checkpoint, load_components
-    from mtu_export.data import check_data_tasks
 
     ckpt = load_checkpoint(path, dtype=torch.float32)
     if ckpt.pipeline_dir is None:
         raise InputError(f"{path} was upcycled from a UNet folder; evaluation needs its pipeline (VAE, text encoder)")
-    defs = model_tasks(ckpt.model)
-    chosen = tasks or ckpt.model.config.task_names
-    for task in chosen:
-        ckpt.model.config.task(task)  # a clear error for a task the checkpoint lacks
-    data = data or {}
-    check_data_tasks(data, tuple(chosen), str(path))
-    unet_config = dict(ckpt.model.unet.config)
-    sources = {t: evaluation_source(defs[t], data.get(t), config, ckpt.pipeline_dir, unet_config) for t in chosen}
-    components = load_components(ckpt.pipeline_dir)
-    results, generated, inputs = {}, {}, {}
-    for task in chosen:
-        examples, images = [], []
-        denoise = denoiser_for(ckpt.model, task)
-        start = time.perf_counter()
-        for indices in config.batches():
-            batch = [sources[task].example(i) for i in indices]
-            images += list(sample_examples(denoise, defs[task], batch, components, config.sampler))
-            examples += batch
-            log(f"{path} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
-        results[task] = summarise(defs[task], examples, images)
-        generated[task], inputs[task] = images, examples
-    return results, generated, inputs
+    chosen = tuple(tasks or ckpt.model.config.task_names)
+    sources = evaluation_sources(ckpt.model, ckpt.pipeline_dir, config, chosen, data, str(path))
+    return evaluate_model(ckpt.model, sources, load_components(ckpt.pipeline_dir), config, log, label=str(path))
 
 
 # --------------------------------------------------------------------------------------------------------- outputs

@@ -160,6 +160,21 @@ class _Reporter:
             self.bar.stop()
 
 
+def _call_with_returned_weights(on_step, step: int, modules: list[nn.Module], ema, params) -> None:
+    """`on_step(step, modules)` with the EMA weights in place when there is an EMA, then the training weights back."""
+    if ema is None:
+        on_step(step, modules)
+        return
+    saved = [p.detach().clone() for p in params]
+    ema.copy_to(params)
+    try:
+        on_step(step, modules)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+
+
 def run_stage(
     name: str,
     modules: list[nn.Module],
@@ -172,6 +187,8 @@ def run_stage(
     find_unused_parameters: bool = False,
     lr_scale: Callable[[str], float] | None = None,
     mixed_precision: str = "no",
+    on_step: Callable[[int, list[nn.Module]], None] | None = None,
+    on_step_every: int = 0,
 ) -> tuple[list[nn.Module], dict]:
     """Train `modules` for `stage.steps` AdamW steps of `loss_fn(modules, step, generator, accelerator)` (a loss,
     or (loss, metrics)), resuming from `workdir/<name>-state` when it exists and checkpointing there (also at
@@ -179,6 +196,9 @@ def run_stage(
     Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
     `lr_scale(name)` multiplies the learning rate of the parameter called `name` in its module (default 1);
     `mixed_precision` (no, fp16, bf16) is accelerate's autocast around the modules' forward.
+    `on_step(step, modules)` runs on every process after each multiple of `on_step_every` steps and after the
+    stage's last step, before that step's checkpoint, with the weights the stage would return in place (the EMA's
+    when `ema_decay`; the training weights are put back after it); its time is not counted in `seconds`.
     Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -217,6 +237,10 @@ def run_stage(
         done = step + 1
         metrics = {"loss": loss.item(), **metrics, "lr": stage.lr * factor(done)}  # unscaled groups' lr
         reporter.step(done, metrics, seconds=time.perf_counter() - started)
+        if on_step is not None and on_step_every and (done % on_step_every == 0 or done == stage.steps):
+            hook_started = time.perf_counter()
+            _call_with_returned_weights(on_step, done, wrapped, ema, params)
+            started += time.perf_counter() - hook_started  # the hook's time is not training time
         if done % stage.checkpoint_every == 0 or done == end:
             progress = {"step": done, "seconds": time.perf_counter() - started}
             _save_state(accelerator, state_dir, progress)

@@ -15,11 +15,17 @@ Each task's examples come from its `--data` dataset or, for the built-in tasks, 
 encoded once into memory-mapped shards in the work folder (cache.py), so memory does not grow with the dataset.
 `mixed_precision` (accelerate's autocast) and `gradient_checkpointing` (diffusers', task routing restored on
 recomputation) pass through for large models.
+
+With `eval_every`, the main process scores every trained task on the shapes world's held-out examples
+`eval_first` .. `eval_first + eval_count - 1` every `eval_every` steps and at the last step (the weights the run
+would return, in eval mode, no_grad, in fp32, the global RNG restored afterwards) and appends a line to
+`<work>/curve.jsonl` (curves.py).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -159,6 +165,49 @@ def build_caches(workdir: Path, sources: dict[str, Source], vae, tokenizer, stat
     return caches
 
 
+def curve_hook(config: TrainConfig, base: Path, workdir: Path, mtu: MTUUNet, state):
+    """The `run_stage` hook that scores `mtu` on the curve's held-out slice and appends a curve line (main process
+    only; None when `eval_every` is 0)."""
+    if not config.eval_every:
+        return None
+    from mtu_export.checkpoint import load_components
+    from mtu_export.curves import append_line, curve_point
+    from mtu_export.evaluate import EvalConfig, evaluate_model, evaluation_sources
+    from mtu_export.sample import SamplerConfig
+    from mtu_export.tasks import model_tasks
+
+    sampler = SamplerConfig(steps=config.eval_steps, text_guidance=config.eval_guidance)
+    eval_config = EvalConfig("heldout", config.eval_count, config.eval_first, sampler=sampler)
+    tasks = tuple(config.weights())
+    sources = evaluation_sources(mtu, base, eval_config, tasks, None, str(workdir))
+    components, defs = load_components(base), model_tasks(mtu)
+
+    def on_step(step: int, modules: list[nn.Module]) -> None:
+        if not state.is_main_process:
+            return
+        device = next(mtu.parameters()).device  # where accelerate put it
+        devices = [device] if device.type == "cuda" else []
+        line = {"step": step, "tasks": {}}
+        started = time.perf_counter()
+        for m in modules:
+            m.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                for task in tasks:
+                    task_started = time.perf_counter()
+                    results = evaluate_model(mtu, {task: sources[task]}, components, eval_config, lambda m: None)[0]
+                    line["tasks"][task] = curve_point(defs[task], results[task], time.perf_counter() - task_started)
+        finally:
+            for m in modules:
+                m.train()
+        line["seconds"] = round(time.perf_counter() - started, 2)
+        append_line(workdir, line)
+        shown = ", ".join(f"{t} {e['primary']} {e['value']:.4g}" for t, e in line["tasks"].items())
+        print(f"curve step {step}: {shown} ({line['seconds']:.0f} s)", flush=True)
+
+    return on_step
+
+
 def _check_precision(config: TrainConfig) -> None:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on CPUs (or no)")
@@ -201,6 +250,8 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
         find_unused_parameters=True,
         lr_scale=lr_scale,
         mixed_precision=config.mixed_precision,
+        on_step=curve_hook(config, Path(base), workdir, model.mtu, state),
+        on_step_every=config.eval_every,
     )
     return model.mtu, progress
 

@@ -15,7 +15,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "config", "metrics", "storage"),
     "tasks and data": ("tasks", "world", "vocab", "reader", "world_grid", "data", "conditioning", "cache"),
     "model": ("moe", "upcycle", "checkpoint", "fold", "bundle", "pipelines", "objective", "sample"),
-    "train and evaluate": ("loop", "pretrain", "train", "evaluate", "parity", "tiny"),
+    "train and evaluate": ("loop", "pretrain", "train", "evaluate", "parity", "curves", "tiny"),
     "quantize": ("quantize",),
     "export": ("export", "generate"),
     "bench": ("bench",),
