@@ -267,13 +267,10 @@ def curves(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Learning curves of training runs, each task's runs side by side: curves.json, curves.md, curves.png."""
-    from mtu_export.curves import parse_runs, write_curves
+    from mtu_export.curves import parse_runs, report_lines, write_curves
 
-    for task, rows in write_curves(parse_runs(runs), out, overwrite)["tasks"].items():
-        console.print(
-            f"{task}: "
-            + ", ".join(f"{n} {r['last']['value']:.4g} at step {r['last']['step']}" for n, r in rows.items())
-        )
+    for line in report_lines(write_curves(parse_runs(runs), out, overwrite)):
+        console.print(escape(line))
     console.print(f"wrote {out / 'curves.md'}, {out / 'curves.json'}, {out / 'curves.png'}")
 
 

@@ -49,6 +49,19 @@ def curve_point(task: TaskDef, metrics: dict[str, float], seconds: float) -> dic
     }
 
 
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def summary(line: dict) -> str:
+    """A curve line in one line of text: `step 250: edit psnr 24.1 (floor 21.3), ...`."""
+    parts = []
+    for task, e in line["tasks"].items():
+        floor = f" (floor {_shown(e['floor'])})" if e.get("floor") is not None else ""
+        parts.append(f"{task} {e['primary']} {_shown(e['value'])}{floor}")
+    return f"step {line['step']}: " + ", ".join(parts)
+
+
 def append_line(workdir: Path, line: dict) -> None:
     """Append one evaluation to `workdir/curve.jsonl`; a last line torn by a killed run is dropped first."""
     path = Path(workdir) / CURVE_FILE
@@ -184,7 +197,8 @@ def write_plot(tasks: dict, path: Path) -> None:
         for i, (name, row) in enumerate(rows.items()):
             steps = [s for s, _, _ in row["points"]]
             colour = f"C{i}"
-            ax.plot(steps, [v for _, v, _ in row["points"]], marker="o", markersize=3, color=colour, label=name)
+            values = [math.nan if v is None else v for _, v, _ in row["points"]]
+            ax.plot(steps, values, marker="o", markersize=3, color=colour, label=name)
             floors = [f for _, _, f in row["points"]]
             if all(f is not None for f in floors):
                 ax.plot(steps, floors, linestyle="--", color=colour, alpha=0.7, label=f"{name} floor")
@@ -208,3 +222,16 @@ def write_curves(runs: dict[str, Path], out: Path, overwrite: bool = False) -> d
         (tmp / "curves.md").write_text(markdown(tasks))
         write_plot(tasks, tmp / "curves.png")
     return report
+
+
+def report_lines(report: dict) -> list[str]:
+    """Per task, each run's last value, its step and whether its curve is flat, for a terminal."""
+    lines = []
+    for task, rows in report["tasks"].items():
+        runs = []
+        for name, row in rows.items():
+            test = row["plateau"]
+            flat = test.get("reason") or ("flat" if test["flat"] else "not flat")
+            runs.append(f"{name} {_shown(row['last']['value'])} at step {row['last']['step']} ({flat})")
+        lines.append(f"{task} {next(iter(rows.values()))['primary']}: " + "; ".join(runs))
+    return lines

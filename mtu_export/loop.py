@@ -196,7 +196,7 @@ def run_stage(
     Returns the unwrapped modules (EMA weights copied in when `ema_decay`) and the progress record (step, seconds).
     `lr_scale(name)` multiplies the learning rate of the parameter called `name` in its module (default 1);
     `mixed_precision` (no, fp16, bf16) is accelerate's autocast around the modules' forward.
-    `on_step(step, modules)` runs on every process after each multiple of `on_step_every` steps and after the
+    `on_step(step, modules)` runs on every process after each multiple of `on_step_every` steps (0: never) and after the
     stage's last step, before that step's checkpoint, with the weights the stage would return in place (the EMA's
     when `ema_decay`; the training weights are put back after it); its time is not counted in `seconds`.
     Each stage has its own Accelerator, so a checkpoint holds exactly that stage's models and optimiser."""

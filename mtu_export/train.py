@@ -166,12 +166,12 @@ def build_caches(workdir: Path, sources: dict[str, Source], vae, tokenizer, stat
 
 
 def curve_hook(config: TrainConfig, base: Path, workdir: Path, mtu: MTUUNet, state):
-    """The `run_stage` hook that scores `mtu` on the curve's held-out slice and appends a curve line (main process
-    only; None when `eval_every` is 0)."""
-    if not config.eval_every:
+    """The `run_stage` hook that scores `mtu` on the curve's held-out slice and appends a curve line; None when
+    `eval_every` is 0 and on processes other than the main one."""
+    if not config.eval_every or not state.is_main_process:
         return None
     from mtu_export.checkpoint import load_components
-    from mtu_export.curves import append_line, curve_point
+    from mtu_export.curves import append_line, curve_point, summary
     from mtu_export.evaluate import EvalConfig, evaluate_model, evaluation_sources
     from mtu_export.sample import SamplerConfig
     from mtu_export.tasks import model_tasks
@@ -183,8 +183,6 @@ def curve_hook(config: TrainConfig, base: Path, workdir: Path, mtu: MTUUNet, sta
     components, defs = load_components(base), model_tasks(mtu)
 
     def on_step(step: int, modules: list[nn.Module]) -> None:
-        if not state.is_main_process:
-            return
         device = next(mtu.parameters()).device  # where accelerate put it
         devices = [device] if device.type == "cuda" else []
         line = {"step": step, "tasks": {}}
@@ -202,8 +200,7 @@ def curve_hook(config: TrainConfig, base: Path, workdir: Path, mtu: MTUUNet, sta
                 m.train()
         line["seconds"] = round(time.perf_counter() - started, 2)
         append_line(workdir, line)
-        shown = ", ".join(f"{t} {e['primary']} {e['value']:.4g}" for t, e in line["tasks"].items())
-        print(f"curve step {step}: {shown} ({line['seconds']:.0f} s)", flush=True)
+        print(f"curve {summary(line)} ({line['seconds']:.0f} s)", flush=True)
 
     return on_step
 

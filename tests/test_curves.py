@@ -102,6 +102,7 @@ def test_curves_command_writes_json_markdown_and_plot(runs, tmp_path):
 
     result = invoke("curves", f"mtu={runs / 'w-eval'}", f"again={runs / 'w-resumed'}", "--out", tmp_path / "c")
     assert result.exit_code == 0, result.output
+    assert "edit psnr: mtu " in result.output and "(fewer than 3 evaluations)" in result.output
     report = json.loads((tmp_path / "c" / "curves.json").read_text())
     assert set(report["tasks"]) == set(TASKS) and set(report["tasks"]["edit"]) == {"mtu", "again"}
     row = report["tasks"]["edit"]["mtu"]
