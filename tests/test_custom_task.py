@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
+from helpers import invoke
 from PIL import Image
-from test_cli import invoke
 
 from mtu_export.data import export_world_dataset
 from mtu_export.world import make_example

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_clean_failure, invoke
 from PIL import Image
-from test_cli import assert_clean_failure, invoke
 
 from mtu_export import cache as cache_module
 from mtu_export.cache import LatentCache, build_cache, encode_rows

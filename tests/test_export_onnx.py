@@ -12,30 +12,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import FAST, PROMPT, assert_clean_failure, invoke, unet_inputs
 from PIL import Image
-from test_cli import assert_clean_failure, invoke
-from test_fold import perturb_
 
 from mtu_export.bundle import bundle_tasks
-from mtu_export.config import MoEConfig
 from mtu_export.export import onnx as onnx_export
 from mtu_export.export.onnx import psnr_db
 from mtu_export.fold import fold_checkpoint, fold_task
-from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
 from mtu_export.world import make_example
 
 GRAPH_PSNR_MIN_DB = 60.0  # fp32 graphs vs torch on trajectory inputs
 PIPELINE_PSNR_MIN_DB = 40.0  # optimum's ORT pipeline vs diffusers' torch pipeline, same seed, uint8 images
 BUNDLE_RATIO_MAX = 1.05  # all-task bundle bytes / one single-task export
 BUNDLE_ATOL = 1e-5  # bundle (task_id) vs routed model, fp32
-FAST = ("--image-count", "1")
-PROMPT = "a large red circle in the middle on a white background"
-
-
-@pytest.fixture(scope="module")
-def mtu_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig()), scale=0.1)
-    return save_checkpoint(mtu, tmp_path_factory.mktemp("mtu") / "ckpt", pipeline_dir=world_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +43,6 @@ def _manifest(folder: Path) -> dict:
 
 
 def test_bundle_with_task_id_equals_the_routed_model_for_every_task(mtu_world):
-    from conftest import unet_inputs
-
     from mtu_export.upcycle import load_checkpoint
 
     mtu = load_checkpoint(mtu_world).model

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from test_cli import assert_clean_failure, invoke
+from helpers import assert_clean_failure, invoke
 
 from mtu_export.config import BaseRecipe
 from mtu_export.pretrain import load_recipe, train_vae

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from test_cli import assert_clean_failure, invoke, runner
+from helpers import assert_clean_failure, invoke, runner
 
 from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError
 from mtu_export.storage import (
