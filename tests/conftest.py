@@ -1,17 +1,24 @@
 """Fixtures: real diffusers / transformers classes at tiny sizes, seeded, built offline; plain helpers are in
-helpers.py."""
+helpers.py.
+
+Torch runs on one thread here: the models are tiny, and on a busy 2-core machine a second thread made a tiny UNet
+forward 100x slower (2.9 s against 0.025 s), waiting for a core. Nothing in the fast tier measures torch's
+threading (`bench-train` records the count it ran with; child processes keep their own settings)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import UNet2DConditionModel
 from helpers import perturb_
 
 from mtu_export.config import MoEConfig
 from mtu_export.tiny import tiny_unet, write_tiny_pipeline, write_world_pipeline
 from mtu_export.upcycle import load_unet, save_checkpoint, upcycle_unet
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture
