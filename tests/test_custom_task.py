@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
 from helpers import invoke
@@ -33,6 +34,7 @@ def write_colorize_dataset(folder: Path, split: str, count: int) -> Path:
     return folder
 
 
+@pytest.mark.slow  # end to end: train, eval, export, fold
 def test_a_declared_task_trains_evaluates_exports_and_folds(world_pipeline, tmp_path):
     data = []
     for task in TASKS:

@@ -236,6 +236,7 @@ def test_parity_table_flags_tasks_below_the_goal():
     assert "| sr | **psnr** | 30.0000 | 29.0000 | 1.0345 | yes |" in text
 
 
+@pytest.mark.slow  # end to end: samples every task on two checkpoints
 def test_parity_report_end_to_end(world_pipeline, tmp_path):
     from PIL import Image
 
