@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint demo base-model eval-base mtu-models ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
+.PHONY: install test test-slow test-macos lint demo base-model eval-base mtu-models ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Core ML packages run and compared with torch (PSNR per package): macOS only; elsewhere the tests skip and say why.
+test-macos: $(STAMP)
+	$(BIN)/python -m pytest -q -m macos
 
 lint: $(STAMP)
 	$(BIN)/ruff check mtu_export tests
