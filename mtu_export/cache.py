@@ -78,11 +78,14 @@ def encode_rows(source: Source, vae, tokenizer, rows: range) -> dict[str, np.nda
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def build_cache(folder: Path, source: Source, vae, tokenizer, state=None, log=print) -> LatentCache:
-    """Encode `source` into `folder` once (this rank's shards; all ranks wait for the whole), or reuse it when it
-    was built from the same source. Raises CheckpointError if `folder` holds another source's cache."""
+def build_cache(
+    folder: Path, source: Source, vae, tokenizer, state=None, log=print, shard_rows: int = SHARD_ROWS
+) -> LatentCache:
+    """Encode `source` into `folder` once (this rank's shards of `shard_rows` rows; all ranks wait for the whole),
+    or reuse it when it was built from the same source and shard size. Raises CheckpointError if `folder` holds
+    another source's cache."""
     folder = Path(folder)
-    wanted = {"format": CACHE_FORMAT, "source": source.describe(), "rows": len(source), "shard_rows": SHARD_ROWS}
+    wanted = {"format": CACHE_FORMAT, "source": source.describe(), "rows": len(source), "shard_rows": shard_rows}
     if (folder / META).is_file():
         found = json.loads((folder / META).read_text())
         if {k: found.get(k) for k in wanted} != json.loads(json.dumps(wanted)):
@@ -92,9 +95,9 @@ def build_cache(folder: Path, source: Source, vae, tokenizer, state=None, log=pr
             )
         return LatentCache(folder, source.task)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    shards = math.ceil(len(source) / SHARD_ROWS)
+    shards = math.ceil(len(source) / shard_rows)
     for shard in range(rank, shards, world):
-        rows = range(shard * SHARD_ROWS, min((shard + 1) * SHARD_ROWS, len(source)))
+        rows = range(shard * shard_rows, min((shard + 1) * shard_rows, len(source)))
         if (folder / _shard_name(shard)).is_dir():  # an interrupted build already finished this shard
             continue
         _write_shard(folder, shard, encode_rows(source, vae, tokenizer, rows))

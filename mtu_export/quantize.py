@@ -47,7 +47,7 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
 
     if not calibration:
         raise ConfigError("static int8 quantization needs calibration inputs; none were recorded")
-    keep = _static_exclusions(onnx.load(str(src), load_external_data=False).graph)
+    keep = static_exclusions(onnx.load(str(src), load_external_data=False).graph)
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: Iterable[Feeds]) -> None:
@@ -69,7 +69,7 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
     )
 
 
-def _static_exclusions(graph) -> list[str]:
+def static_exclusions(graph) -> list[str]:
     """Nodes static int8 leaves in fp32: the input and output convolutions and the timestep embedding, and the
     attention products whose both operands are activations (Q·Kᵀ and softmax·V: two calibrated ranges per product,
     and the softmax output's range is dominated by its rare peaks)."""

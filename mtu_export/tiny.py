@@ -1,5 +1,6 @@
 """A tiny Stable-Diffusion-shaped pipeline with random weights, built offline from real diffusers and
-transformers classes: the fixture of the test suite and the model of `make demo` until a trained model ships.
+transformers classes, and a toy shapes-world pipeline: the test suite's fixtures (`bench.peers` borrows the
+tokenizer).
 """
 
 from __future__ import annotations
@@ -154,21 +155,3 @@ def write_world_pipeline(path: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Path(path)
-
-
-def main() -> None:
-    """`python -m mtu_export.tiny PATH`: write the tiny random pipeline (used by `make demo`)."""
-    import sys
-
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m mtu_export.tiny OUT_DIR")
-    out = Path(sys.argv[1])
-    if out.exists():
-        print(f"{out} exists; keeping it")
-        return
-    write_tiny_pipeline(out)
-    print(f"wrote a tiny random StableDiffusionPipeline to {out}")
-
-
-if __name__ == "__main__":
-    main()

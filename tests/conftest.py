@@ -1,4 +1,9 @@
-"""Fixtures: real diffusers / transformers classes at tiny sizes, seeded, built offline."""
+"""Fixtures: real diffusers / transformers classes at tiny sizes, seeded, built offline; plain helpers are in
+helpers.py.
+
+Torch runs on one thread here: the models are tiny, and on a busy 2-core machine a second thread made a tiny UNet
+forward 100x slower (2.9 s against 0.025 s), waiting for a core. Nothing in the fast tier measures torch's
+threading (`bench-train` records the count it ran with; child processes keep their own settings)."""
 
 from __future__ import annotations
 
@@ -7,19 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from helpers import perturb_
 
-from mtu_export.tiny import CROSS_DIM, tiny_unet, write_tiny_pipeline, write_world_pipeline
+from mtu_export.checkpoint import save_checkpoint
+from mtu_export.config import MoEConfig
+from mtu_export.tiny import tiny_unet, write_tiny_pipeline, write_world_pipeline
+from mtu_export.upcycle import load_unet, upcycle_unet
 
-__all__ = ["CROSS_DIM", "tiny_unet", "unet_inputs", "write_tiny_pipeline"]
-
-
-def unet_inputs(in_channels: int = 4, batch: int = 2, size: int = 16, seed: int = 1, dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        sample=torch.randn(batch, in_channels, size, size, generator=g).to(dtype),
-        timestep=torch.tensor([10, 500][:batch] + [999] * max(0, batch - 2)),
-        encoder_hidden_states=torch.randn(batch, 7, CROSS_DIM, generator=g).to(dtype),
-    )
+torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -42,3 +42,10 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def world_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy shapes-world pipeline (factor-4 VAE, world tokenizer) made by the real base-model recipe."""
     return write_world_pipeline(tmp_path_factory.mktemp("world") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def mtu_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-task MTU checkpoint of `world_pipeline`, perturbed so that tasks really differ; read-only for tests."""
+    mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig()), scale=0.1)
+    return save_checkpoint(mtu, tmp_path_factory.mktemp("mtu") / "ckpt", pipeline_dir=world_pipeline)

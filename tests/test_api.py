@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import assert_clean_failure, invoke
+from helpers import assert_clean_failure, invoke
 
 from mtu_export.config import COREML_QUANTIZE, DataSpec, ExportConfig, TrainConfig, parse_task_weights
 from mtu_export.errors import ConfigError, MtuError

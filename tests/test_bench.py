@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet
-from test_cli import assert_clean_failure, invoke
-from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
+from helpers import assert_clean_failure, invoke
 
 from mtu_export.bench.flops import onnx_flops, torch_flops
 from mtu_export.bench.gate import check, enforce
 from mtu_export.bench.graphs import export_fixed, graph_signature, unet_feed
 from mtu_export.bench.timing import interleaved, interleaved_rounds
 from mtu_export.errors import BenchGateError, ConfigError
+from mtu_export.tiny import tiny_unet
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -89,7 +88,7 @@ def test_latency_rounds_open_fresh_sessions_and_alternate_the_order():
 
 
 @pytest.fixture(scope="module")
-def report(mtu_world: Path, world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def report(mtu_world: Path, world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     args = ("--base", world_pipeline, "--repeats", "2", "--rounds", "2", "--pairs", "3", "--warmup", "1")
     args += ("--steps", "2", "--modes", "dynamic-int8")

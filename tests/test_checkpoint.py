@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import unet_inputs
-from test_fold import perturb_
+from helpers import perturb_, unet_inputs
 
 from mtu_export.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint
 from mtu_export.config import MoEConfig, TaskSpec

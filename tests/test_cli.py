@@ -17,30 +17,13 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from helpers import assert_clean_failure, invoke, perturb_
 from PIL import Image
-from typer.testing import CliRunner
 
-from mtu_export.cli import app
 from mtu_export.errors import ConfigError, DriftError, MtuError
 
-runner = CliRunner()
 STEPS = 2
 SIZE = 32  # pixels; the tiny VAE downsamples by 2 -> 16x16 latents
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_failure(result, pattern: str, exit_code: int | None = None) -> None:
-    assert result.exit_code != 0, result.output
-    if exit_code is not None:
-        assert result.exit_code == exit_code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +251,6 @@ FOLD_ATOL = 1e-5  # the README's fold check, relative to max(1, |routed|): it mu
 
 @pytest.fixture(scope="module")
 def fp16_ckpt(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_fold import perturb_
 
     from mtu_export.checkpoint import save_checkpoint
     from mtu_export.config import MoEConfig

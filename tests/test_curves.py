@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_clean_failure, invoke
 from safetensors.torch import load_file
-from test_cli import assert_clean_failure, invoke
 
 from mtu_export.checkpoint import CHECKPOINT_WEIGHTS
 from mtu_export.config import TrainConfig

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
+from helpers import invoke
 from PIL import Image
-from test_cli import invoke
 
 from mtu_export.data import export_world_dataset
 from mtu_export.world import make_example
@@ -33,6 +34,7 @@ def write_colorize_dataset(folder: Path, split: str, count: int) -> Path:
     return folder
 
 
+@pytest.mark.slow  # end to end: train, eval, export, fold
 def test_a_declared_task_trains_evaluates_exports_and_folds(world_pipeline, tmp_path):
     data = []
     for task in TASKS:

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_clean_failure, invoke
 from PIL import Image
-from test_cli import assert_clean_failure, invoke
 
-from mtu_export import cache as cache_module
 from mtu_export.cache import LatentCache, build_cache, encode_rows
 from mtu_export.config import DataSpec, TaskSpec, TrainConfig
 from mtu_export.data import DatasetSource, WorldSource, export_world_dataset, open_source, random_mask
@@ -141,13 +140,10 @@ def test_sr_derives_its_low_res_input_and_inpaint_draws_random_masks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- cache
-def test_cache_shards_match_a_direct_encoding_and_a_resumed_build_reuses_finished_shards(
-    world_pipeline, tmp_path, monkeypatch
-):
-    monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)
+def test_cache_shards_match_a_direct_encoding_and_a_resumed_build_reuses_finished_shards(world_pipeline, tmp_path):
     vae, _, tokenizer, _, _ = load_base(world_pipeline)
     source = WorldSource(BUILTIN["inpaint"], "train", 64, 16, count=10)
-    cache = build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None)
+    cache = build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None, shard_rows=4)
     assert len(cache) == 10 and sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == [
         "shard-00000",
         "shard-00001",
@@ -159,11 +155,11 @@ def test_cache_shards_match_a_direct_encoding_and_a_resumed_build_reuses_finishe
         assert np.array_equal(value.numpy(), direct[key][index.numpy()]), key
     stamp = (tmp_path / "c" / "shard-00001" / "input_ids.npy").stat().st_mtime_ns
     (tmp_path / "c" / "meta.json").unlink()  # as if interrupted before the last step
-    build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None)
+    build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None, shard_rows=4)
     assert (tmp_path / "c" / "shard-00001" / "input_ids.npy").stat().st_mtime_ns == stamp
     other = WorldSource(BUILTIN["inpaint"], "train", 64, 16, count=11)
     with pytest.raises(Exception, match="caches another dataset"):
-        build_cache(tmp_path / "c", other, vae, tokenizer, log=lambda m: None)
+        build_cache(tmp_path / "c", other, vae, tokenizer, log=lambda m: None, shard_rows=4)
     assert isinstance(LatentCache(tmp_path / "c").gather(torch.tensor([1]))["input_ids"], torch.Tensor)
 
 

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import assert_clean_failure, invoke
-from test_export_onnx import mtu_world  # noqa: F401 (module fixture reused)
+from helpers import assert_clean_failure, invoke
 
 from mtu_export.config import ExportConfig
 from mtu_export.export.coreml import convert_module, describe_package, require_coremltools
@@ -22,7 +21,7 @@ COREML_PSNR_MIN_DB = 35.0
 
 
 @pytest.fixture(scope="module")
-def coreml_t2i(mtu_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def coreml_t2i(mtu_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("coreml") / "t2i"
     result = invoke("coreml", mtu_world, "--task", "t2i", "--out", out)
     assert result.exit_code == 0, result.output
@@ -64,7 +63,7 @@ def test_folded_task_has_the_op_census_of_a_stock_unet(coreml_t2i, world_pipelin
     assert "softmax" in got  # attention is there; nothing was lost on the way
 
 
-def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(mtu_world, tmp_path):  # noqa: F811
+def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(mtu_world, tmp_path):
     out = tmp_path / "all"
     result = invoke("coreml", mtu_world, "--task", "all", "--out", out)
     assert result.exit_code == 0, result.output
@@ -77,7 +76,7 @@ def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(m
     assert sizes["ratio_to_separate"] <= MULTIFUNCTION_MAX_RATIO, sizes
 
 
-def test_int8_weights_shrink_the_unet(mtu_world, coreml_t2i, tmp_path):  # noqa: F811
+def test_int8_weights_shrink_the_unet(mtu_world, coreml_t2i, tmp_path):
     out = tmp_path / "int8"
     result = invoke("coreml", mtu_world, "--task", "t2i", "--quantize", "int8", "--out", out)
     assert result.exit_code == 0, result.output
@@ -96,13 +95,13 @@ def test_int8_weights_shrink_the_unet(mtu_world, coreml_t2i, tmp_path):  # noqa:
         (("--task", "t2i", "--target", "iOS16"), "--target 'iOS16' is not supported"),
     ],
 )
-def test_bad_coreml_options_are_one_line_errors(mtu_world, tmp_path, args, message):  # noqa: F811
+def test_bad_coreml_options_are_one_line_errors(mtu_world, tmp_path, args, message):
     result = invoke("coreml", mtu_world, "--out", tmp_path / "x", *args)
     assert_clean_failure(result, message, exit_code=3)
     assert not (tmp_path / "x").exists()
 
 
-def test_missing_coremltools_is_a_one_line_error(mtu_world, tmp_path, monkeypatch):  # noqa: F811
+def test_missing_coremltools_is_a_one_line_error(mtu_world, tmp_path, monkeypatch):
     real_import = builtins.__import__
 
     def no_coremltools(name, *args, **kwargs):

@@ -10,8 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_cli import assert_clean_failure, invoke
-from test_export_onnx import FAST, PROMPT, mtu_world  # noqa: F401 (module fixture)
+from helpers import FAST, PROMPT, assert_clean_failure, invoke, unet_inputs
 
 from mtu_export.checkpoint import load_checkpoint
 from mtu_export.export.attention import fuse_attention_
@@ -22,8 +21,6 @@ PIPELINE_PSNR_MIN_DB = 40.0
 
 
 def test_fused_processor_computes_exactly_what_diffusers_does():
-    from conftest import unet_inputs
-
     unet = tiny_unet().eval()
     fused = copy.deepcopy(unet)
     assert fuse_attention_(fused) > 0
@@ -33,7 +30,7 @@ def test_fused_processor_computes_exactly_what_diffusers_does():
 
 
 @pytest.mark.parametrize("task", ["t2i", "all"])
-def test_fused_export_has_one_attention_node_per_layer_and_validates(task, mtu_world, tmp_path):  # noqa: F811
+def test_fused_export_has_one_attention_node_per_layer_and_validates(task, mtu_world, tmp_path):
     out = tmp_path / task
     result = invoke("onnx", mtu_world, "--task", task, "--attention", "fused", "--out", out, *FAST)
     assert result.exit_code == 0, result.output
@@ -48,7 +45,7 @@ def test_fused_export_has_one_attention_node_per_layer_and_validates(task, mtu_w
     assert manifest["export"]["attention"] == "fused"
 
 
-def test_optimum_runs_the_fused_t2i_folder(mtu_world, tmp_path):  # noqa: F811
+def test_optimum_runs_the_fused_t2i_folder(mtu_world, tmp_path):
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     images = {}
@@ -63,7 +60,7 @@ def test_optimum_runs_the_fused_t2i_folder(mtu_world, tmp_path):  # noqa: F811
     assert mse == 0 or 10 * np.log10(1 / mse) >= PIPELINE_PSNR_MIN_DB
 
 
-def test_fused_attention_refuses_the_dynamo_exporter(mtu_world, tmp_path):  # noqa: F811
+def test_fused_attention_refuses_the_dynamo_exporter(mtu_world, tmp_path):
     result = invoke("onnx", mtu_world, "--attention", "fused", "--dynamo", "--out", tmp_path / "o")
     assert_clean_failure(result, "needs the TorchScript exporter", exit_code=3)
     assert not (tmp_path / "o").exists()

@@ -12,31 +12,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import FAST, PROMPT, assert_clean_failure, invoke, unet_inputs
 from PIL import Image
-from test_cli import assert_clean_failure, invoke
-from test_fold import perturb_
 
 from mtu_export.bundle import bundle_tasks
-from mtu_export.checkpoint import save_checkpoint
-from mtu_export.config import MoEConfig
 from mtu_export.export import onnx as onnx_export
 from mtu_export.fold import fold_checkpoint, fold_task
 from mtu_export.metrics import psnr_db
-from mtu_export.upcycle import load_unet, upcycle_unet
 from mtu_export.world import make_example
 
 GRAPH_PSNR_MIN_DB = 60.0  # fp32 graphs vs torch on trajectory inputs
 PIPELINE_PSNR_MIN_DB = 40.0  # optimum's ORT pipeline vs diffusers' torch pipeline, same seed, uint8 images
 BUNDLE_RATIO_MAX = 1.05  # all-task bundle bytes / one single-task export
 BUNDLE_ATOL = 1e-5  # bundle (task_id) vs routed model, fp32
-FAST = ("--image-count", "1")
-PROMPT = "a large red circle in the middle on a white background"
-
-
-@pytest.fixture(scope="module")
-def mtu_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig()), scale=0.1)
-    return save_checkpoint(mtu, tmp_path_factory.mktemp("mtu") / "ckpt", pipeline_dir=world_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,6 @@ def _manifest(folder: Path) -> dict:
 
 
 def test_bundle_with_task_id_equals_the_routed_model_for_every_task(mtu_world):
-    from conftest import unet_inputs
 
     from mtu_export.checkpoint import load_checkpoint
 
@@ -189,9 +176,9 @@ def test_quantized_exports_validate_and_keep_the_fp32_reference(mtu_world, tmp_p
 
 def _assert_attention_products_stay_fp32(out):
     """Static int8 quantizes weight products and leaves Q·Kᵀ and softmax·V (both operands activations) in fp32."""
-    from mtu_export.quantize import _static_exclusions
+    from mtu_export.quantize import static_exclusions
 
-    kept = set(_static_exclusions(onnx.load(str(out / "unet_fp32" / "model.onnx")).graph))
+    kept = set(static_exclusions(onnx.load(str(out / "unet_fp32" / "model.onnx")).graph))
     graph = onnx.load(str(out / "unet" / "model.onnx")).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
@@ -202,10 +189,10 @@ def _assert_attention_products_stay_fp32(out):
 
 
 def test_a_drifting_graph_fails_the_export_and_writes_nothing(mtu_world, tmp_path, monkeypatch):
-    original = onnx_export._Exporter.write_graph
+    original = onnx_export.write_graph
 
-    def tampered(self, spec, module, example, folder):
-        path = original(self, spec, module, example, folder)
+    def tampered(spec, module, example, folder, *args, **kwargs):
+        path = original(spec, module, example, folder, *args, **kwargs)
         if spec.component == "unet" and folder.name == "unet":
             model = onnx.load(str(path))
             weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
@@ -215,7 +202,7 @@ def test_a_drifting_graph_fails_the_export_and_writes_nothing(mtu_world, tmp_pat
             onnx.save_model(model, str(path))
         return path
 
-    monkeypatch.setattr(onnx_export._Exporter, "write_graph", tampered)
+    monkeypatch.setattr(onnx_export, "write_graph", tampered)
     result = invoke("onnx", mtu_world, "--task", "t2i", "--out", tmp_path / "bad", "--image-count", "0")
     assert_clean_failure(result, "drift from torch", exit_code=6)
     assert "unet[t2i].out_sample" in result.stderr

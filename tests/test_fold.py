@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_unet, unet_inputs
 from diffusers import UNet2DConditionModel
+from helpers import perturb_, unet_inputs
 
 from mtu_export.config import MoEConfig
 from mtu_export.errors import DriftError
 from mtu_export.fold import fold_task, verify_fold
 from mtu_export.moe import MTUUNet
+from mtu_export.tiny import tiny_unet
 from mtu_export.upcycle import upcycle_unet
 
 FOLD_ATOL_FP32 = 1e-5
 FOLD_ATOL_FP64 = 1e-10
 ROUNDTRIP_ATOL = 0.0  # save_pretrained / from_pretrained must be bit-exact
-
-
-@torch.no_grad()
-def perturb_(mtu: MTUUNet, seed: int = 0, scale: float = 0.3) -> MTUUNet:
-    """Move every trainable parameter as training would, so routing becomes non-uniform and tasks differ."""
-    g = torch.Generator().manual_seed(seed)
-    for _, param in mtu.trainable_parameters():
-        noise = torch.randn(param.shape, generator=g).to(param.dtype)
-        param.add_(noise * scale * (param.std() if param.numel() > 1 and param.std() > 0 else 1.0))
-    return mtu
 
 
 def _routed_and_folded(mtu: MTUUNet, task: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

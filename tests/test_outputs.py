@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_clean_failure, invoke
 from PIL import Image
-from test_cli import assert_clean_failure, invoke
 
 from mtu_export.errors import ConfigError, InputError, OutputExistsError
 

@@ -17,8 +17,8 @@ import diffusers
 import numpy as np
 import pytest
 from diffusers import DiffusionPipeline, OnnxRuntimeModel
+from helpers import PROMPT, invoke
 from PIL import Image
-from test_cli import invoke
 from transformers import CLIPTokenizer
 
 from mtu_export import pipelines
@@ -34,7 +34,6 @@ STEPS, GUIDANCE, IMAGE_GUIDANCE, SEED = 2, 3.0, 1.5, 3
 IMAGE_MAX_DIFF = 1  # uint8 levels: plain diffusers vs mtu-export's sampler, same weights, inputs and seed
 CONDITION_MIN_DIFF = 8  # uint8 levels: another low-res image must change the output by more than this
 LABEL = {"sr": ["pipeline_mtu", "MTUSuperResolutionPipeline"], "onnx": ["pipeline_mtu", "MTUOnnxPipeline"]}
-PROMPT = "a large red circle in the middle on a white background"
 
 # Runs in a fresh interpreter in which `import mtu_export` fails: what a user with only diffusers has.
 RUNNER = r"""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from test_cli import assert_clean_failure, invoke
+from helpers import assert_clean_failure, invoke
 
 from mtu_export.config import BaseRecipe
 from mtu_export.pretrain import load_recipe, train_vae
@@ -61,6 +61,7 @@ def test_resumed_training_matches_an_uninterrupted_run(recipe_file, tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.slow  # end to end: the whole recipe, as the world_pipeline fixture runs it
 def test_pretrain_writes_a_pipeline_plain_diffusers_runs(recipe_file, tmp_path):
     result = invoke("pretrain", "--recipe", recipe_file, "--work", tmp_path / "work", "--out", tmp_path / "pipe")
     assert result.exit_code == 0, result.output
@@ -77,6 +78,7 @@ def test_pretrain_writes_a_pipeline_plain_diffusers_runs(recipe_file, tmp_path):
     )
 
 
+@pytest.mark.slow  # end to end: the whole recipe again, v-prediction
 def test_v_prediction_recipe_ships_a_matching_scheduler(tmp_path):
     recipe_file = tmp_path / "v.toml"
     recipe_file.write_text('prediction_type = "v_prediction"\nzero_terminal_snr = true\n' + TINY_RECIPE)

@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_cli import invoke
 
 from mtu_export.errors import MtuError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from test_fold import perturb_
+from helpers import perturb_
 
 from mtu_export.config import SD15_UNET_CONFIG, MoEConfig
 from mtu_export.fold import fold_task

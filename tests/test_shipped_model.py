@@ -35,6 +35,7 @@ def test_plain_diffusers_generates_an_image(pipe):
     assert image.shape == (1, 64, 64, 3) and image.std() > 0.05
 
 
+@pytest.mark.slow  # quality: 16 images of 10 steps from the shipped model
 def test_it_draws_what_captions_say(pipe):
     captions = [make_example("t2i", "heldout", i).prompt for i in range(16)]
     images = pipe(captions, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np").images

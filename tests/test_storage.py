@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from test_cli import assert_clean_failure, invoke, runner
+from helpers import assert_clean_failure, invoke, runner
 
 from mtu_export.checkpoint import load_components
 from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError
@@ -162,7 +162,7 @@ def test_a_full_disk_is_one_clean_error_and_leaves_nothing(tmp_path):
 
 
 def test_cli_maps_a_full_disk_to_its_exit_code(tmp_path):
-    from mtu_export.cli import handles_errors
+    from mtu_export.display import handles_errors
 
     app = typer.Typer()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_clean_failure, invoke
 from safetensors.torch import load_file
-from test_cli import assert_clean_failure, invoke
 
 from mtu_export.checkpoint import CHECKPOINT_WEIGHTS, load_checkpoint
 from mtu_export.config import TrainConfig
@@ -259,6 +259,7 @@ def test_parity_table_flags_tasks_below_the_goal():
     assert "| sr | **psnr** | 30.0000 | 29.0000 | 1.0345 | yes |" in text
 
 
+@pytest.mark.slow  # end to end: samples every task on two checkpoints
 def test_parity_report_end_to_end(world_pipeline, tmp_path):
     from PIL import Image
 

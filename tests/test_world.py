@@ -118,8 +118,8 @@ def test_scene_reader_tolerates_blur_and_noise_but_not_wrong_captions():
 
 
 def test_world_command_writes_a_grid_and_rejects_bad_values(tmp_path):
+    from helpers import assert_clean_failure, invoke
     from PIL import Image
-    from test_cli import assert_clean_failure, invoke
 
     result = invoke("world", "--out", tmp_path / "grid.png", "--count", "3")
     assert result.exit_code == 0, result.output
