@@ -526,8 +526,9 @@ def bench_command(
         )
         console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
         for task, row in report["tasks"].items():
-            lat = row["unet_latency"]["mtu_vs_single"]
-            console.print(f"{task}: folded / single-task UNet latency {lat['ratio']:.3f}, {row['gflops']:.4f} GFLOPs")
+            lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
+            shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
+            console.print(f"{task}: UNet latency {shown}")
         console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
     if save_baseline is not None:
         check_output(save_baseline, overwrite)
