@@ -404,6 +404,7 @@ def coreml_command(
     height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
     quantize: Annotated[str, typer.Option(help="UNet: none, int8, palettize-6, palettize-4, int4-block.")] = "none",
+    attention: Annotated[str, typer.Option(help="UNet attention: default, split-einsum (Apple ANE).")] = "default",
     allow_drift: Annotated[bool, typer.Option(help="Keep packages that drift from torch (macOS check).")] = False,
     data: DataOption = None,
     column: ColumnOption = None,
@@ -421,6 +422,7 @@ def coreml_command(
         height=height,
         width=width,
         quantize=quantize,
+        attention=attention,
         allow_drift=allow_drift,
     )
     manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
