@@ -417,6 +417,7 @@ def coreml_command(
     height: Annotated[int | None, typer.Option(help="Image height in pixels (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels (default: the model's).")] = None,
     quantize: Annotated[str, typer.Option(help="UNet: none, int8, palettize-6, palettize-4, int4-block.")] = "none",
+    attention: Annotated[str, typer.Option(help="UNet attention: default, split-einsum (Apple ANE).")] = "default",
     allow_drift: Annotated[bool, typer.Option(help="Keep packages that drift from torch (macOS check).")] = False,
     data: DataOption = None,
     column: ColumnOption = None,
@@ -434,6 +435,7 @@ def coreml_command(
         height=height,
         width=width,
         quantize=quantize,
+        attention=attention,
         allow_drift=allow_drift,
     )
     manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
@@ -539,8 +541,9 @@ def bench_command(
         )
         console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
         for task, row in report["tasks"].items():
-            lat = row["unet_latency"]["mtu_vs_single"]
-            console.print(f"{task}: folded / single-task UNet latency {lat['ratio']:.3f}, {row['gflops']:.4f} GFLOPs")
+            lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
+            shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
+            console.print(f"{task}: UNet latency {shown}")
         console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
     if save_baseline is not None:
         check_output(save_baseline, overwrite)

@@ -367,7 +367,10 @@ ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "fp16")
 COREML_QUANTIZE = ("none", "int8", "palettize-6", "palettize-4", "int4-block")
 COREML_TARGETS = ("iOS17", "iOS18")
 MIN_OPSET, MAX_OPSET = 14, 21
-ATTENTION = ("default", "fused")  # fused: onnxruntime's MultiHeadAttention operator (export/attention.py)
+# The UNet attention each exporter offers: fused = onnxruntime's MultiHeadAttention operator (export/attention.py);
+# split-einsum = the Neural Engine's (B, C, 1, S) per-head einsum layout (export/split_einsum.py).
+ATTENTION_FOR = {"onnx": ("default", "fused"), "coreml": ("default", "split-einsum")}
+ATTENTION = ("default", "fused", "split-einsum")
 
 
 @dataclass(frozen=True)
@@ -385,7 +388,7 @@ class ExportConfig:
     height: int | None = None  # pixels; None: the UNet's sample_size times the VAE factor
     width: int | None = None
     external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
-    attention: str = "default"  # UNet attention as exported ops, or "fused" into onnxruntime's MultiHeadAttention
+    attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
     quantize: str = "none"
     allow_drift: bool = False
     probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
@@ -430,6 +433,13 @@ class ExportConfig:
             raise ConfigError(f"--compute-precision must be fp16 or fp32, got {self.compute_precision!r}")
 
     def check_quantize(self, choices: tuple[str, ...], command: str) -> None:
+        """The options whose choices depend on the exporter (`command`): the quantization mode, and the attention
+        layout (ATTENTION_FOR)."""
+        attention = ATTENTION_FOR[command]
+        if self.attention not in attention:
+            raise ConfigError(
+                f"`mtu-export {command} --attention {self.attention}` is not offered; choose {', '.join(attention)}"
+            )
         if self.quantize not in choices:
             raise ConfigError(
                 f"`mtu-export {command} --quantize {self.quantize}` is not a mode; choose {', '.join(choices)}"

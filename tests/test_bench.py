@@ -21,6 +21,7 @@ from mtu_export.errors import BenchGateError, ConfigError
 from mtu_export.tiny import tiny_unet
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+OPTIMIZED_PSNR_MIN_DB = 60.0  # the fused-attention graph against torch, as any fp32 export
 
 
 def test_torch_and_onnx_flop_counts_agree_exactly(tmp_path):
@@ -109,6 +110,8 @@ def test_bench_writes_json_markdown_and_plots(report):
         assert len(latency["mtu_vs_single"]["round_ratios"]) == 2 and latency["mtu_vs_single"]["pairs_per_round"] == 3
         assert len(latency["single_vs_single"]["round_ratios"]) == 2  # the A/A control
         assert all(mb > 0 for mb in row["peak_rss_mb"].values())  # each graph's own child process
+        assert len(latency["optimized_vs_plain"]["round_ratios"]) == 2  # fused attention vs the plain export
+        assert row["optimized"]["psnr_db"] is None or row["optimized"]["psnr_db"] >= OPTIMIZED_PSNR_MIN_DB
     t2i = results["tasks"]["t2i"]["flops_per_call_batch1"]
     assert t2i["base"]["torch"] == t2i["mtu"]["torch"]  # folded t2i costs exactly what the base model costs
     assert set(results["bundle"]["modes"]) == {"none", "dynamic-int8"}
@@ -116,6 +119,7 @@ def test_bench_writes_json_markdown_and_plots(report):
     assert all("skipped" in row["coreml_latency"] for row in results["tasks"].values())  # Core ML runs on macOS only
     markdown = (report / "bench.md").read_text()
     assert "Folded MTU task vs single-task UNet" in markdown and "dynamic-int8" in markdown
+    assert "Optimized vs plain export of the folded UNet" in markdown
     assert (report / "bench.png").stat().st_size > 1000
 
 
@@ -123,6 +127,7 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     results = json.loads((report / "bench.json").read_text())
     baseline = json.loads((report / "base.json").read_text())
     baseline["latency_ratio_max"] = 100.0  # this test doctors the numbers; real noise must not decide it
+    baseline["optimized_ratio_max"] = dict.fromkeys(baseline["optimized_ratio_max"], 100.0)
     (tmp_path / "baseline.json").write_text(json.dumps(baseline))
     (tmp_path / "honest.json").write_text(json.dumps(results))
     ok = invoke("bench", "--results", tmp_path / "honest.json", "--check", tmp_path / "baseline.json")
@@ -133,6 +138,7 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     doctored["tasks"]["sr"]["flops_per_call_batch1"]["mtu"]["torch"] += 2
     doctored["bundle"]["size_ratio"] = 1.5
     doctored["tasks"]["inpaint"]["same_structure"] = False
+    doctored["tasks"]["t2i"]["unet_latency"]["optimized_vs_plain"]["ratio"] = 150.0
     (tmp_path / "doctored.json").write_text(json.dumps(doctored))
     bad = invoke("bench", "--results", tmp_path / "doctored.json", "--check", tmp_path / "baseline.json")
     assert bad.exit_code == 7, bad.output
@@ -142,11 +148,12 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     assert "sr: folded MTU and single-task FLOPs differ" in bad.stderr
     assert "bundle bytes / one model 1.5000 exceeds" in bad.stderr
     assert "inpaint: folded and single-task graph structures differ" in bad.stderr
-    assert "6 benchmark violation(s)" in bad.stderr
+    assert "t2i: optimized / plain UNet latency 150.000 exceeds 100.000" in bad.stderr
+    assert "7 benchmark violation(s)" in bad.stderr
     # The Python API fails the same way: BenchGateError (exit 7) with every violation, none on the honest result.
     enforce(results, baseline, "baseline.json")
     seen: list[str] = []
-    with pytest.raises(BenchGateError, match=r"^6 benchmark violation\(s\) against baseline.json$") as failed:
+    with pytest.raises(BenchGateError, match=r"^7 benchmark violation\(s\) against baseline.json$") as failed:
         enforce(doctored, baseline, "baseline.json", on_violation=seen.append)
     assert failed.value.exit_code == 7 and failed.value.problems == seen == check(doctored, baseline)
 
@@ -169,6 +176,10 @@ BAD_BASELINES = {  # a doctoring of benchmarks/baseline.json -> the problem the 
         "'latency_ratio_max' should be a number, found string",
     ),
     "wrong entry type": (lambda b: b["flops"].update(t2i=1.5e9), "'flops.t2i' should be an integer, found number"),
+    "wrong bound type": (
+        lambda b: b["optimized_ratio_max"].update(sr="1.0"),
+        "'optimized_ratio_max.sr' should be a number, found string",
+    ),
     "not an object": (lambda b: b.update(image_psnr_min_db=[40]), "'image_psnr_min_db' should be an object"),
     "unknown mode": (lambda b: b["image_psnr_min_db"].update(int4=20), "unknown mode(s) int4"),
     "wrong format": (
@@ -208,6 +219,34 @@ def test_every_baseline_problem_is_listed_at_once_by_the_cli_and_the_api(tmp_pat
 def test_the_shipped_baseline_is_valid(tmp_path):
     results = json.loads((BENCHMARKS / "results" / "bench.json").read_text())
     assert isinstance(check(results, json.loads((BENCHMARKS / "baseline.json").read_text())), list)
+
+
+def with_optimized_rows(results: dict, ratio: float = 0.96, psnr_db: float | None = 100.0) -> dict:
+    """`results` as a bench run now records them: each task's optimized vs plain UNet latency and PSNR."""
+    results = copy.deepcopy(results)
+    for row in results["tasks"].values():
+        row["unet_latency"]["optimized_vs_plain"] = {"ratio": ratio, "round_ratios": [ratio]}
+        row["optimized"] = {"attention": "fused", "psnr_db": psnr_db, "max_abs_diff": 0.0}
+    return results
+
+
+def test_the_gate_fails_an_optimized_graph_that_lost_its_speed_up_or_its_quality():
+    baseline = json.loads((BENCHMARKS / "baseline.json").read_text())
+    honest = with_optimized_rows(json.loads((BENCHMARKS / "results" / "bench.json").read_text()))
+    assert not [p for p in check(honest, baseline) if "optimized" in p]
+    doctored = copy.deepcopy(honest)
+    doctored["tasks"]["t2i"]["unet_latency"]["optimized_vs_plain"]["ratio"] = 1.2
+    doctored["tasks"]["edit"]["optimized"]["psnr_db"] = 40.0
+    del doctored["tasks"]["sr"]["unet_latency"]["optimized_vs_plain"]
+    del baseline["optimized_ratio_max"]["inpaint"]
+    found = sorted(p for p in check(doctored, baseline) if "optimized" in p)
+    limit = json.loads((BENCHMARKS / "baseline.json").read_text())["optimized_ratio_max"]["t2i"]
+    assert found == [
+        "edit: optimized UNet PSNR 40.0 dB vs torch below 60.0 dB",
+        "inpaint: no optimized / plain bound in the baseline; regenerate it with --save-baseline",
+        "sr: optimized vs plain UNet not recorded (rerun bench)",
+        f"t2i: optimized / plain UNet latency 1.200 exceeds {limit:.3f}",
+    ]
 
 
 def test_bench_refuses_a_malformed_baseline_before_measuring(pipeline_dir, tmp_path):

@@ -9,15 +9,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import assert_clean_failure, invoke
 
-from mtu_export.config import ExportConfig
+from mtu_export.checkpoint import load_checkpoint
+from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.errors import ConfigError
 from mtu_export.export.coreml import convert_module, describe_package, require_coremltools
 from mtu_export.export.graphs import UNetGraph
+from mtu_export.export.split_einsum import split_einsum_attention_
+from mtu_export.fold import fold_task
+from mtu_export.metrics import psnr_db
+from mtu_export.tiny import tiny_unet
 from mtu_export.upcycle import load_unet
 
 MULTIFUNCTION_MAX_RATIO = 0.5  # four tasks in one package vs four separate packages
 COREML_PSNR_MIN_DB = 35.0
+SPLIT_EINSUM_PSNR_MIN_DB = 60.0  # the split-einsum UNet against the original, both torch fp32
+SHIPPED = Path(__file__).parents[1] / "models" / "shapes-mtu"
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,6 @@ def test_every_component_converts_and_reloads_with_the_expected_interface(coreml
 
 def test_folded_task_has_the_op_census_of_a_stock_unet(coreml_t2i, world_pipeline, tmp_path):
     """No routing op survives: the t2i package has exactly the ops of the base UNet converted the same way."""
-    import torch
-
     ct = require_coremltools()
     base = load_unet(world_pipeline).eval()
     feed = {
@@ -93,6 +100,7 @@ def test_int8_weights_shrink_the_unet(mtu_world, coreml_t2i, tmp_path):
         (("--task", "t2i", "--quantize", "int4-block"), "int4-block needs Core ML's iOS18 target"),
         (("--task", "t2i", "--quantize", "dynamic-int8"), "is not a mode"),
         (("--task", "t2i", "--target", "iOS16"), "--target 'iOS16' is not supported"),
+        (("--task", "t2i", "--attention", "fused"), "`mtu-export coreml --attention fused` is not offered"),
     ],
 )
 def test_bad_coreml_options_are_one_line_errors(mtu_world, tmp_path, args, message):
@@ -129,3 +137,71 @@ def test_coreml_packages_match_torch_on_macos(coreml_t2i):
     rows = _manifest(coreml_t2i)["agreement"]["rows"]
     assert {r["package"] for r in rows} >= {"text_encoder", "vae_encoder", "vae_decoder", "unet[t2i]"}
     assert all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in rows), rows
+
+
+# ------------------------------------------------------------------------------------------ split-einsum attention
+def _attention_inputs(unet, batch: int = 2, tokens: int = 7, seed: int = 1) -> dict:
+    size = unet.config.sample_size
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, unet.config.in_channels, size, size, generator=g),
+        "timestep": torch.tensor([500.0] * batch),
+        "encoder_hidden_states": torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=g),
+    }
+
+
+def _split_einsum_psnr(unet) -> tuple[int, float | None]:
+    inputs = _attention_inputs(unet)
+    with torch.no_grad():
+        before = unet(**inputs).sample.numpy()
+        layers = split_einsum_attention_(unet)
+        after = unet(**inputs).sample.numpy()
+    return layers, psnr_db(before, after)
+
+
+def test_split_einsum_attention_equals_the_original_unet_in_torch():
+    """A tiny real diffusers UNet, and the shipped model's folded t2i UNet: the same numbers, >= 60 dB."""
+    layers, value = _split_einsum_psnr(tiny_unet().eval())
+    assert layers > 0 and (value is None or value >= SPLIT_EINSUM_PSNR_MIN_DB), value
+    shipped = fold_task(load_checkpoint(SHIPPED, dtype=torch.float32).model, "t2i").eval()
+    layers, value = _split_einsum_psnr(shipped)
+    assert layers > 0 and (value is None or value >= SPLIT_EINSUM_PSNR_MIN_DB), value
+
+
+@pytest.fixture(scope="module")
+def coreml_split_einsum(mtu_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("coreml") / "t2i-split-einsum"
+    result = invoke("coreml", mtu_world, "--task", "t2i", "--attention", "split-einsum", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_split_einsum_export_records_its_torch_check_and_its_mil_op_census(coreml_split_einsum):
+    attention = _manifest(coreml_split_einsum)["attention"]
+    assert attention["layout"] == "split-einsum" and attention["layers"] > 0
+    (row,) = attention["torch_agreement"]
+    assert row["ok"] and (row["psnr_db"] is None or row["psnr_db"] >= SPLIT_EINSUM_PSNR_MIN_DB), row
+    census = attention["ops"]["main"]
+    # One softmax and two einsums per head of every layer; no batched matmul is left for attention.
+    assert census["einsum"] == 2 * census["softmax"] > 0 and census["matmul"] == 0, census
+    ops = _manifest(coreml_split_einsum)["packages"]["unet"]["functions"]["main"]["ops"]
+    assert {op: ops.get(op, 0) for op in census} == census
+
+
+def test_default_attention_keeps_the_exported_matmuls(coreml_t2i):
+    attention = _manifest(coreml_t2i)["attention"]
+    assert attention["layout"] == "default" and attention["torch_agreement"] == []
+    assert attention["ops"]["main"]["einsum"] == 0 and attention["ops"]["main"]["matmul"] > 0
+
+
+def test_split_einsum_is_a_core_ml_option_only():
+    with pytest.raises(ConfigError, match="`mtu-export onnx --attention split-einsum` is not offered"):
+        ExportConfig(attention="split-einsum").check_quantize(ONNX_QUANTIZE, "onnx")
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction exists only on macOS")
+def test_split_einsum_unet_matches_torch_on_macos(coreml_split_einsum):
+    rows = _manifest(coreml_split_einsum)["agreement"]["rows"]
+    unet = [r for r in rows if r["package"] == "unet[t2i]"]
+    assert unet and all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in unet), unet

@@ -1,6 +1,8 @@
 """The CI gate: a baseline (`make_baseline` writes it from a run; `read_baseline` validates one in full before any
-measuring), the check of a result against it (`check`: ratios only, never absolute times, every violation listed)
-and `enforce`, which fails with BenchGateError (exit 7) when anything is violated."""
+measuring), the check of a result against it (`check`: ratios only, never absolute times, every violation listed:
+folded ÷ single-task and optimized ÷ plain UNet latency, FLOPs, graph structure, bundle bytes, exported-vs-torch
+PSNR of every graph, and each quantization mode's end-to-end image PSNR floor for every task) and `enforce`, which
+fails with BenchGateError (exit 7) when anything is violated."""
 
 from __future__ import annotations
 
@@ -12,7 +14,12 @@ from mtu_export.config import ONNX_QUANTIZE
 from mtu_export.errors import BenchGateError, ConfigError
 from mtu_export.storage import read_json
 
-DEFAULT_TOLERANCES = {"latency_ratio_max": 1.10, "bundle_ratio_slack": 0.0, "graph_psnr_min_db": 60.0}
+DEFAULT_TOLERANCES = {
+    "latency_ratio_max": 1.10,
+    "optimized_ratio_max": 1.00,  # the optimized (fused-attention) UNet must not be slower than the plain export
+    "bundle_ratio_slack": 0.0,
+    "graph_psnr_min_db": 60.0,
+}
 BASELINE_FORMAT = "mtu-export-bench-baseline/1"
 
 
@@ -26,6 +33,7 @@ BASELINE_SCHEMA = {
     "bundle_ratio_max": (False, "a number", _is_number),
     "graph_psnr_min_db": (False, "a number", _is_number),
     "flops": (True, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "optimized_ratio_max": (True, "a number", _is_number),
     "image_psnr_min_db": (True, "a number or null", lambda v: v is None or _is_number(v)),
 }
 
@@ -79,12 +87,14 @@ def _require_valid(baseline: dict, where: str) -> None:
 
 
 def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
-    """A CI baseline from a run: exact FLOPs per task, the bundle ratio, PSNR floors, ratio tolerances."""
+    """A CI baseline from a run: exact FLOPs per task, the bundle ratio, PSNR floors, ratio tolerances (the
+    optimized ÷ plain UNet bound per task)."""
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     return {
         "format": BASELINE_FORMAT,
         "latency_ratio_max": tol["latency_ratio_max"],
         "flops": {task: row["flops_per_call_batch1"]["mtu"]["torch"] for task, row in results["tasks"].items()},
+        "optimized_ratio_max": {task: tol["optimized_ratio_max"] for task in results["tasks"]},
         "bundle_ratio_max": results["bundle"]["size_ratio"] + tol["bundle_ratio_slack"],
         "graph_psnr_min_db": tol["graph_psnr_min_db"],
         "image_psnr_min_db": {
@@ -128,6 +138,7 @@ def _task_problems(task: str, row: dict, baseline: dict) -> list[str]:
     ratio = row["unet_latency"]["mtu_vs_single"]["ratio"]
     if ratio > limit:
         problems.append(f"{task}: folded / single-task UNet latency {ratio:.3f} exceeds {limit:.3f}")
+    problems += _optimized_problems(task, row, baseline)
     if row.get("same_structure") is not True:
         found = "not recorded (rerun bench)" if "same_structure" not in row else "differ"
         problems.append(f"{task}: folded and single-task graph structures {found}")
@@ -144,6 +155,23 @@ def _task_problems(task: str, row: dict, baseline: dict) -> list[str]:
     if flops["mtu"]["torch"] != flops["single"]["torch"]:
         pair = f"{flops['mtu']['torch']} vs {flops['single']['torch']}"
         problems.append(f"{task}: folded MTU and single-task FLOPs differ ({pair})")
+    return problems
+
+
+def _optimized_problems(task: str, row: dict, baseline: dict) -> list[str]:
+    """The optimized (fused-attention) UNet against the plain export: its latency ratio and its PSNR vs torch."""
+    latency, optimized = row["unet_latency"].get("optimized_vs_plain"), row.get("optimized")
+    if latency is None or optimized is None:
+        return [f"{task}: optimized vs plain UNet not recorded (rerun bench)"]
+    problems = []
+    limit = baseline["optimized_ratio_max"].get(task)
+    if limit is None:
+        problems.append(f"{task}: no optimized / plain bound in the baseline; regenerate it with --save-baseline")
+    elif latency["ratio"] > limit:
+        problems.append(f"{task}: optimized / plain UNet latency {latency['ratio']:.3f} exceeds {limit:.3f}")
+    psnr, floor = optimized["psnr_db"], baseline["graph_psnr_min_db"]
+    if psnr is not None and psnr < floor:
+        problems.append(f"{task}: optimized UNet PSNR {psnr:.1f} dB vs torch below {floor} dB")
     return problems
 
 

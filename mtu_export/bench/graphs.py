@@ -1,9 +1,11 @@
 """The fixed-shape UNet graphs a benchmark measures: their example inputs (`unet_feed`), their export
-(`export_fixed`, through the exporter's own `write_graph`), their structure (`graph_signature`, weights aside) and
+(`export_fixed`, through the exporter's own `write_graph`, plain or with `mtu-export onnx --attention fused`'s
+MultiHeadAttention layers), their structure (`graph_signature`, weights aside) and
 their bytes on disk."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tempfile
 from pathlib import Path
@@ -11,10 +13,9 @@ from pathlib import Path
 import torch
 
 from mtu_export.config import ExportConfig
+from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import write_graph
-
-FIXED = ExportConfig(fixed_shapes=True)  # fp32, opset 18, TorchScript exporter; external data past 2 GB
 
 
 def unet_feed(unet_config: dict, task_channels: int, batch: int, tokens: int, seed: int) -> dict[str, torch.Tensor]:
@@ -28,12 +29,18 @@ def unet_feed(unet_config: dict, task_channels: int, batch: int, tokens: int, se
     }
 
 
-def export_fixed(unet, feed: dict, folder: Path) -> Path:
-    """A fixed-shape fp32 ONNX graph of `unet` on `feed`'s shapes in `folder/model.onnx`, checked by onnx."""
+def export_fixed(unet, feed: dict, folder: Path, attention: str = "default") -> Path:
+    """A fixed-shape fp32 ONNX graph of `unet` on `feed`'s shapes in `folder/model.onnx`, checked by onnx.
+    `attention="fused"` exports a copy of `unet` whose attention layers are one MultiHeadAttention node each, as
+    `mtu-export onnx --attention fused` does (`unet` itself is left as it was)."""
     import onnx
 
+    config = ExportConfig(fixed_shapes=True, attention=attention)
+    if attention == "fused":
+        unet = copy.deepcopy(unet)
+        fuse_attention_(unet)
     with tempfile.TemporaryDirectory(prefix="mtu-bench-graph-") as scratch:
-        path = write_graph(UNET, UNetGraph(unet), feed, Path(folder), FIXED, Path(scratch))
+        path = write_graph(UNET, UNetGraph(unet), feed, Path(folder), config, Path(scratch))
     onnx.checker.check_model(str(path))
     return path
 

@@ -22,7 +22,8 @@ def _spread(latency: dict) -> str:
 
 
 def render_markdown(results: dict) -> str:
-    """`bench.md`: the side-by-side table per task, the bundle and quantization table, parity, Core ML."""
+    """`bench.md`: the side-by-side table per task, optimized vs plain export, the bundle and quantization table,
+    parity, Core ML."""
     m = results["machine"]
     lines = [
         "# mtu-export bench",
@@ -64,6 +65,7 @@ def render_markdown(results: dict) -> str:
             f"{row['peak_rss_mb']['mtu']:.0f} / {row['peak_rss_mb']['single']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _optimized_table(results)
     bundle = results["bundle"]
     sizes = bundle["modes"]["none"]["sizes"]
     lines += [
@@ -97,6 +99,34 @@ def render_markdown(results: dict) -> str:
             )
     lines += ["", f"Core ML: {_coreml_status(results)}", ""]
     return "\n".join(lines)
+
+
+def _optimized_table(results: dict) -> list[str]:
+    """The folded UNet's optimized export (`--attention fused`) against its plain export, per task."""
+    rows = {t: r for t, r in results["tasks"].items() if "optimized_vs_plain" in r["unet_latency"]}
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Optimized vs plain export of the folded UNet",
+        "",
+        "Optimized: `mtu-export onnx --attention fused` (each attention layer one onnxruntime MultiHeadAttention "
+        "node); both sessions apply onnxruntime's own graph optimizations at load. Same rounds as above.",
+        "",
+        "| task | UNet ms optimized / plain | ratio (rounds) | PSNR vs torch dB | peak RSS MB optimized / plain |",
+        "|---|---|---|---|---|",
+    ]
+    for task, row in rows.items():
+        lat, psnr, rss = row["unet_latency"]["optimized_vs_plain"], row["optimized"]["psnr_db"], row["peak_rss_mb"]
+        cells = [
+            task,
+            f"{lat['a_median_ms']:.2f} / {lat['b_median_ms']:.2f}",
+            f"**{lat['ratio']:.3f}** ({_spread(lat)})",
+            "identical" if psnr is None else f"{psnr:.1f}",
+            f"{rss['optimized']:.0f} / {rss['mtu']:.0f}" if "optimized" in rss else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _coreml_status(results: dict) -> str:

@@ -43,18 +43,7 @@ class FusedAttnProcessor:
     one `MultiHeadAttention` node. Refuses the attention variants it does not cover (masks, q/k norms, ...)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        unsupported = [
-            name
-            for name, present in (
-                ("attention_mask", attention_mask is not None),
-                ("spatial_norm", attn.spatial_norm is not None),
-                ("norm_q/norm_k", attn.norm_q is not None or attn.norm_k is not None),
-                ("scale", attn.scale != (attn.inner_dim // attn.heads) ** -0.5),
-            )
-            if present
-        ]
-        if unsupported:
-            raise NotImplementedError(f"fused attention does not cover {', '.join(unsupported)}")
+        refuse_unsupported(attn, attention_mask, "fused attention", custom_scale=False)
         residual = hidden_states
         four_d = hidden_states.ndim == 4
         if four_d:
@@ -75,6 +64,23 @@ class FusedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def refuse_unsupported(attn, attention_mask, name: str, custom_scale: bool) -> None:
+    """Raise NotImplementedError naming every feature of diffusers' `Attention` an export processor `name` does not
+    reproduce (masks, spatial norm, q/k norms; a non-default softmax scale unless `custom_scale`)."""
+    unsupported = [
+        feature
+        for feature, present in (
+            ("attention_mask", attention_mask is not None),
+            ("spatial_norm", attn.spatial_norm is not None),
+            ("norm_q/norm_k", attn.norm_q is not None or attn.norm_k is not None),
+            ("scale", not custom_scale and attn.scale != (attn.inner_dim // attn.heads) ** -0.5),
+        )
+        if present
+    ]
+    if unsupported:
+        raise NotImplementedError(f"{name} does not cover {', '.join(unsupported)}")
 
 
 def fuse_attention_(model: nn.Module) -> int:

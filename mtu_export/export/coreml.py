@@ -10,6 +10,10 @@ Conversion traces each module and converts it with fp16 compute by default. On L
 model, so every package is checked structurally: it is reloaded, its inputs and outputs are read from the spec and
 its MIL ops are counted (a folded task has exactly the op census of a stock UNet: no routing left). On macOS each
 package is also run on the trajectory inputs of the ONNX validation and compared with torch (PSNR per output).
+
+`--attention split-einsum` converts the UNet with the Neural Engine's attention layout (split_einsum.py), checked
+first in torch against the UNet as it was (>= 60 dB, anywhere); the manifest's `attention` records that and the
+UNet's einsum / matmul / softmax census. Its speed can only be measured on a Mac.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from mtu_export.export.prepare import (
     resolve_tasks,
 )
 from mtu_export.export.probes import trajectory_probes
+from mtu_export.export.split_einsum import split_einsum_attention_
 from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
@@ -49,6 +54,8 @@ from mtu_export.storage import atomic_output_dir, check_output, check_separate, 
 MANIFEST = "manifest.json"
 PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_decoder": "VAEDecoder", "unet": "Unet"}
 COREML_PSNR_FLOOR_DB = 35.0  # Apple's own converter refuses a Stable Diffusion component under 35 dB
+SPLIT_EINSUM_PSNR_FLOOR_DB = 60.0  # the split-einsum UNet against the original, both torch fp32: same math
+ATTENTION_OPS = ("einsum", "matmul", "softmax")  # the MIL ops counted in the manifest's attention census
 Log = Callable[[str], None]
 
 
@@ -106,6 +113,7 @@ def export_coreml(
         examples = sources.validation(task, 1)
         probes[task] = trajectory_probes(unets[task], sources.tasks[task], examples, components, sampler)
     log(f"recorded heldout trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
+    attention = _set_attention(config, unets, probes, log)
     vae, text_encoder = components.vae, components.text_encoder
     first = probes[tasks[0]].feeds
     with tempfile.TemporaryDirectory(prefix="mtu-coreml-") as scratch, atomic_output_dir(out, overwrite) as tmp:
@@ -129,6 +137,7 @@ def export_coreml(
             "packages": checks,
             "sizes": converter.sizes,
             "agreement": agreement,
+            "attention": attention | {"ops": _attention_census(checks["unet"])},
             "agreement_floor_db": COREML_PSNR_FLOOR_DB,
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
         }
@@ -138,6 +147,47 @@ def export_coreml(
             listed = "; ".join(f"{r['package']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
             raise DriftError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
     return manifest
+
+
+def _set_attention(config: ExportConfig, unets: dict, probes: dict, log: Log) -> dict:
+    """`--attention split-einsum`: give each folded UNet the Neural Engine's attention layout, in place, and check
+    it against the UNet as it was on the first recorded UNet input (torch vs torch: this runs anywhere)."""
+    if config.attention == "default":
+        return {"layout": "default", "torch_agreement": []}
+    rows = []
+    for task, unet in unets.items():
+        feed = probes[task].feeds["unet"][0]
+        inputs = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])
+        with torch.no_grad():
+            before = unet(*inputs).sample.numpy()
+            layers = split_einsum_attention_(unet)
+            after = unet(*inputs).sample.numpy()
+        value = psnr_db(before, after)
+        rows.append(
+            {
+                "package": f"unet[{task}]",
+                "output": "out_sample",
+                "psnr_db": value,
+                "max_abs_diff": float(np.abs(before - after).max()),
+                "floor_db": SPLIT_EINSUM_PSNR_FLOOR_DB,
+                "ok": value is None or value >= SPLIT_EINSUM_PSNR_FLOOR_DB,
+            }
+        )
+        shown = "identical" if value is None else f"{value:.1f} dB"
+        log(f"{task}: split-einsum attention in {layers} layers; torch vs the original UNet {shown}")
+    failed = [r for r in rows if not r["ok"]]
+    if failed and not config.allow_drift:
+        listed = "; ".join(f"{r['package']}: {r['psnr_db']:.1f} dB (floor {r['floor_db']:.0f} dB)" for r in failed)
+        raise DriftError(f"split-einsum attention drifts from the original UNet: {listed}; nothing was written")
+    return {"layout": config.attention, "layers": layers, "torch_agreement": rows}
+
+
+def _attention_census(unet_package: dict) -> dict[str, dict[str, int]]:
+    """Per UNet function, the MIL ops that carry attention (einsum, matmul, softmax), zeros included."""
+    return {
+        name: {op: function["ops"].get(op, 0) for op in ATTENTION_OPS}
+        for name, function in unet_package["functions"].items()
+    }
 
 
 def _package_files(packages: dict) -> dict[str, str]:
