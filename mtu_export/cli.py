@@ -62,14 +62,6 @@ def _separate(out: Path | None, *inputs: Path | str | None, data: dict | None = 
         check_separate(out, *inputs, *(spec.path for spec in (data or {}).values()), option=option)
 
 
-def _parse_tasks(text: str, source: Path):
-    """Task specs with the built-ins' channels for the model at `source` (its latent channels and VAE factor)."""
-    from mtu_export.data import task_geometry
-    from mtu_export.tasks import parse_tasks
-
-    return parse_tasks(text, *task_geometry(source))
-
-
 @app.command()
 @handles_errors
 def upcycle(
@@ -89,9 +81,10 @@ def upcycle(
 ) -> None:
     """Turn a pretrained diffusers UNet into a multi-task MTU checkpoint (exact at initialisation)."""
     from mtu_export.checkpoint import upcycle_folder
+    from mtu_export.data import model_tasks_for
     from mtu_export.upcycle import describe
 
-    config = MoEConfig(_parse_tasks(tasks, source), experts, task_embed_dim, router_hidden_dim)
+    config = MoEConfig(model_tasks_for(tasks, source), experts, task_embed_dim, router_hidden_dim)
     with console.status(f"upcycling {source} ..."):
         ckpt = upcycle_folder(source, out, config, overwrite=overwrite)
     display.print_upcycled(ckpt, describe(ckpt.model))
@@ -226,9 +219,10 @@ def train(
     """Train an MTU checkpoint (or a single-task baseline) on your --data datasets or the shapes world, on
     accelerate; `accelerate launch` runs the same command on several processes."""
     from mtu_export.config import TrainConfig, parse_task_weights
+    from mtu_export.data import model_tasks_for
     from mtu_export.train import train as run
 
-    specs = _parse_tasks(tasks, base)
+    specs = model_tasks_for(tasks, base)
     config = TrainConfig(
         tasks=specs,
         num_experts=experts,

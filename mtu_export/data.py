@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from mtu_export.config import DataSpec
+from mtu_export.config import DataSpec, TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.tasks import BUILTIN, SR_SCALE, TaskDef
 from mtu_export.world import SIZE, Example, make_example
@@ -100,6 +100,15 @@ def task_geometry(source: Path) -> tuple[int, int]:
         latent, factor, _ = pipeline_geometry(source)
         return latent, factor
     return 4, SR_SCALE
+
+
+def model_tasks_for(text: str, source: Path) -> tuple[TaskSpec, ...]:
+    """Task specs from `t2i,edit,sr,inpaint,name:8` with the built-ins' channels for the model at `source` (its
+    latent channels and VAE factor: sr is 8 channels on a factor-8 VAE such as SD1.5's, 7 on a factor-4 one), as
+    `mtu-export upcycle` and `train` choose them; pass them to `MoEConfig` / `TrainConfig`."""
+    from mtu_export.tasks import parse_tasks
+
+    return parse_tasks(text, *task_geometry(source))
 
 
 def pipeline_geometry(pipeline_dir: Path, unet: dict | None = None) -> tuple[int, int, int]:

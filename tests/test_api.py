@@ -117,3 +117,35 @@ def test_exports_refuse_an_output_over_their_data(tmp_path, command):
     export = export_onnx if command == "onnx" else export_coreml
     assert api_error(lambda: export(tmp_path / "ckpt", ExportConfig(tasks="edit"), data, data={"edit": spec})) == cli
     assert not data.exists()
+
+
+# ------------------------------------------------------------------------------------------------ upcycle, bench
+@pytest.mark.parametrize("factor", [4, 8])
+def test_task_channels_follow_the_base_as_upcycle_chooses_them(tmp_path, factor):
+    """sr's channels depend on the base's VAE factor (7: the x4 upscaler's convention; 8: a factor-8 VAE as in
+    SD1.5); `data.model_tasks_for` is what the CLI uses, so a Python caller gets the same specs."""
+    import json
+
+    from mtu_export.data import model_tasks_for
+    from mtu_export.tiny import write_tiny_pipeline
+
+    base = write_tiny_pipeline(tmp_path / "base")
+    vae_config = base / "vae" / "config.json"
+    vae = json.loads(vae_config.read_text())
+    blocks = {4: 3, 8: 4}[factor]  # downsampling factor 2 ** (blocks - 1)
+    vae["block_out_channels"] = (vae["block_out_channels"] * 4)[:blocks]
+    vae["down_block_types"] = (vae["down_block_types"] * 4)[:blocks]
+    vae["up_block_types"] = (vae["up_block_types"] * 4)[:blocks]
+    vae_config.write_text(json.dumps(vae))
+    specs = {s.name: s.in_channels for s in model_tasks_for("t2i,edit,sr,inpaint", base)}
+    assert specs == {"t2i": 4, "edit": 8, "sr": 7 if factor == 4 else 8, "inpaint": 9}
+    invoke("upcycle", str(base), "--out", str(tmp_path / "mtu"))
+    written = json.loads((tmp_path / "mtu" / "mtu_config.json").read_text())["moe"]["tasks"]
+    assert {t["name"]: t["in_channels"] for t in written} == specs
+
+
+def test_the_training_step_bench_refuses_what_the_cli_refuses():
+    from mtu_export.bench.train_step import train_step_ratio
+
+    message = api_error(lambda: train_step_ratio("no-such-base", batch_size=2))
+    assert "--batch-size >= 4" in message

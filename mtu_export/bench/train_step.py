@@ -19,6 +19,10 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
     """MTU training step (the paper's trainable split) ÷ full fine-tune step of the same model on the same batch,
     timed in interleaved pairs (forward, backward, AdamW step)."""
     from mtu_export.config import TrainConfig
+    from mtu_export.errors import ConfigError
+
+    if batch_size < 4 or repeats < 1 or warmup < 0:  # 4: one row of each built-in task
+        raise ConfigError(f"bench-train needs --batch-size >= 4 and --repeats >= 1, got {batch_size} and {repeats}")
     from mtu_export.loop import process_state
     from mtu_export.train import TaskLoss, build_caches, load_base, make_batches, prepare_model, training_sources
     from mtu_export.vocab import tokenize
