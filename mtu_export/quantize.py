@@ -66,6 +66,7 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=keep,
+        use_external_data_format=_external(src),
     )
 
 

@@ -8,12 +8,15 @@ SD1.5 UNet with a small text encoder and VAE: only the UNet is measured) and exp
 - `optimum+ort-opt`: that graph after onnxruntime's transformer optimizer with CPU settings (model_type "unet");
 - `ours`: `mtu-export onnx`'s fp32 graph; `ours-fused`: with `--attention fused` (MultiHeadAttention);
 - `ours-fused+ort-opt`: the fused graph after the same optimizer (its LayerNorm / Gelu / bias fusions);
-- `ours-fused+dynamic-int8`: the fused graph with dynamic int8 MatMul/Gemm weights.
+- `ours-fused+dynamic-int8`: the fused graph with dynamic int8 MatMul/Gemm weights;
+- `ours-fused+static-int8`: the fused graph as `--quantize static-int8` writes it (QDQ int8 Conv, MatMul and Gemm;
+  calibrated on a guided trajectory with another seed than the one PSNR is measured on).
 
 Per graph: latency ÷ optimum's (interleaved pairs on `threads` threads, CFG batch 2, 64×64 latents, 77 tokens),
 achieved GFLOP/s ÷ this machine's peak fp32 GEMM GFLOP/s (a large MatMul in onnxruntime, same run, same threads),
 peak RSS of a process that loads it and runs one call, bytes on disk, per-call PSNR against the fp32 torch UNet on
-inputs recorded along a short guided sampling trajectory, and which operators run in int8.
+inputs recorded along a short guided sampling trajectory, and which operators run in int8 (counted in the graph
+onnxruntime actually runs: its session's optimized model, after the QDQ fusions into QLinearConv and friends).
 
 Run: `python -m mtu_export.bench.peers --out benchmarks/results` (about 25 minutes and 12 GB RAM on 2 cores).
 """
@@ -35,7 +38,19 @@ from mtu_export.bench.memory import release
 from mtu_export.bench.sd15 import BATCH, LATENT, TOKENS, build_mtu
 
 REFERENCE = "optimum"
-INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits")
+INT8_OPS = (
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QAttention",
+)
+FLOAT_GEMM_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
+CALIBRATION_SEED = 11
 
 
 # ---------------------------------------------------------------------------------------------------- the folder
@@ -143,6 +158,30 @@ def quantize_dynamic(src: Path, dst: Path) -> Path:
     return dst
 
 
+def quantize_static(src: Path, calibration: Path, dst: Path) -> Path:
+    """Static QDQ int8 of `src` (`--quantize static-int8`'s handler), calibrated on the UNet inputs saved in
+    `calibration` (an .npz of one guided trajectory with another seed than the one PSNR is measured on)."""
+    from mtu_export.quantize import quantize_onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_onnx("static-int8", src, dst, load_feeds(calibration))
+    return dst
+
+
+def save_feeds(feeds: list[dict], path: Path) -> Path:
+    np.savez(path, **{f"{i}/{k}": v for i, one in enumerate(feeds) for k, v in one.items()})
+    return path
+
+
+def load_feeds(path: Path) -> list[dict]:
+    data = np.load(path)
+    feeds: dict[int, dict] = {}
+    for key in data.files:
+        index, name = key.split("/")
+        feeds.setdefault(int(index), {})[name] = data[key]
+    return [feeds[i] for i in sorted(feeds)]
+
+
 def feed(seed: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -153,14 +192,14 @@ def feed(seed: int = 7) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def trajectory_feeds(unet, steps: int = 2) -> tuple[list[dict], list[np.ndarray]]:
+def trajectory_feeds(unet, steps: int = 2, seed: int = 3) -> tuple[list[dict], list[np.ndarray]]:
     """UNet inputs along a short classifier-free-guided DDIM trajectory (text and empty embeddings), with the torch
     outputs as references."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 4, LATENT, LATENT, generator=g)
     hidden = torch.cat([torch.randn(1, TOKENS, 768, generator=g), torch.zeros(1, TOKENS, 768)])
     feeds, outputs = [], []
@@ -204,6 +243,25 @@ def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], t
     sess = session(path, threads)
     got = np.concatenate([sess.run(None, f)[0].ravel() for f in feeds])
     return psnr_db(np.concatenate([r.ravel() for r in references]), got)
+
+
+def runtime_census(path: Path, threads: int) -> dict[str, int]:
+    """Operators of the graph an onnxruntime CPU session runs for `path` (its optimized model, saved and counted):
+    QDQ pairs around a Conv or MatMul become QLinearConv / QLinearMatMul / MatMulIntegerToFloat there, and whatever
+    is left as Conv / MatMul runs in float."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="mtu-census-") as scratch:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        counts = op_census(Path(scratch) / "optimized.onnx")
+    release()
+    return counts
 
 
 def op_census(path: Path) -> dict[str, int]:
@@ -257,6 +315,7 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     gflops = torch_flops(unet, feed()) / 1e9
     log(f"folded t2i: {gflops:.1f} GFLOPs per call (batch {BATCH}); recording trajectory inputs")
     feeds, references = trajectory_feeds(unet)
+    calibration = save_feeds(trajectory_feeds(unet, steps=4, seed=CALIBRATION_SEED)[0], work / "calibration.npz")
     write_pipeline(unet, work / "pipeline")
     del unet
     release()
@@ -269,6 +328,10 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     graphs["optimum+ort-opt"] = in_child("ort_optimize", graphs[REFERENCE], work / "optimum-opt" / "model.onnx")
     graphs["ours-fused+ort-opt"] = in_child("ort_optimize", graphs["ours-fused"], work / "fused-opt" / "model.onnx")
     graphs["ours-fused+dynamic-int8"] = in_child("quantize_dynamic", graphs["ours-fused"], work / "int8" / "model.onnx")
+    log("static int8 (QDQ) of ours-fused, calibrated on a 4-step guided trajectory (another seed)")
+    graphs["ours-fused+static-int8"] = in_child(
+        "quantize_static", graphs["ours-fused"], calibration, work / "static-int8" / "model.onnx"
+    )
     peak = peak_gemm_gflops(threads)
     log(f"peak fp32 GEMM on {threads} threads: {peak:.0f} GFLOP/s")
     rows = {}
@@ -276,7 +339,12 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
         row = {"bytes": tree_bytes(path.parent), "peak_rss_bytes": int(peak_rss_mb(path, feed(), threads) * 2**20)}
         row["psnr_per_call_db"] = psnr_per_call(path, feeds, references, threads)
         census = op_census(path)
-        row["int8_ops"] = {op: n for op, n in census.items() if op in INT8_OPS}
+        if "int8" in name:
+            ran = runtime_census(path, threads)
+            row["int8_ops"] = {op: n for op, n in ran.items() if op in INT8_OPS}
+            row["float_gemm_ops"] = {op: n for op, n in ran.items() if op in FLOAT_GEMM_OPS}
+        else:
+            row["int8_ops"] = {}
         row["attention_ops"] = {op: census[op] for op in ("MultiHeadAttention", "Attention", "Softmax") if op in census}
         if name != REFERENCE:
             log(f"timing {name} against {REFERENCE} ({repeats} interleaved pairs)")
@@ -319,13 +387,15 @@ def markdown(r: dict) -> str:
         f"{r['peak_gemm_gflops']:.0f} GFLOP/s.",
         "",
         "| graph | ms per call | ÷ optimum | GFLOP/s ÷ peak GEMM | per-call PSNR dB | peak RSS GB | disk GB | "
-        "attention ops | int8 ops |",
+        "attention ops | int8 ops (as onnxruntime runs them) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, row in r["graphs"].items():
         psnr = "exact" if row["psnr_per_call_db"] is None else f"{row['psnr_per_call_db']:.1f}"
         attention = ", ".join(f"{k} {v}" for k, v in row["attention_ops"].items()) or "-"
         int8 = ", ".join(f"{k} {v}" for k, v in row["int8_ops"].items()) or "-"
+        if row.get("float_gemm_ops"):
+            int8 += " (float: " + ", ".join(f"{k} {v}" for k, v in row["float_gemm_ops"].items()) + ")"
         lines.append(
             f"| {name} | {row['ms']:.0f} | **{row['ratio_to_optimum']:.3f}** | {row['fraction_of_peak_gemm']:.2f} | "
             f"{psnr} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['bytes'] / 1e9:.2f} | {attention} | {int8} |"
