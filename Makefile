@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint demo base-model eval-base mtu-models ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
+.PHONY: install test test-slow test-macos lint demo base-model eval-base mtu-models convergence ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -88,6 +88,25 @@ mtu-models: $(STAMP)
 	  $(BIN)/mtu-export train $(MODEL) --single-task $$t --work $(RUNS)/work/single-$$t --out $(RUNS)/single-$$t \
 	    --batch-size 16 $(SINGLE_OPTIM) $(TRAIN_COMMON) || exit 1; \
 	done
+
+# Parity at convergence: the same two recipes, 3x the steps (6,000), scored every 500 steps on held-out scenes
+# 2000-2031 of each task (not the ones `make parity` reports) into each work folder's curve.jsonl, bf16 autocast
+# (about 15 % faster here), then the curves side by side in $(RESULTS)/curves. Several hours on 2 cores: every run
+# resumes where it stopped (re-run the target), the baselines reuse the MTU run's VAE caches.
+CONV_RUNS ?= runs/conv
+CONV_STEPS ?= 6000
+CONV_COMMON := --steps $(CONV_STEPS) --min-snr-gamma 0 --seed 0 --mixed-precision bf16 --eval-every 500 --resume \
+  --overwrite
+convergence: $(STAMP)
+	$(BIN)/mtu-export train $(MODEL) --work $(CONV_RUNS)/work/mtu --out $(CONV_RUNS)/shapes-mtu --batch-size 64 \
+	  $(MTU_OPTIM) $(CONV_COMMON)
+	for t in $(TASKS); do \
+	  mkdir -p $(CONV_RUNS)/work/single-$$t && { [ -d $(CONV_RUNS)/work/single-$$t/cache-$$t ] || cp -rl $(CONV_RUNS)/work/mtu/cache-$$t $(CONV_RUNS)/work/single-$$t/ ; } ; \
+	  $(BIN)/mtu-export train $(MODEL) --single-task $$t --work $(CONV_RUNS)/work/single-$$t \
+	    --out $(CONV_RUNS)/single-$$t --batch-size 16 $(SINGLE_OPTIM) $(CONV_COMMON) || exit 1; \
+	done
+	$(BIN)/mtu-export curves mtu=$(CONV_RUNS)/work/mtu $(foreach t,$(TASKS),single-$(t)=$(CONV_RUNS)/work/single-$(t)) \
+	  --out $(RESULTS)/curves --overwrite
 
 # Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference (80 MB budget for models/).
 # The model cards (README.md) are kept across the overwrite; update their numbers after `make parity`.

@@ -256,7 +256,8 @@ def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) ->
 def train(config: TrainConfig, base: Path, workdir: Path, out: Path, resume: bool = False, overwrite: bool = False):
     """Train (or resume) in `workdir`, then write the MTU checkpoint (with the base's pipeline) to `out`. Returns
     `out`, or None when the call stopped early (`stop_at`) or on processes other than the main one."""
-    check_separate(Path(out), base, *(spec.path for spec in config.data))  # writing `out` must not destroy them
+    # writing `out` must not destroy what training reads, nor its own work folder (caches, resumable checkpoints)
+    check_separate(Path(out), base, Path(workdir), *(spec.path for spec in config.data))
     if Path(out).exists() and not overwrite:
         check_output(Path(out), overwrite)  # refuse before training, not after
     mtu, progress = fit(config, base, workdir, resume)

@@ -80,6 +80,16 @@ def test_train_refuses_an_output_over_its_data_before_any_work(tmp_path):
     assert not data.exists() and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("where", ["work", "inside-work", "around-work"])
+def test_train_refuses_an_output_over_its_own_work_folder(tmp_path, where):
+    work = tmp_path / "runs" / "w"
+    out = {"work": work, "inside-work": work / "out", "around-work": work.parent}[where]
+    cli = cli_error("train", tmp_path / "base", "--out", out, "--work", work)
+    assert f"overlaps the input {work.resolve()}" in cli
+    assert api_error(lambda: train(TrainConfig(), tmp_path / "base", work, out)) == cli
+    assert not work.exists()
+
+
 # --------------------------------------------------------------------------------------------------------- export
 def test_an_export_config_takes_one_task_or_all_as_the_cli_does(tmp_path):
     assert ExportConfig(tasks="all").tasks == () and ExportConfig(tasks="edit").tasks == ("edit",)

@@ -158,6 +158,18 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     assert failed.value.exit_code == 7 and failed.value.problems == seen == check(doctored, baseline)
 
 
+def test_bench_check_names_a_floored_mode_the_run_did_not_measure(report):
+    results = json.loads((report / "bench.json").read_text())
+    baseline = json.loads((report / "base.json").read_text())
+    baseline["latency_ratio_max"] = 100.0  # only the missing mode may fail this check, not the tiny run's noise
+    baseline["optimized_ratio_max"] = dict.fromkeys(baseline["optimized_ratio_max"], 100.0)
+    assert check(results, baseline) == []
+    baseline["image_psnr_min_db"]["static-int8"] = 30
+    assert check(results, baseline) == [
+        "[static-int8]: not measured, so its 30 dB image PSNR floor went unchecked; add it to --modes"
+    ]
+
+
 def test_training_step_benchmark_compares_the_mtu_split_with_a_full_fine_tune(world_pipeline, tmp_path):
     out = tmp_path / "train_step.json"
     result = invoke("bench-train", world_pipeline, "--batch-size", "8", "--repeats", "1", "--out", out)

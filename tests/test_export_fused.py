@@ -64,3 +64,27 @@ def test_fused_attention_refuses_the_dynamo_exporter(mtu_world, tmp_path):
     result = invoke("onnx", mtu_world, "--attention", "fused", "--dynamo", "--out", tmp_path / "o")
     assert_clean_failure(result, "needs the TorchScript exporter", exit_code=3)
     assert not (tmp_path / "o").exists()
+
+
+def test_static_int8_of_the_fused_graph_runs_its_convolutions_and_matmuls_in_int8(mtu_world, tmp_path):
+    """What onnxruntime runs, not what the file holds: after its QDQ fusions every quantized Conv and weight MatMul of
+    the fused graph is an int8 kernel, and only the layers static int8 keeps (conv_in, conv_out, the timestep
+    embedding) run in float."""
+    from mtu_export.export.runtime import ops_run
+    from mtu_export.quantize import static_exclusions
+
+    out = tmp_path / "s8"
+    args = ("--task", "t2i", "--attention", "fused", "--quantize", "static-int8", "--out", out, *FAST)
+    result = invoke("onnx", mtu_world, *args)
+    assert result.exit_code == 0, result.output
+    fp32 = onnx.load(str(out / "unet_fp32" / "model.onnx")).graph
+    kept = set(static_exclusions(fp32))
+    weights = {i.name for i in fp32.initializer}
+    quantizable = [n for n in fp32.node if n.op_type in ("Conv", "MatMul") and n.name not in kept]
+    assert all(n.op_type == "Conv" or any(i in weights for i in n.input) for n in quantizable)
+    ran = ops_run(out / "unet" / "model.onnx", threads=1)
+    int8 = ran.get("QLinearConv", 0) + ran.get("QLinearMatMul", 0) + ran.get("MatMulIntegerToFloat", 0)
+    assert int8 == len(quantizable) and ran.get("QLinearConv", 0) > 0
+    float_convs = [n for n in fp32.node if n.op_type == "Conv" and n.name in kept]
+    assert ran.get("Conv", 0) + ran.get("FusedConv", 0) == len(float_convs) == 2
+    assert ran["MultiHeadAttention"] == sum(1 for n in fp32.node if n.op_type == "MultiHeadAttention")

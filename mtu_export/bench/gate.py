@@ -129,6 +129,11 @@ def check(results: dict, baseline: dict) -> list[str]:
         for task, value in row["image_psnr_db"].items():
             if floor is not None and value is not None and value < floor:
                 problems.append(f"{task} [{mode}]: end-to-end image PSNR {value:.1f} dB below its floor {floor} dB")
+    for mode, floor in baseline["image_psnr_min_db"].items():
+        if floor is not None and mode not in bundle["modes"]:
+            problems.append(
+                f"[{mode}]: not measured, so its {floor} dB image PSNR floor went unchecked; add it to --modes"
+            )
     return problems
 
 

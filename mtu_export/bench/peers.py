@@ -36,6 +36,7 @@ import torch
 
 from mtu_export.bench.memory import release
 from mtu_export.bench.sd15 import BATCH, LATENT, TOKENS, build_mtu
+from mtu_export.export.runtime import ops_run
 
 REFERENCE = "optimum"
 INT8_OPS = (
@@ -245,25 +246,6 @@ def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], t
     return psnr_db(np.concatenate([r.ravel() for r in references]), got)
 
 
-def runtime_census(path: Path, threads: int) -> dict[str, int]:
-    """Operators of the graph an onnxruntime CPU session runs for `path` (its optimized model, saved and counted):
-    QDQ pairs around a Conv or MatMul become QLinearConv / QLinearMatMul / MatMulIntegerToFloat there, and whatever
-    is left as Conv / MatMul runs in float."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="mtu-census-") as scratch:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        counts = op_census(Path(scratch) / "optimized.onnx")
-    release()
-    return counts
-
-
 def op_census(path: Path) -> dict[str, int]:
     import onnx
 
@@ -340,7 +322,7 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
         row["psnr_per_call_db"] = psnr_per_call(path, feeds, references, threads)
         census = op_census(path)
         if "int8" in name:
-            ran = runtime_census(path, threads)
+            ran = ops_run(path, threads)
             row["int8_ops"] = {op: n for op, n in ran.items() if op in INT8_OPS}
             row["float_gemm_ops"] = {op: n for op, n in ran.items() if op in FLOAT_GEMM_OPS}
         else:

@@ -28,6 +28,31 @@ def session(path: Path, threads: int | None = None, spinning: bool = True):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def ops_run(path: Path, threads: int | None = None) -> dict[str, int]:
+    """How many nodes of each operator an onnxruntime CPU session for `path` runs, counted in the optimized model it
+    saves: there QuantizeLinear / DequantizeLinear pairs around a Conv or MatMul have become QLinearConv,
+    QLinearMatMul or MatMulIntegerToFloat, and what is still Conv / MatMul runs in float."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="mtu-ops-") as scratch:
+        saved = Path(scratch) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        options.optimized_model_filepath = str(saved)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        counts: dict[str, int] = {}
+        for node in onnx.load(str(saved), load_external_data=False).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def run(sess, feeds: dict[str, torch.Tensor | np.ndarray]) -> list[np.ndarray]:
     """Run `sess` on torch or numpy feeds, cast to the graph's input types (as optimum does)."""
     types = {i.name: i.type for i in sess.get_inputs()}
