@@ -42,11 +42,20 @@ def _dynamic_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None
 
 
 def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
+    if not calibration:
+        raise ConfigError("static int8 quantization needs calibration inputs; none were recorded")
+    _quantize_static(src, dst, calibration)
+
+
+def _quantize_static(
+    src: Path, dst: Path, calibration: list[Feeds] | None, only: list[str] | None = None, ranges: Path | None = None
+) -> None:
+    """QDQ int8 of `src`'s MatMul, Gemm and Conv nodes (all but static_exclusions', or just `only`), calibrated on
+    `calibration` or on the activation ranges saved in `ranges` (onnxruntime's calibration cache: written by the
+    first call that calibrates, read by later ones)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    if not calibration:
-        raise ConfigError("static int8 quantization needs calibration inputs; none were recorded")
     keep = static_exclusions(onnx.load(str(src), load_external_data=False).graph)
 
     class Reader(CalibrationDataReader):
@@ -59,15 +68,43 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None) -> None:
     quantize_static(
         str(src),
         str(dst),
-        Reader(calibration),
+        Reader(calibration) if calibration else None,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul", "Gemm", "Conv"],
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        nodes_to_quantize=only,
         nodes_to_exclude=keep,
         use_external_data_format=_external(src),
+        calibration_cache_path=ranges,
     )
+
+
+def layer_sensitivity(src: Path, calibration: list[Feeds], probes: list[Feeds], scratch: Path) -> dict[str, float]:
+    """The measured sweep behind the choice of layers static int8 keeps in float: for every node it quantizes, the
+    per-call error of the graph with that node alone in int8 (calibrated once), as a fraction of the UNet output's
+    energy on `probes` (mean squared error ÷ mean square of the fp32 output: additive across nodes to first order,
+    so the largest entries are the layers that cost the most)."""
+    import onnx
+    import onnxruntime as ort
+
+    def outputs(path: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, feed)[0].ravel() for feed in probes])
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    keep = set(static_exclusions(graph))
+    nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and n.name not in keep]
+    reference = outputs(src)
+    energy = float(np.mean(reference.astype(np.float64) ** 2))
+    ranges = scratch / "ranges.json"
+    _quantize_static(src, scratch / "all.onnx", calibration, ranges=ranges)
+    errors = {"(all)": float(np.mean((outputs(scratch / "all.onnx") - reference) ** 2)) / energy}
+    for name in nodes:
+        _quantize_static(src, scratch / "one.onnx", None, only=[name], ranges=ranges)
+        errors[name] = float(np.mean((outputs(scratch / "one.onnx") - reference) ** 2)) / energy
+    return errors
 
 
 def static_exclusions(graph) -> list[str]:

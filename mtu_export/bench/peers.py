@@ -2,7 +2,7 @@
 Stable Diffusion v1.5 scale (random weights: weights change neither FLOPs nor latency).
 
 One folded task (t2i, from a seeded MTU model with non-uniform routing) is saved as a diffusers pipeline folder (the
-SD1.5 UNet with a small text encoder and VAE: only the UNet is measured) and exported five ways:
+SD1.5 UNet with a small text encoder and VAE: only the UNet is measured) and exported seven ways:
 
 - `optimum`: optimum-onnx's own export of the folder (`main_export`), the reference every ratio divides by;
 - `optimum+ort-opt`: that graph after onnxruntime's transformer optimizer with CPU settings (model_type "unet");
@@ -13,18 +13,21 @@ SD1.5 UNet with a small text encoder and VAE: only the UNet is measured) and exp
   calibrated on a guided trajectory with another seed than the one PSNR is measured on).
 
 Per graph: latency ÷ optimum's (interleaved pairs on `threads` threads, CFG batch 2, 64×64 latents, 77 tokens),
-achieved GFLOP/s ÷ this machine's peak fp32 GEMM GFLOP/s (a large MatMul in onnxruntime, same run, same threads),
-peak RSS of a process that loads it and runs one call, bytes on disk, per-call PSNR against the fp32 torch UNet on
-inputs recorded along a short guided sampling trajectory, and which operators run in int8 (counted in the graph
+achieved GFLOP/s ÷ this machine's peak fp32 GEMM GFLOP/s (the best of large MatMuls and the UNet's own 3×3
+convolutions in onnxruntime, same run, same threads, before and after the timing), for the fp32 graphs also the
+GFLOP/s of their convolution and MatMul layers alone (onnxruntime's profiler: the GEMM-bound layers), peak RSS of
+a process that loads it and runs one call, bytes on disk, per-call PSNR against the fp32 torch UNet on inputs
+recorded along a short guided sampling trajectory, and which operators run in int8 (counted in the graph
 onnxruntime actually runs: its session's optimized model, after the QDQ fusions into QLinearConv and friends).
 
-Run: `python -m mtu_export.bench.peers --out benchmarks/results` (about 25 minutes and 12 GB RAM on 2 cores).
+Run: `python -m mtu_export.bench.peers --out benchmarks/results` (about 30 minutes and 20 GB RAM on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -216,25 +219,114 @@ def trajectory_feeds(unet, steps: int = 2, seed: int = 3) -> tuple[list[dict], l
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
-def peak_gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of one large MatMul in onnxruntime on `threads` threads (best of `repeats`)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+def machine() -> dict:
+    """The CPU the run measured (its vector and matrix extensions decide what int8 and bf16 gain) and the runtimes."""
+    import platform
 
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ab"]
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", inputs,
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])  # fmt: skip
+    import onnxruntime
+
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "extensions": [f for f in wanted if f in flags],
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+PEAK_PROBES = (("MatMul", 1024), ("MatMul", 2048), ("Conv3x3", 640), ("Conv3x3", 1280))
+
+
+def peak_gemm_gflops(threads: int, repeats: int = 5) -> dict[str, float]:
+    """fp32 GFLOP/s of GEMM-bound kernels in onnxruntime on `threads` threads, best of `repeats` runs each: square
+    MatMuls and the UNet's own 3×3 convolutions (640 channels at 32×32, 1280 at 16×16, batch 2; onnxruntime runs
+    them in its NCHWc kernels, which here reach more than its MatMul does). The peak is the best of them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    found = {}
+    for op, n in PEAK_PROBES:
+        if op == "MatMul":
+            shape, flops, weights = (
+                [n, n],
+                2 * n**3,
+                [numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "w")],
+            )
+            node, out = helper.make_node("MatMul", ["x", "w"], ["y"]), [n, n]
+        else:
+            side = {640: 32, 1280: 16}[n]
+            shape, out = [2, n, side, side], [2, n, side, side]
+            flops = 2 * 2 * n * n * 9 * side * side
+            weights = [numpy_helper.from_array(0.01 * rng.standard_normal((n, n, 3, 3), np.float32), "w")]
+            node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+        graph = helper.make_graph([node], "peak", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], weights)  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        x = rng.standard_normal(shape, dtype=np.float32)
+        best = 0.0
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            sess.run(None, {"x": x})
+            best = max(best, flops / (time.perf_counter() - start) / 1e9)
+        found[f"{op} {n}"] = best
+    return found
+
+
+def gemm_throughput(path: Path, feed: dict, threads: int, runs: int = 2) -> dict[str, dict]:
+    """Per operator kind, the GEMM-bound work of one call as onnxruntime runs it (Conv, FusedConv and their NCHWc
+    forms; MatMul, FusedMatMul, Gemm): node count, GFLOPs (from the shapes onnxruntime's profiler records per node:
+    2 × output elements × weight elements ÷ output channels for a convolution, 2·M·K·N for a product), the seconds
+    its kernels took (each node's fastest of `runs` profiled calls) and the GFLOP/s that makes."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        sess.run(None, {"a": a, "b": a})
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="mtu-profile-") as scratch:
+        options.profile_file_prefix = str(Path(scratch) / "profile")
+        sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    fastest: dict[str, tuple[float, str, float]] = {}
+    for event in events:
+        args = event.get("args", {})
+        kind = {"Conv": "Conv", "FusedConv": "Conv", "MatMul": "MatMul", "FusedMatMul": "MatMul", "Gemm": "MatMul"}
+        if event.get("cat") != "Node" or args.get("op_name") not in kind:
+            continue
+        flops = _node_flops(args["op_name"], args.get("input_type_shape", []), args.get("output_type_shape", []))
+        name, seconds = event["name"], event["dur"] / 1e6
+        if flops and (name not in fastest or seconds < fastest[name][0]):
+            fastest[name] = (seconds, kind[args["op_name"]], flops)
+    totals: dict[str, dict] = {}
+    for seconds, op, flops in fastest.values():
+        row = totals.setdefault(op, {"nodes": 0, "gflops": 0.0, "seconds": 0.0})
+        row["nodes"] += 1
+        row["gflops"] += flops / 1e9
+        row["seconds"] += seconds
+    for row in totals.values():
+        row["gflops_per_s"] = row["gflops"] / row["seconds"]
+    return totals
+
+
+def _node_flops(op: str, inputs: list[dict], outputs: list[dict]) -> float:
+    shapes = [next(iter(d.values())) for d in inputs]
+    out = next(iter(outputs[0].values())) if outputs else []
+    if not shapes or not out:
+        return 0.0
+    if op in ("Conv", "FusedConv"):
+        channels = out[1] * (out[4] if len(out) == 5 else 1)  # NCHWc: [N, C/8, H, W, 8]
+        return 2.0 * float(np.prod(out)) * float(np.prod(shapes[1])) / channels
+    return 2.0 * float(np.prod(out)) * shapes[0][-1]  # K of [.., M, K] · [K, N] (Gemm: transB keeps A as is)
 
 
 def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], threads: int) -> float | None:
@@ -314,13 +406,20 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     graphs["ours-fused+static-int8"] = in_child(
         "quantize_static", graphs["ours-fused"], calibration, work / "static-int8" / "model.onnx"
     )
-    peak = peak_gemm_gflops(threads)
-    log(f"peak fp32 GEMM on {threads} threads: {peak:.0f} GFLOP/s")
+    probes = peak_gemm_gflops(threads)
+    peak = max(probes.values())
+    log(
+        f"peak fp32 GEMM on {threads} threads: {peak:.0f} GFLOP/s ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in probes.items())
+        + ")"
+    )
     rows = {}
     for name, path in graphs.items():
         row = {"bytes": tree_bytes(path.parent), "peak_rss_bytes": int(peak_rss_mb(path, feed(), threads) * 2**20)}
         row["psnr_per_call_db"] = psnr_per_call(path, feeds, references, threads)
         census = op_census(path)
+        if "int8" not in name:  # where fp32 time goes, and how close its GEMM-bound layers come to the peak
+            row["gemm_layers"] = gemm_throughput(path, {k: v.numpy() for k, v in feed().items()}, threads)
         if "int8" in name:
             ran = ops_run(path, threads)
             row["int8_ops"] = {op: n for op, n in ran.items() if op in INT8_OPS}
@@ -336,6 +435,12 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
         log(f"{name}: ratio {row.get('ratio_to_optimum', 1.0):.3f}, PSNR {row['psnr_per_call_db']}")
     # optimum's time per call: the median over its pairings; every other row is its ratio times that (the ratio is
     # what was measured side by side; absolute times drift with the machine's load between pairings)
+    later = peak_gemm_gflops(threads)  # again after the timing: the machine's best of both
+    probes = {k: max(v, later[k]) for k, v in probes.items()}
+    peak = max(probes.values())
+    for row in rows.values():
+        for layers in row.get("gemm_layers", {}).values():
+            layers["fraction_of_peak_gemm"] = layers["gflops_per_s"] / peak
     reference_ms = float(np.median([r["latency"]["b_median_ms"] for r in rows.values() if "latency" in r]))
     rows[REFERENCE]["ratio_to_optimum"] = 1.0
     for row in rows.values():
@@ -344,8 +449,10 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
         row["fraction_of_peak_gemm"] = row["gflops_per_s"] / peak
     result = {
         "config": {"batch": BATCH, "latent": LATENT, "tokens": TOKENS, "threads": threads, "repeats": repeats},
+        "machine": machine(),
         "gflops_per_call": gflops,
         "peak_gemm_gflops": peak,
+        "peak_gemm_probes_gflops": probes,
         "graphs": rows,
     }
     import shutil
@@ -366,11 +473,14 @@ def markdown(r: dict) -> str:
         f"(classifier-free guidance), {c['latent']}×{c['latent']} latents, {c['tokens']} tokens, onnxruntime CPU "
         f"on {c['threads']} threads; {c['repeats']} interleaved pairs against optimum's export per row. "
         f"{r['gflops_per_call']:.0f} GFLOPs per call; peak fp32 GEMM measured in the same run: "
-        f"{r['peak_gemm_gflops']:.0f} GFLOP/s.",
+        f"{r['peak_gemm_gflops']:.0f} GFLOP/s (the best of "
+        + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gemm_probes_gflops"].items())
+        + f"). CPU: {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
+        f"{', '.join(r['machine']['extensions']) or 'no AVX2'}; onnxruntime {r['machine']['onnxruntime']}.",
         "",
-        "| graph | ms per call | ÷ optimum | GFLOP/s ÷ peak GEMM | per-call PSNR dB | peak RSS GB | disk GB | "
-        "attention ops | int8 ops (as onnxruntime runs them) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| graph | ms per call | ÷ optimum | GFLOP/s ÷ peak GEMM | Conv / MatMul layers ÷ peak | per-call PSNR dB | "
+        "peak RSS GB | disk GB | attention ops | int8 ops (as onnxruntime runs them) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, row in r["graphs"].items():
         psnr = "exact" if row["psnr_per_call_db"] is None else f"{row['psnr_per_call_db']:.1f}"
@@ -378,9 +488,14 @@ def markdown(r: dict) -> str:
         int8 = ", ".join(f"{k} {v}" for k, v in row["int8_ops"].items()) or "-"
         if row.get("float_gemm_ops"):
             int8 += " (float: " + ", ".join(f"{k} {v}" for k, v in row["float_gemm_ops"].items()) + ")"
+        layers = row.get("gemm_layers", {})
+        gemm = " / ".join(
+            f"{layers[k]['fraction_of_peak_gemm']:.2f}" if k in layers else "-" for k in ("Conv", "MatMul")
+        )
         lines.append(
             f"| {name} | {row['ms']:.0f} | **{row['ratio_to_optimum']:.3f}** | {row['fraction_of_peak_gemm']:.2f} | "
-            f"{psnr} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['bytes'] / 1e9:.2f} | {attention} | {int8} |"
+            f"{gemm if layers else '-'} | {psnr} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['bytes'] / 1e9:.2f} | "
+            f"{attention} | {int8} |"
         )
     return "\n".join(lines) + "\n"
 
