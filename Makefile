@@ -139,7 +139,7 @@ bench: $(STAMP)
 
 # The CI gate: the same measurements (quick settings), checked against benchmarks/baseline.json.
 bench-check: $(STAMP)
-	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out out/bench-check --modes dynamic-int8 --image-count 1 \
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out out/bench-check --modes dynamic-int8,static-int8 --image-count 1 \
 	  --rounds 4 --pairs 50 --check benchmarks/baseline.json --overwrite
 
 bench-train: $(STAMP)
