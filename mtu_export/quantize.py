@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,25 @@ def layer_sensitivity(src: Path, calibration: list[Feeds], probes: list[Feeds], 
     reference = outputs(src)
     energy = float(np.mean(reference.astype(np.float64) ** 2))
     ranges = scratch / "ranges.json"
-    _quantize_static(src, scratch / "all.onnx", calibration, ranges=ranges)
-    errors = {"(all)": float(np.mean((outputs(scratch / "all.onnx") - reference) ** 2)) / energy}
-    for name in nodes:
-        _quantize_static(src, scratch / "one.onnx", None, only=[name], ranges=ranges)
-        errors[name] = float(np.mean((outputs(scratch / "one.onnx") - reference) ** 2)) / energy
+    with _quiet_root_logger():
+        _quantize_static(src, scratch / "all.onnx", calibration, ranges=ranges)
+        errors = {"(all)": float(np.mean((outputs(scratch / "all.onnx") - reference) ** 2)) / energy}
+        for name in nodes:
+            _quantize_static(src, scratch / "one.onnx", None, only=[name], ranges=ranges)
+            errors[name] = float(np.mean((outputs(scratch / "one.onnx") - reference) ** 2)) / energy
     return errors
+
+
+@contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization advises pre-processing on the root logger, every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def static_exclusions(graph) -> list[str]:
@@ -148,13 +162,8 @@ def quantize_onnx(mode: str, src: Path, dst: Path, calibration: list[Feeds] | No
     """Write the `mode`-quantized version of the graph `src` to `dst` (with external data when `src` has it)."""
     if mode not in ONNX_HANDLERS:
         raise ConfigError(f"unknown ONNX quantization {mode!r}; choose {', '.join(ONNX_HANDLERS)}")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing on the root logger, every call
-    try:
+    with _quiet_root_logger():
         ONNX_HANDLERS[mode](Path(src), Path(dst), calibration)
-    finally:
-        root.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------------------- Core ML

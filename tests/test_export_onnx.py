@@ -300,3 +300,37 @@ def test_exported_unet_equals_the_folded_unet_of_the_same_task(mtu_world, export
     for folder, ids in ((exports["t2i"], {}), (exports["all"], {"task_id": 0, "channels": 9})):
         got = OrtUNet(folder / "unet" / "model.onnx", **ids)(sample, t, hidden)
         assert (want - got).abs().max().item() <= BUNDLE_ATOL * 10
+
+
+def test_layer_sensitivity_ranks_the_layer_int8_hurts_most_first(tmp_path):
+    """Two convolutions; the first reads an input with one huge channel that it ignores (zero weights), so its
+    uint8 input scale is coarse for the channels that matter, and quantizing it alone costs far more than quantizing
+    the second, whose input has an ordinary range."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mtu_export.quantize import layer_sensitivity
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.2
+    w1[:, 0] = 0.0
+    w2 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.2
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="first"),
+        helper.make_node("Conv", ["h", "w2"], ["y"], pads=[1, 1, 1, 1], name="second"),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, 8, 8]) for n, c in (("x", 4), ("y", 4))]
+    weights = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    src = tmp_path / "two.onnx"
+    model = helper.make_model(
+        helper.make_graph(nodes, "two", io[:1], io[1:], weights), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    onnx.save(model, str(src))
+    feeds = []
+    for _ in range(4):
+        x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        x[:, 0] *= 200.0
+        feeds.append({"x": x})
+    errors = layer_sensitivity(src, feeds[:2], feeds[2:], tmp_path)
+    assert set(errors) == {"(all)", "first", "second"}
+    assert all(0 < e < 1 for e in errors.values())
+    assert errors["first"] > 10 * errors["second"]
