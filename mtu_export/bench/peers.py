@@ -253,12 +253,10 @@ def peak_gemm_gflops(threads: int, repeats: int = 5) -> dict[str, float]:
     found = {}
     for op, n in PEAK_PROBES:
         if op == "MatMul":
-            shape, flops, weights = (
-                [n, n],
-                2 * n**3,
-                [numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "w")],
-            )
-            node, out = helper.make_node("MatMul", ["x", "w"], ["y"]), [n, n]
+            shape = out = [n, n]
+            flops = 2 * n**3
+            weights = [numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "w")]
+            node = helper.make_node("MatMul", ["x", "w"], ["y"])
         else:
             side = {640: 32, 1280: 16}[n]
             shape, out = [2, n, side, side], [2, n, side, side]
