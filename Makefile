@@ -89,12 +89,12 @@ mtu-models: $(STAMP)
 	    --batch-size 16 $(SINGLE_OPTIM) $(TRAIN_COMMON) || exit 1; \
 	done
 
-# Parity at convergence: the same two recipes, 3x the steps (6,000), scored every 500 steps on held-out scenes
+# Parity at convergence: the same two recipes, 2x the steps (4,000), scored every 500 steps on held-out scenes
 # 2000-2031 of each task (not the ones `make parity` reports) into each work folder's curve.jsonl, bf16 autocast
 # (about 15 % faster here), then the curves side by side in $(RESULTS)/curves. Several hours on 2 cores: every run
 # resumes where it stopped (re-run the target), the baselines reuse the MTU run's VAE caches.
 CONV_RUNS ?= runs/conv
-CONV_STEPS ?= 6000
+CONV_STEPS ?= 4000
 CONV_COMMON := --steps $(CONV_STEPS) --min-snr-gamma 0 --seed 0 --mixed-precision bf16 --eval-every 500 --resume \
   --overwrite
 convergence: $(STAMP)
