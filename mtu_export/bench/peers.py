@@ -39,7 +39,7 @@ import torch
 
 from mtu_export.bench.memory import release
 from mtu_export.bench.sd15 import BATCH, LATENT, TOKENS, build_mtu
-from mtu_export.export.runtime import ops_run
+from mtu_export.export.runtime import op_census, ops_run
 
 REFERENCE = "optimum"
 INT8_OPS = (
@@ -334,15 +334,6 @@ def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], t
     sess = session(path, threads)
     got = np.concatenate([sess.run(None, f)[0].ravel() for f in feeds])
     return psnr_db(np.concatenate([r.ravel() for r in references]), got)
-
-
-def op_census(path: Path) -> dict[str, int]:
-    import onnx
-
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
 
 
 def time_against(reference: Path, other: Path, threads: int, repeats: int) -> dict:

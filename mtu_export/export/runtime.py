@@ -34,7 +34,6 @@ def ops_run(path: Path, threads: int | None = None) -> dict[str, int]:
     QLinearMatMul or MatMulIntegerToFloat, and what is still Conv / MatMul runs in float."""
     import tempfile
 
-    import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="mtu-ops-") as scratch:
@@ -47,9 +46,16 @@ def ops_run(path: Path, threads: int | None = None) -> dict[str, int]:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        counts: dict[str, int] = {}
-        for node in onnx.load(str(saved), load_external_data=False).graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return op_census(saved)
+
+
+def op_census(path: Path) -> dict[str, int]:
+    """How many nodes of each operator the ONNX file at `path` holds (weights not loaded)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
 
