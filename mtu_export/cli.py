@@ -372,6 +372,9 @@ def onnx_command(
     attention: Annotated[
         str, typer.Option(help="UNet attention: default (exported ops) or fused (onnxruntime MultiHeadAttention).")
     ] = "default",
+    optimize: Annotated[
+        bool, typer.Option(help="Save each graph as onnxruntime's CPU session optimizes it (its fusions done once).")
+    ] = False,
     allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
     image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
     data: DataOption = None,
@@ -392,6 +395,7 @@ def onnx_command(
         external_data=external_data,
         quantize=quantize,
         attention=attention,
+        optimize=optimize,
         allow_drift=allow_drift,
         image_count=image_count,
     )

@@ -389,6 +389,7 @@ class ExportConfig:
     width: int | None = None
     external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
     attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
+    optimize: bool = False  # onnx: save each graph as onnxruntime's CPU session optimizes it (level "extended")
     quantize: str = "none"
     allow_drift: bool = False
     probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
@@ -432,9 +433,11 @@ class ExportConfig:
         if self.compute_precision not in ("fp16", "fp32"):
             raise ConfigError(f"--compute-precision must be fp16 or fp32, got {self.compute_precision!r}")
 
-    def check_quantize(self, choices: tuple[str, ...], command: str) -> None:
-        """The options whose choices depend on the exporter (`command`): the quantization mode, and the attention
-        layout (ATTENTION_FOR)."""
+    def check_for(self, choices: tuple[str, ...], command: str) -> None:
+        """The options whose choices depend on the exporter (`command`): the quantization mode (`choices`), the
+        attention layout (ATTENTION_FOR) and `optimize` (onnxruntime's, so onnx only)."""
+        if self.optimize and command != "onnx":
+            raise ConfigError(f"--optimize saves onnxruntime's optimized graphs: an onnx option, not {command}'s")
         attention = ATTENTION_FOR[command]
         if self.attention not in attention:
             raise ConfigError(

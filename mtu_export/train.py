@@ -37,7 +37,7 @@ from mtu_export.conditioning import drop_image, target_latents, task_condition
 from mtu_export.config import TrainConfig
 from mtu_export.data import Source, open_source, pipeline_geometry
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.loop import process_state, run_stage
+from mtu_export.loop import cpu_flags, process_state, run_stage
 from mtu_export.moe import MTUUNet, routed_checkpointing
 from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.storage import check_output, check_separate, locate_unet, write_json
@@ -208,6 +208,20 @@ def curve_hook(config: TrainConfig, base: Path, workdir: Path, mtu: MTUUNet, sta
 def _check_precision(config: TrainConfig) -> None:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on CPUs (or no)")
+    if config.mixed_precision == "bf16" and not torch.cuda.is_available() and _cpu_lacks_bf16():
+        print(
+            "warning: --mixed-precision bf16 on a CPU without bf16 instructions (avx512_bf16 / amx_bf16) is emulated, "
+            "many times slower than fp32; use --mixed-precision no here",
+            flush=True,
+        )
+
+
+def _cpu_lacks_bf16() -> bool:
+    """An x86 CPU whose flags name no bf16 instructions (elsewhere: not known, so False)."""
+    import platform
+
+    flags = cpu_flags()
+    return platform.machine() in ("x86_64", "AMD64") and bool(flags) and not {"avx512_bf16", "amx_bf16"} & flags
 
 
 def fit(config: TrainConfig, base: Path, workdir: Path, resume: bool = False) -> tuple[MTUUNet, dict]:
@@ -268,6 +282,11 @@ def train(config: TrainConfig, base: Path, workdir: Path, out: Path, resume: boo
     return out
 
 
+# Settings a resumed run may change: where it stops and how its steps are computed (autocast, activation
+# recomputation), e.g. on a machine without bf16 kernels, not what the steps compute.
+RESUME_MAY_CHANGE = ("stop_at", "mixed_precision", "gradient_checkpointing")
+
+
 def _check_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
     saved = workdir / "train_config.json"
     if not saved.exists():
@@ -277,7 +296,7 @@ def _check_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # settings added since an earlier run kept defaults
     earlier = {**defaults, **json.loads(saved.read_text())}
     now = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as the saved file has them
-    changed = sorted(k for k in now if k != "stop_at" and earlier.get(k) != now[k])
+    changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and earlier.get(k) != now[k])
     if changed:
         raise ConfigError(
             f"--resume with other settings than the run in {workdir} ({', '.join(changed)}); "

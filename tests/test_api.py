@@ -103,10 +103,10 @@ def test_the_core_ml_target_follows_the_export_as_the_cli_chooses_it(tmp_path):
     assert ExportConfig().target == "iOS18"  # the multifunction UNet of all tasks needs it
     assert ExportConfig(tasks="t2i").target == "iOS17"
     assert ExportConfig(tasks="t2i", target="iOS18").target == "iOS18"
-    ExportConfig(quantize="int4-block").check_quantize(COREML_QUANTIZE, "coreml")  # iOS18 by default: accepted
+    ExportConfig(quantize="int4-block").check_for(COREML_QUANTIZE, "coreml")  # iOS18 by default: accepted
     single = ExportConfig(tasks="t2i", quantize="int4-block")
     cli = cli_error("coreml", tmp_path / "ckpt", "--out", tmp_path / "x", "--task", "t2i", "--quantize", "int4-block")
-    assert api_error(lambda: single.check_quantize(COREML_QUANTIZE, "coreml")) == cli
+    assert api_error(lambda: single.check_for(COREML_QUANTIZE, "coreml")) == cli
     pytest.importorskip("coremltools")
     cli = cli_error("coreml", tmp_path / "ckpt", "--out", tmp_path / "x", "--target", "iOS17")
     assert "needs Core ML's iOS18 target" in cli

@@ -196,7 +196,7 @@ def test_default_attention_keeps_the_exported_matmuls(coreml_t2i):
 
 def test_split_einsum_is_a_core_ml_option_only():
     with pytest.raises(ConfigError, match="`mtu-export onnx --attention split-einsum` is not offered"):
-        ExportConfig(attention="split-einsum").check_quantize(ONNX_QUANTIZE, "onnx")
+        ExportConfig(attention="split-einsum").check_for(ONNX_QUANTIZE, "onnx")
 
 
 @pytest.mark.macos

@@ -112,6 +112,10 @@ def test_work_folder_of_an_earlier_run_needs_resume(world_pipeline, tmp_path):
     assert_clean_failure(
         invoke(*args, "--out", tmp_path / "b", "--resume", "--lr", "0.5"), "other settings than the run", 3
     )
+    # how the steps are computed may change (a resume on a machine without bf16 kernels), not what they compute
+    resumed = invoke(*args, "--out", tmp_path / "c", "--resume", "--mixed-precision", "bf16")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "w" / "train_config.json").read_text())["mixed_precision"] == "bf16"
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,14 @@
 Stable Diffusion v1.5 scale (random weights: weights change neither FLOPs nor latency).
 
 One folded task (t2i, from a seeded MTU model with non-uniform routing) is saved as a diffusers pipeline folder (the
-SD1.5 UNet with a small text encoder and VAE: only the UNet is measured) and exported seven ways:
+SD1.5 UNet with a small text encoder and VAE: only the UNet is measured) and exported eight ways:
 
 - `optimum`: optimum-onnx's own export of the folder (`main_export`), the reference every ratio divides by;
 - `optimum+ort-opt`: that graph after onnxruntime's transformer optimizer with CPU settings (model_type "unet");
 - `ours`: `mtu-export onnx`'s fp32 graph; `ours-fused`: with `--attention fused` (MultiHeadAttention);
 - `ours-fused+ort-opt`: the fused graph after the same optimizer (its LayerNorm / Gelu / bias fusions);
+- `ours-fused+optimize`: the fused graph as `--optimize` saves it (onnxruntime's own session optimizations, done
+  once at export instead of at every load);
 - `ours-fused+dynamic-int8`: the fused graph with dynamic int8 MatMul/Gemm weights;
 - `ours-fused+static-int8`: the fused graph as `--quantize static-int8` writes it (QDQ int8 Conv, MatMul and Gemm;
   calibrated on a guided trajectory with another seed than the one PSNR is measured on).
@@ -16,9 +18,10 @@ Per graph: latency ÷ optimum's (interleaved pairs on `threads` threads, CFG bat
 achieved GFLOP/s ÷ this machine's peak fp32 GEMM GFLOP/s (the best of large MatMuls and the UNet's own 3×3
 convolutions in onnxruntime, same run, same threads, before and after the timing), for the fp32 graphs also the
 GFLOP/s of their convolution and MatMul layers alone (onnxruntime's profiler: the GEMM-bound layers), peak RSS of
-a process that loads it and runs one call, bytes on disk, per-call PSNR against the fp32 torch UNet on inputs
-recorded along a short guided sampling trajectory, and which operators run in int8 (counted in the graph
-onnxruntime actually runs: its session's optimized model, after the QDQ fusions into QLinearConv and friends).
+a process that loads it and runs one call, the seconds an onnxruntime session takes to load it, bytes on disk,
+per-call PSNR against the fp32 torch UNet on inputs recorded along a short guided sampling trajectory, and which
+operators run in int8 (counted in the graph onnxruntime actually runs: its session's optimized model, after the QDQ
+fusions into QLinearConv and friends).
 
 Run: `python -m mtu_export.bench.peers --out benchmarks/results` (about 30 minutes and 20 GB RAM on 2 cores).
 """
@@ -125,6 +128,15 @@ def ort_optimize(src: Path, dst: Path) -> Path:
     return dst
 
 
+def save_optimize(src: Path, dst: Path) -> Path:
+    """`src` as `mtu-export onnx --optimize` saves a graph (its weights external, as at this size they must be)."""
+    from mtu_export.export.onnx import OPTIMIZE_LEVEL
+    from mtu_export.export.runtime import save_optimized
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return save_optimized(src, dst, OPTIMIZE_LEVEL, external=True)
+
+
 def export_ours(pipeline: Path, out: Path, fused: bool) -> Path:
     """The pipeline's UNet as `mtu-export onnx` writes it (loaded from disk, as the command does)."""
     from mtu_export.config import ExportConfig
@@ -225,10 +237,12 @@ def machine() -> dict:
 
     import onnxruntime
 
+    from mtu_export.loop import cpu_flags
+
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     return {
         "cpu": model or platform.processor() or platform.machine(),
@@ -336,6 +350,20 @@ def psnr_per_call(path: Path, feeds: list[dict], references: list[np.ndarray], t
     return psnr_db(np.concatenate([r.ravel() for r in references]), got)
 
 
+def load_seconds(path: Path, threads: int, repeats: int = 2) -> float:
+    """The fastest of `repeats` onnxruntime session creations for `path` (reading, optimizing, preparing kernels)."""
+    from mtu_export.export.runtime import session
+
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess = session(path, threads)
+        best = min(best, time.perf_counter() - start)
+        del sess
+        release()
+    return best
+
+
 def time_against(reference: Path, other: Path, threads: int, repeats: int) -> dict:
     from mtu_export.bench.timing import interleaved
     from mtu_export.export.runtime import session
@@ -387,9 +415,10 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     graphs["ours"] = in_child("export_ours", work / "pipeline", work / "ours" / "unet", False)
     graphs["ours-fused"] = in_child("export_ours", work / "pipeline", work / "ours-fused" / "unet", True)
     graphs[REFERENCE] = in_child("export_optimum", work / "pipeline", work / "optimum")
-    log("onnxruntime's transformer optimizer on optimum's graph and on ours-fused; dynamic int8 of ours-fused")
+    log("onnxruntime's transformer optimizer on optimum's graph and ours-fused; --optimize, dynamic int8 of ours-fused")
     graphs["optimum+ort-opt"] = in_child("ort_optimize", graphs[REFERENCE], work / "optimum-opt" / "model.onnx")
     graphs["ours-fused+ort-opt"] = in_child("ort_optimize", graphs["ours-fused"], work / "fused-opt" / "model.onnx")
+    graphs["ours-fused+optimize"] = in_child("save_optimize", graphs["ours-fused"], work / "fused-saved" / "model.onnx")
     graphs["ours-fused+dynamic-int8"] = in_child("quantize_dynamic", graphs["ours-fused"], work / "int8" / "model.onnx")
     log("static int8 (QDQ) of ours-fused, calibrated on a 4-step guided trajectory (another seed)")
     graphs["ours-fused+static-int8"] = in_child(
@@ -406,6 +435,7 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     for name, path in graphs.items():
         row = {"bytes": tree_bytes(path.parent), "peak_rss_bytes": int(peak_rss_mb(path, feed(), threads) * 2**20)}
         row["psnr_per_call_db"] = psnr_per_call(path, feeds, references, threads)
+        row["load_s"] = load_seconds(path, threads)
         census = op_census(path)
         if "int8" not in name:  # where fp32 time goes, and how close its GEMM-bound layers come to the peak
             row["gemm_layers"] = gemm_throughput(path, {k: v.numpy() for k, v in feed().items()}, threads)
@@ -468,8 +498,8 @@ def markdown(r: dict) -> str:
         f"{', '.join(r['machine']['extensions']) or 'no AVX2'}; onnxruntime {r['machine']['onnxruntime']}.",
         "",
         "| graph | ms per call | ÷ optimum | GFLOP/s ÷ peak GEMM | Conv / MatMul layers ÷ peak | per-call PSNR dB | "
-        "peak RSS GB | disk GB | attention ops | int8 ops (as onnxruntime runs them) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "peak RSS GB | load s | disk GB | attention ops | int8 ops (as onnxruntime runs them) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, row in r["graphs"].items():
         psnr = "exact" if row["psnr_per_call_db"] is None else f"{row['psnr_per_call_db']:.1f}"
@@ -483,7 +513,8 @@ def markdown(r: dict) -> str:
         )
         lines.append(
             f"| {name} | {row['ms']:.0f} | **{row['ratio_to_optimum']:.3f}** | {row['fraction_of_peak_gemm']:.2f} | "
-            f"{gemm if layers else '-'} | {psnr} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['bytes'] / 1e9:.2f} | "
+            f"{gemm if layers else '-'} | {psnr} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['load_s']:.1f} | "
+            f"{row['bytes'] / 1e9:.2f} | "
             f"{attention} | {int8} |"
         )
     return "\n".join(lines) + "\n"

@@ -97,7 +97,7 @@ def export_coreml(
     examples (default: the shapes world)."""
     ct = require_coremltools()
     out, checkpoint = Path(out), Path(checkpoint)
-    config.check_quantize(COREML_QUANTIZE, "coreml")
+    config.check_for(COREML_QUANTIZE, "coreml")
     check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
     check_output(out, overwrite)
     bundled = not config.tasks

@@ -78,6 +78,7 @@ PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights i
 # Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
 GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0}
 CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8
+OPTIMIZE_LEVEL = "extended"  # --optimize: all but the layout transforms, whose NCHWc blocks fit only this CPU
 
 Log = Callable[[str], None]
 
@@ -114,7 +115,7 @@ def export_onnx(
     """Export, validate and describe; returns the manifest. Raises DriftError listing every drifting graph.
     `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
     out, checkpoint = Path(out), Path(checkpoint)
-    config.check_quantize(ONNX_QUANTIZE, "onnx")
+    config.check_for(ONNX_QUANTIZE, "onnx")
     check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
     check_output(out, overwrite)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
@@ -228,15 +229,18 @@ class _Exporter:
         self.agreement += validate_graph(spec, module, path, feeds, None, GRAPH_PSNR_FLOOR["none"])
 
     def _export_unet(self, spec: GraphSpec, module, probes: dict[str, Probes], tasks, unet_config: dict) -> None:
-        path = self.write_graph(spec, module, probes[tasks[0]].feeds["unet"][0], self.tmp / "unet")
+        # a graph to be quantized stays as exported (the quantizers know ONNX operators, not onnxruntime's fused
+        # ones); its quantized copy is what --optimize optimizes
+        plain = self.config.quantize != "none"
+        path = self.write_graph(spec, module, probes[tasks[0]].feeds["unet"][0], self.tmp / "unet", not plain)
         write_json(self.tmp / "unet" / "config.json", unet_config)
         self.log(f"exported unet ({'all tasks, task_id input' if spec is BUNDLE else tasks[0]})")
         for task in tasks:
             feeds = probes[task].feeds["unet"]
             self.agreement += validate_graph(spec, module, path, feeds, task, GRAPH_PSNR_FLOOR["none"])
 
-    def write_graph(self, spec: GraphSpec, module, example: dict, folder: Path) -> Path:
-        return write_graph(spec, module, example, folder, self.config, self.scratch)
+    def write_graph(self, spec: GraphSpec, module, example: dict, folder: Path, optimize: bool = True) -> Path:
+        return write_graph(spec, module, example, folder, self.config, self.scratch, optimize)
 
     def _quantize_unet(self, spec, module, tasks, unets, bundle, probes) -> None:
         mode = self.config.quantize
@@ -253,6 +257,8 @@ class _Exporter:
             f"quantizing unet: {mode}" + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
         )
         quantize_onnx(mode, reference / MODEL, self.tmp / "unet" / MODEL, calibration)
+        if self.config.optimize:
+            optimize_graph(self.tmp / "unet" / MODEL)
         for task in tasks:
             feeds = probes[task].feeds["unet"]
             rows = validate_graph(spec, module, self.tmp / "unet" / MODEL, feeds, task, GRAPH_PSNR_FLOOR[mode])
@@ -306,7 +312,8 @@ class _Exporter:
         task = tasks[0]
         example = dict(probes[task].feeds["unet"][0])
         example["sample"] = example["sample"][:, : self.ckpt.model.config.task(task).in_channels]  # unpad
-        single = self.write_graph(UNET, UNetGraph(unets[task]), example, self.scratch / "single")
+        same = self.config.quantize == "none"  # optimized as the bundle's fp32 graph is
+        single = self.write_graph(UNET, UNetGraph(unets[task]), example, self.scratch / "single", same)
         single_unet = tree_bytes(single.parent)
         bundle_unet = tree_bytes(self.tmp / "unet")
         shared = sum(tree_bytes(self.tmp / c) for c in ("text_encoder", "vae_encoder", "vae_decoder"))
@@ -348,6 +355,13 @@ class _Exporter:
                 "sha256": file_sha256(self.ckpt.path / "mtu_unet.safetensors"),
             },
             "export": self.config.to_dict(),
+            "optimized": {
+                "level": OPTIMIZE_LEVEL,
+                "by": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
+                "graphs": sorted(p.parent.name for p in self.tmp.glob(f"*/{MODEL}") if p.parent.name != "unet_fp32"),
+            }
+            if self.config.optimize
+            else None,
             "quantized": {
                 "unet": self.config.quantize,
                 "reference": "unet_fp32" if self.config.quantize != "none" else None,
@@ -405,9 +419,12 @@ class _Exporter:
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def write_graph(spec: GraphSpec, module, example: dict, folder: Path, config: ExportConfig, scratch: Path) -> Path:
+def write_graph(
+    spec: GraphSpec, module, example: dict, folder: Path, config: ExportConfig, scratch: Path, optimize: bool = True
+) -> Path:
     """torch.onnx.export `module` with `example` feeds into `folder/model.onnx` (+ external data past 2 GB, or
-    as `config.external_data` says), with `config`'s opset, exporter and shapes; `scratch` holds the raw export."""
+    as `config.external_data` says), with `config`'s opset, exporter and shapes; `scratch` holds the raw export.
+    With `config.optimize` (and `optimize`) the graph saved is onnxruntime's optimized one (optimize_graph)."""
     import onnx
 
     work = Path(scratch) / spec.component
@@ -442,7 +459,26 @@ def write_graph(spec: GraphSpec, module, example: dict, folder: Path, config: Ex
         external = any(p.name != MODEL for p in work.iterdir()) or (work / MODEL).stat().st_size > PROTOBUF_LIMIT
     _save(onnx.load(str(work / MODEL), load_external_data=True), folder / MODEL, external)
     shutil.rmtree(work, ignore_errors=True)
+    if config.optimize and optimize:
+        optimize_graph(folder / MODEL)
     return folder / MODEL
+
+
+def optimize_graph(path: Path) -> None:
+    """Replace the graph at `path` (and its external weights) by the one an onnxruntime CPU session runs after its
+    portable optimizations (OPTIMIZE_LEVEL: constant folding, Conv / MatMul / activation / LayerNorm / Gelu
+    fusions, QDQ pairs into QLinearConv and friends), so sessions loading it find that work done. Its weights stay
+    external when they were."""
+    from mtu_export.export.runtime import save_optimized
+
+    graph_files = [p for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name)]
+    external = len(graph_files) > 1
+    with tempfile.TemporaryDirectory(prefix="mtu-optimize-", dir=path.parent) as scratch:
+        save_optimized(path, Path(scratch) / MODEL, OPTIMIZE_LEVEL, external=external)
+        for old in graph_files:
+            old.unlink()
+        for new in Path(scratch).iterdir():
+            new.rename(path.parent / new.name)
 
 
 # ---------------------------------------------------------------------------------------------------- validation

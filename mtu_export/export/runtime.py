@@ -28,25 +28,42 @@ def session(path: Path, threads: int | None = None, spinning: bool = True):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+OPTIMIZE_LEVELS = ("basic", "extended", "all")
+
+
+def save_optimized(src: Path, dst: Path, level: str = "all", threads: int | None = None, external: bool = True) -> Path:
+    """Have an onnxruntime CPU session optimize `src` at `level` and save the graph it would run to `dst`, its
+    weights of 1 KiB and more in `<dst name>_data` beside it when `external` (else inline, under 2 GB only).
+    "extended" stops before the layout transforms of "all" (NCHWc blocks sized for this CPU's vector width), so
+    its graph runs on any CPU onnxruntime supports; it does hold onnxruntime's own (com.microsoft) operators."""
+    import onnxruntime as ort
+
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = levels[level]
+    if threads:
+        options.intra_op_num_threads = threads
+    options.optimized_model_filepath = str(dst)
+    if external:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{dst.name}_data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), sess_options=options, providers=["CPUExecutionProvider"])
+    return dst
+
+
 def ops_run(path: Path, threads: int | None = None) -> dict[str, int]:
     """How many nodes of each operator an onnxruntime CPU session for `path` runs, counted in the optimized model it
     saves: there QuantizeLinear / DequantizeLinear pairs around a Conv or MatMul have become QLinearConv,
     QLinearMatMul or MatMulIntegerToFloat, and what is still Conv / MatMul runs in float."""
     import tempfile
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="mtu-ops-") as scratch:
-        saved = Path(scratch) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        options.optimized_model_filepath = str(saved)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        return op_census(saved)
+        return op_census(save_optimized(path, Path(scratch) / "optimized.onnx", "all", threads))
 
 
 def op_census(path: Path) -> dict[str, int]:
