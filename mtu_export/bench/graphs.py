@@ -29,13 +29,14 @@ def unet_feed(unet_config: dict, task_channels: int, batch: int, tokens: int, se
     }
 
 
-def export_fixed(unet, feed: dict, folder: Path, attention: str = "default") -> Path:
+def export_fixed(unet, feed: dict, folder: Path, attention: str = "default", optimize: bool = False) -> Path:
     """A fixed-shape fp32 ONNX graph of `unet` on `feed`'s shapes in `folder/model.onnx`, checked by onnx.
     `attention="fused"` exports a copy of `unet` whose attention layers are one MultiHeadAttention node each, as
-    `mtu-export onnx --attention fused` does (`unet` itself is left as it was)."""
+    `mtu-export onnx --attention fused` does (`unet` itself is left as it was); `optimize` saves the graph as
+    `--optimize` does."""
     import onnx
 
-    config = ExportConfig(fixed_shapes=True, attention=attention)
+    config = ExportConfig(fixed_shapes=True, attention=attention, optimize=optimize)
     if attention == "fused":
         unet = copy.deepcopy(unet)
         fuse_attention_(unet)

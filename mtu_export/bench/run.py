@@ -5,13 +5,14 @@ none is given — the base UNet with the task's conv_in, which has the same arch
 fixed shapes and timed on onnxruntime call by call in *interleaved* rounds (A B, B A, …, fresh non-spinning sessions
 each round; timing.py), so machine noise hits both alike; the headline is the median of the round ratios, beside an
 A/A control (the single-task graph against itself) and a structural comparison of the two graphs. The folded UNet's
-optimized export (`--attention fused`: onnxruntime's MultiHeadAttention; onnxruntime's other graph optimizations are
-applied at session load, as for every graph here) is timed the same way against its plain export and compared with
-torch (PSNR), so the gate can hold both its speed-up and its quality. End to end (text encoder, `steps` guided UNet
-calls, VAE decoder) and each quantization mode against fp32 are timed in interleaved samples of at least
-`MIN_SAMPLE_SECONDS`. GFLOPs per UNet call come from torch's FlopCounterMode and are cross-checked against the
-exported graph (flops.py); parameters, bytes on disk, peak memory (a child process per graph; memory.py) and quality
-(exported-vs-torch PSNR per task and mode; the trainer's parity table when given) complete the report (report.py).
+optimized export (`--attention fused --optimize`: onnxruntime's MultiHeadAttention, the graph saved as onnxruntime's
+session optimizes it, which every other graph here gets at session load) is timed the same way against its plain
+export and compared with torch (PSNR), so the gate can hold both its speed-up and its quality. End to end (text
+encoder, `steps` guided UNet calls, VAE decoder) and each quantization mode against fp32 are timed in interleaved
+samples of at least `MIN_SAMPLE_SECONDS`. GFLOPs per UNet call come from torch's FlopCounterMode and are
+cross-checked against the exported graph (flops.py); parameters, bytes on disk, peak memory (a child process per
+graph; memory.py) and quality (exported-vs-torch PSNR per task and mode; the trainer's parity table when given)
+complete the report (report.py).
 The gate that checks a result against a baseline is gate.py.
 """
 
@@ -216,15 +217,21 @@ def _bench_task(
         name: u for name, u in (("mtu", models.mtu), ("single", models.single), ("base", models.base)) if u is not None
     }
     graphs = {name: export_fixed(unet, feed, scratch / name) for name, unet in unets.items()}
-    # The fastest fp32 graph we ship (`mtu-export onnx --attention fused`), validated against torch as exports are.
-    graphs["optimized"] = export_fixed(models.mtu, feed, scratch / "optimized", attention="fused")
+    # The fastest fp32 graph we ship (`mtu-export onnx --attention fused --optimize`), validated against torch as
+    # exports are.
+    graphs["optimized"] = export_fixed(models.mtu, feed, scratch / "optimized", attention="fused", optimize=True)
     (agreement,) = validate_graph(UNET, UNetGraph(models.mtu), graphs["optimized"], [feed], task, GRAPH_PSNR_FLOOR_DB)
     row: dict = {"single_kind": models.single_kind, "batch": batch, "in_channels": channels}
     row["parameters"] = {"mtu": parameter_count(models.mtu), "single": parameter_count(models.single)}
     row["bytes"] = {name: graph_bytes(path) for name, path in graphs.items()}
     signatures = {name: graph_signature(graphs[name]) for name in unets}
     row["same_structure"] = signatures["mtu"] == signatures["single"]  # same ops, wiring and shapes; weights aside
-    row["optimized"] = {"attention": "fused", "psnr_db": agreement.psnr_db, "max_abs_diff": agreement.max_abs_diff}
+    row["optimized"] = {
+        "attention": "fused",
+        "optimize": True,
+        "psnr_db": agreement.psnr_db,
+        "max_abs_diff": agreement.max_abs_diff,
+    }
     flops = {
         name: {"torch": torch_flops(unet, one), "onnx": onnx_flops(export_fixed(unet, one, scratch / f"{name}-b1"))}
         for name, unet in unets.items()
@@ -247,7 +254,7 @@ def _bench_task(
     row["unet_latency"] = {"mtu_vs_single": pair("mtu", "single"), "single_vs_single": pair("single", "single")}
     if "base" in graphs:
         row["unet_latency"]["mtu_vs_base"] = pair("mtu", "base")
-    log(f"{task}: timing the optimized folded UNet (fused attention) against its plain export ({rounds})")
+    log(f"{task}: timing the optimized folded UNet (fused, --optimize) against its plain export ({rounds})")
     row["unet_latency"]["optimized_vs_plain"] = pair("optimized", "mtu")
     sessions = {name: session(graphs[name], config.threads, spinning=False) for name in ("mtu", "single")}
     if config.e2e_repeats:
