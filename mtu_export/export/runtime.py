@@ -28,9 +28,6 @@ def session(path: Path, threads: int | None = None, spinning: bool = True):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-OPTIMIZE_LEVELS = ("basic", "extended", "all")
-
-
 def save_optimized(src: Path, dst: Path, level: str = "all", threads: int | None = None, external: bool = True) -> Path:
     """Have an onnxruntime CPU session optimize `src` at `level` and save the graph it would run to `dst`, its
     weights of 1 KiB and more in `<dst name>_data` beside it when `external` (else inline, under 2 GB only).
