@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint demo base-model eval-base mtu-models convergence curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
+.PHONY: install test test-slow test-macos lint demo base-model eval-base mtu-models convergence curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -115,6 +115,15 @@ convergence: $(STAMP)
 	  mkdir -p $(CONV_RESULTS)/$$side && cp $$work/curve.jsonl $$work/train-log.jsonl $(CONV_RESULTS)/$$side/ || exit 1; \
 	done
 	$(MAKE) curves
+
+# The shipped (2,000-step) models scored on the curves' slice with the curves' settings: where each curve stood at
+# the shipped models' length -> $(CONV_RESULTS)/shipped/<model>.json.
+curve-anchor: $(STAMP)
+	mkdir -p $(CONV_RESULTS)/shipped
+	for m in shapes-mtu $(foreach t,$(TASKS),shapes-single-$(t)); do \
+	  $(BIN)/mtu-export eval models/$$m --split heldout --first 2000 --count 32 --steps 10 --guidance 3 \
+	    --image-guidance 1.5 --seed 0 --json $(CONV_RESULTS)/shipped/$$m.json --overwrite || exit 1; \
+	done
 
 # The learning curves of the runs in $(CONV_RESULTS) (mtu first), side by side per task.
 curves: $(STAMP)
