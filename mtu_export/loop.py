@@ -141,6 +141,8 @@ class _Reporter:
     def __init__(self, name: str, total: int, start: int, log_file: Path, enabled: bool) -> None:
         self.name, self.total, self.log_file, self.enabled = name, total, log_file, enabled
         self.bar = None
+        if enabled:
+            _truncate_log(log_file, start)
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -165,6 +167,21 @@ class _Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop the log lines after `step`, where a resumed run starts again: the steps between its last checkpoint and
+    where it was stopped are run (and logged) once more, so each step keeps one line (a torn last line goes too)."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    log_file.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _call_with_returned_weights(on_step, step: int, modules: list[nn.Module], ema, params) -> None:

@@ -45,11 +45,15 @@ def test_resume_matches_an_uninterrupted_run(world_pipeline, tmp_path):
     train(config, world_pipeline, tmp_path / "w1", tmp_path / "straight")
     assert train(TrainConfig(**TINY, stop_at=2), world_pipeline, tmp_path / "w2", tmp_path / "resumed") is None
     assert not (tmp_path / "resumed").exists()
+    # as a killed run leaves it: a line logged after the last checkpoint (step 2), then a torn line
+    log_file = tmp_path / "w2" / "train-log.jsonl"
+    log_file.write_text('{"step": 2, "loss": 1.0}\n{"step": 3, "loss": 9.0}\n{"step": 4, "lo')
     train(config, world_pipeline, tmp_path / "w2", tmp_path / "resumed", resume=True)
     want, got = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert want.keys() == got.keys()
     assert max((want[k] - got[k]).abs().max().item() for k in want) == 0.0
-    log = [json.loads(line) for line in (tmp_path / "w2" / "train-log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [line["step"] for line in log] == [2, 4]  # the resumed steps are logged once, by the resumed run
     assert {"loss_t2i", "loss_edit", "loss_sr", "loss_inpaint"} <= log[-1].keys()
 
 
