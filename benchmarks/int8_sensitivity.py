@@ -53,13 +53,14 @@ def main() -> None:
     parser.add_argument("--task", default="t2i")
     parser.add_argument("--calibration", type=int, default=4, help="Train examples (as the exporter uses).")
     parser.add_argument("--probes", type=int, default=4, help="Held-out examples whose UNet calls are measured.")
+    parser.add_argument("--reduce-range", action="store_true", help="7-bit weights (x86 CPUs without VNNI).")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     unet, train, held_out = record(args.checkpoint, args.task, args.calibration, args.probes)
     with tempfile.TemporaryDirectory(prefix="mtu-sensitivity-") as scratch:
         example = {k: torch.from_numpy(np.asarray(v)) for k, v in held_out[0].items()}
         src = write_graph(UNET, UNetGraph(unet), example, Path(scratch) / "fp32", ExportConfig(), Path(scratch))
-        errors = layer_sensitivity(src, train, held_out, Path(scratch))
+        errors = layer_sensitivity(src, train, held_out, Path(scratch), reduce_range=args.reduce_range)
     total = errors.pop("(all)")
     ranked = sorted(errors.items(), key=lambda kv: -kv[1])
     summed = sum(errors.values())
@@ -72,6 +73,7 @@ def main() -> None:
     result = {
         "checkpoint": str(args.checkpoint),
         "task": args.task,
+        "reduce_range": args.reduce_range,
         "calibration_calls": len(train),
         "probe_calls": len(held_out),
         "all_layers": {"relative_error": total, "per_call_snr_db": -10 * math.log10(total)},

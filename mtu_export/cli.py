@@ -369,6 +369,12 @@ def onnx_command(
         bool | None, typer.Option(help="Weights in model.onnx_data (default: only past 2 GB).")
     ] = None,
     quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8 or fp16.")] = "none",
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option(
+            help="static-int8: 7-bit weights, for x86 CPUs without VNNI (default: on when this machine is one)."
+        ),
+    ] = None,
     attention: Annotated[
         str, typer.Option(help="UNet attention: default (exported ops) or fused (onnxruntime MultiHeadAttention).")
     ] = "default",
@@ -394,6 +400,7 @@ def onnx_command(
         width=width,
         external_data=external_data,
         quantize=quantize,
+        reduce_range=reduce_range,
         attention=attention,
         optimize=optimize,
         allow_drift=allow_drift,

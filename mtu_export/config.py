@@ -391,6 +391,8 @@ class ExportConfig:
     attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
     optimize: bool = False  # onnx: save each graph as onnxruntime's CPU session optimizes it (level "extended")
     quantize: str = "none"
+    # static int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
+    reduce_range: bool | None = None
     allow_drift: bool = False
     probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
     image_steps: int = 25  # end-to-end image check: sampling steps, examples, guidance
@@ -448,6 +450,8 @@ class ExportConfig:
                 f"`mtu-export {command} --quantize {self.quantize}` is not a mode; choose {', '.join(choices)}"
                 f"{did_you_mean(self.quantize, list(choices))}"
             )
+        if self.reduce_range and self.quantize != "static-int8":
+            raise ConfigError("--reduce-range (7-bit int8 weights) applies to --quantize static-int8 only")
         if self.quantize == "int4-block" and self.target != "iOS18":
             raise ConfigError("--quantize int4-block needs Core ML's iOS18 target; add --target iOS18")
 

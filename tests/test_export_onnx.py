@@ -172,6 +172,61 @@ def test_quantized_exports_validate_and_keep_the_fp32_reference(mtu_world, tmp_p
     assert expected in ops
     if mode == "static-int8":
         _assert_attention_products_stay_fp32(out)
+        from mtu_export.quantize import saturating_int8_cpu
+
+        # by default 7-bit weights exactly where this machine's int8 kernels would saturate 8-bit ones
+        assert manifest["quantized"]["reduce_range"] == saturating_int8_cpu()
+        assert _largest_int8_weight(out) == (64 if saturating_int8_cpu() else 127)
+
+
+def _largest_int8_weight(out: Path) -> int:
+    """The largest |q| of the quantized UNet's int8 weights (per-channel symmetric: 127 at 8 bits, 64 at 7)."""
+    graph = onnx.load(str(out / "unet" / "model.onnx")).graph
+    weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights
+    return max(int(np.abs(w.astype(int)).max()) for w in weights)
+
+
+def test_static_int8_weights_take_the_bits_asked_for(mtu_world, tmp_path):
+    """The other choice than this machine's default: --no-reduce-range where the default is 7 bits, else
+    --reduce-range; both validate against torch, and the manifest says who chose."""
+    from mtu_export.quantize import saturating_int8_cpu
+
+    flag = "--no-reduce-range" if saturating_int8_cpu() else "--reduce-range"
+    out = tmp_path / "q"
+    args = ("--task", "t2i", "--quantize", "static-int8", flag, "--image-count", "0", "--out", out, *FAST)
+    result = invoke("onnx", mtu_world, *args)
+    assert result.exit_code == 0, result.output
+    quantized = _manifest(out)["quantized"]
+    assert quantized["reduce_range"] == (flag == "--reduce-range")
+    assert quantized["reduce_range_by"] == "--reduce-range / --no-reduce-range"
+    assert _largest_int8_weight(out) == (64 if flag == "--reduce-range" else 127)
+
+
+def test_reduce_range_is_refused_outside_static_int8(mtu_world, tmp_path):
+    result = invoke("onnx", mtu_world, "--quantize", "dynamic-int8", "--reduce-range", "--out", tmp_path / "o")
+    assert_clean_failure(result, "applies to --quantize static-int8 only", exit_code=3)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "saturates"),
+    [
+        ("x86_64", {"avx2", "fma"}, True),  # AVX2 without VNNI: vpmaddubsw sums pairs in 16 bits
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+        ("x86_64", {"avx2", "avx_vnni"}, False),
+        ("aarch64", {"asimd", "asimddp"}, False),
+        ("x86_64", set(), False),  # flags unknown (no /proc/cpuinfo): not assumed
+    ],
+)
+def test_which_cpus_get_7_bit_static_int8_weights(monkeypatch, machine, flags, saturates):
+    import platform
+
+    from mtu_export import loop, quantize
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(loop, "cpu_flags", lambda: set(flags))
+    assert quantize.saturating_int8_cpu() is saturates
 
 
 def _assert_attention_products_stay_fp32(out):

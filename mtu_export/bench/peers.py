@@ -176,11 +176,12 @@ def quantize_dynamic(src: Path, dst: Path) -> Path:
 
 def quantize_static(src: Path, calibration: Path, dst: Path) -> Path:
     """Static QDQ int8 of `src` (`--quantize static-int8`'s handler), calibrated on the UNet inputs saved in
-    `calibration` (an .npz of one guided trajectory with another seed than the one PSNR is measured on)."""
-    from mtu_export.quantize import quantize_onnx
+    `calibration` (an .npz of one guided trajectory with another seed than the one PSNR is measured on), with the
+    exporter's default weights (7-bit on an x86 CPU without VNNI)."""
+    from mtu_export.quantize import quantize_onnx, saturating_int8_cpu
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_onnx("static-int8", src, dst, load_feeds(calibration))
+    quantize_onnx("static-int8", src, dst, load_feeds(calibration), reduce_range=saturating_int8_cpu())
     return dst
 
 

@@ -58,7 +58,7 @@ from mtu_export.export.prepare import (
 from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
 from mtu_export.metrics import UINT8_PEAK, psnr_db
-from mtu_export.quantize import quantize_onnx
+from mtu_export.quantize import REDUCE_RANGE_MODES, quantize_onnx, saturating_int8_cpu
 from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
 from mtu_export.storage import (
     PIPELINE_INDEX,
@@ -148,6 +148,10 @@ class _Exporter:
         self.agreement: list[GraphAgreement] = []
         self.calibration: dict[str, dict] | None = None  # static int8: what each task was calibrated on
         self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
+        # static int8's 7-bit weights: as asked, else where this CPU's int8 kernels saturate 8-bit ones
+        self.reduce_range = config.quantize in REDUCE_RANGE_MODES and (
+            config.reduce_range if config.reduce_range is not None else saturating_int8_cpu()
+        )
 
     # -- orchestration -------------------------------------------------------------------------------------------
     def run(self, tasks: tuple[str, ...], unets: dict, size: tuple[int, int, int]) -> dict:
@@ -254,9 +258,11 @@ class _Exporter:
             self.calibration = {t: {"source": self.sources.kind(t), "examples": CALIBRATION_COUNT} for t in tasks}
             calibration = [_numpy(f) for task in tasks for f in train[task].feeds["unet"]]
         self.log(
-            f"quantizing unet: {mode}" + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
+            f"quantizing unet: {mode}"
+            + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
+            + (", 7-bit weights (reduce_range)" if self.reduce_range else "")
         )
-        quantize_onnx(mode, reference / MODEL, self.tmp / "unet" / MODEL, calibration)
+        quantize_onnx(mode, reference / MODEL, self.tmp / "unet" / MODEL, calibration, self.reduce_range)
         if self.config.optimize:
             optimize_graph(self.tmp / "unet" / MODEL)
         for task in tasks:
@@ -365,6 +371,14 @@ class _Exporter:
             "quantized": {
                 "unet": self.config.quantize,
                 "reference": "unet_fp32" if self.config.quantize != "none" else None,
+                "reduce_range": self.reduce_range,
+                "reduce_range_by": None
+                if self.config.quantize not in REDUCE_RANGE_MODES
+                else "--reduce-range / --no-reduce-range"
+                if self.config.reduce_range is not None
+                else "default: this CPU is x86 without VNNI"
+                if self.reduce_range
+                else "default: this CPU has VNNI or is not x86",
             },
             "versions": {
                 "mtu_export": __version__,
