@@ -372,13 +372,7 @@ class _Exporter:
                 "unet": self.config.quantize,
                 "reference": "unet_fp32" if self.config.quantize != "none" else None,
                 "reduce_range": self.reduce_range,
-                "reduce_range_by": None
-                if self.config.quantize not in REDUCE_RANGE_MODES
-                else "--reduce-range / --no-reduce-range"
-                if self.config.reduce_range is not None
-                else "default: this CPU is x86 without VNNI"
-                if self.reduce_range
-                else "default: this CPU has VNNI or is not x86",
+                "reduce_range_by": self._reduce_range_by(),
             },
             "versions": {
                 "mtu_export": __version__,
@@ -393,6 +387,16 @@ class _Exporter:
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
             "sizes": sizes,
         }
+
+    def _reduce_range_by(self) -> str | None:
+        """Who chose static int8's weight bits: the option, or the default from this machine's CPU."""
+        if self.config.quantize not in REDUCE_RANGE_MODES:
+            return None
+        if self.config.reduce_range is not None:
+            return "--reduce-range / --no-reduce-range"
+        return (
+            "default: this CPU is x86 without VNNI" if self.reduce_range else "default: this CPU has VNNI or is not x86"
+        )
 
     def _stamp_metadata(self, manifest: dict) -> None:
         """Write the source, task(s), versions and each graph's agreement with torch into the graph's ONNX metadata."""
