@@ -7,8 +7,9 @@ task a child process loads the checkpoint as `mtu-export onnx` would, folds the 
 its UNet to ONNX (fixed shapes: the CFG batch of 2 at 64×64 latents, 77 tokens; external data), and the parent
 records the child's wall time and peak RSS; the single-task reference (base UNet with the task's conv_in) is
 exported the same way. Then, side by side in this process: GFLOPs per call (torch, cross-checked on the graph),
-parameters, folded ÷ single-task latency in interleaved pairs on `threads` threads, and the bytes of the all-task
-bundle (one graph with a task_id input) ÷ one task's graph.
+parameters, folded ÷ single-task latency in interleaved pairs on `threads` threads (sessions with onnxruntime's
+thread spinning off, as every benchmark here), and the bytes of the all-task bundle (one graph with a task_id input)
+÷ one task's graph. The results open `sd15.{json,md}`; `bench.peers`, the second half, adds its own section to both.
 
 Run: `python -m mtu_export.bench.sd15 --out benchmarks/results` (about 20 minutes and 8 GB RAM on 2 cores).
 """
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -32,6 +35,37 @@ from mtu_export.storage import tree_bytes
 
 TASKS = ("t2i", "edit", "sr", "inpaint")
 BATCH, LATENT, TOKENS = 2, 64, 77
+
+
+def machine() -> dict:
+    """The CPU a run measured (its vector and matrix extensions decide what int8 and bf16 gain) and the runtimes."""
+    import platform
+
+    import onnxruntime
+
+    from mtu_export.loop import cpu_flags
+
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "extensions": [f for f in wanted if f in flags],
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def describe(m: dict) -> str:
+    """The machine in one phrase, for the reports' headers."""
+    return f"{m['cpu']}, {m['cpus']} cores, {', '.join(m['extensions']) or 'no AVX2'}; onnxruntime {m['onnxruntime']}"
 
 
 def build_base(seed: int = 0):
@@ -160,7 +194,9 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
         row["gflops_batch2_onnx"] = onnx_flops(work / task / "mtu" / "model.onnx") / 1e9
         row["gflops_batch2_single_onnx"] = onnx_flops(work / task / "single" / "model.onnx") / 1e9
         row["bytes"] = {kind: tree_bytes(work / task / kind) for kind in ("mtu", "single")}
-        sessions = {kind: session(work / task / kind / "model.onnx", threads) for kind in ("mtu", "single")}
+        sessions = {
+            kind: session(work / task / kind / "model.onnx", threads, spinning=False) for kind in ("mtu", "single")
+        }
         inputs = {k: v.numpy() for k, v in feed(MoEConfig().task(task).in_channels).items()}
         log(f"{task}: timing folded vs single-task ({repeats} interleaved pairs, batch {BATCH}, {threads} threads)")
         mtu_run, single_run = (lambda s=sessions[k], x=inputs: s.run(None, x) for k in ("mtu", "single"))
@@ -180,6 +216,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
     _clear(work / "bundle")
     _clear(work / tasks[0] / "mtu")
     _clear(models)
+    results["machine"], results["finished"] = machine(), now_utc()
     out.mkdir(parents=True, exist_ok=True)
     (out / "sd15.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "sd15.md").write_text(markdown(results))
@@ -201,7 +238,8 @@ def markdown(r: dict) -> str:
         f"config, upcycled to {len(c['tasks'])} tasks with N={c['experts']}, routers set to a seeded non-uniform "
         f"state; each task folded and exported to ONNX (opset 18, fixed shapes: batch {c['batch']}, "
         f"{c['latent']}×{c['latent']} latents, {c['tokens']} tokens); onnxruntime on {c['threads']} threads, "
-        f"{c['repeats']} interleaved pairs.",
+        f"{c['repeats']} interleaved pairs. "
+        + (f"Finished {r['finished']} on {describe(r['machine'])}." if "machine" in r else "Machine not recorded."),
         "",
         f"Parameters: base {r['parameters']['base']:,}; MTU {r['parameters']['mtu']:,} "
         f"({r['parameters']['mtu'] / r['parameters']['base']:.5f} ×). GFLOPs per call (batch 1, torch with CPU SDPA "

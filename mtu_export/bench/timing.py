@@ -20,8 +20,8 @@ def interleaved(
     run_a: Callable[[], object], run_b: Callable[[], object], repeats: int, warmup: int, min_seconds: float = 0.0
 ) -> dict:
     """Time A and B alternately (A B, B A, …). The headline `ratio` is median(A) ÷ median(B); the median of
-    per-pair ratios and the ratio of minimums are kept beside it (on a shared machine the per-pair ratio of two
-    identical graphs scattered by ±10 %, the ratio of medians by ±1 %).
+    per-pair ratios, their range and the ratio of minimums are kept beside it (on a shared machine the per-pair
+    ratio of two identical graphs scattered by ±10 %, the ratio of medians by ±1 %).
 
     With `min_seconds`, each sample runs the call `inner` times (the same count for A and B, from the warm-up's
     timing) so that a sample lasts at least that long; times are then per call."""
@@ -46,6 +46,7 @@ def interleaved(
         "b_spread_ms": 1e3 * (max(times_b) - min(times_b)),
         "ratio": statistics.median(times_a) / statistics.median(times_b),
         "pair_ratio_median": statistics.median(ratios),
+        "pair_ratio_range": [min(ratios), max(ratios)],
         "ratio_of_minimums": min(times_a) / min(times_b),
         "repeats": repeats,
         "calls_per_sample": inner,
