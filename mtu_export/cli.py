@@ -371,9 +371,7 @@ def onnx_command(
     quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8 or fp16.")] = "none",
     reduce_range: Annotated[
         bool | None,
-        typer.Option(
-            help="static-int8: 7-bit weights, for x86 CPUs without VNNI (default: on when this machine is one)."
-        ),
+        typer.Option(help="int8: 7-bit weights, for x86 CPUs without VNNI (default: on when this machine is one)."),
     ] = None,
     attention: Annotated[
         str, typer.Option(help="UNet attention: default (exported ops) or fused (onnxruntime MultiHeadAttention).")

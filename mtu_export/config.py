@@ -373,6 +373,11 @@ ATTENTION_FOR = {"onnx": ("default", "fused"), "coreml": ("default", "split-eins
 ATTENTION = ("default", "fused", "split-einsum")
 
 
+# int8 modes whose weights can be 7-bit (onnxruntime's reduce_range): both run uint8·int8 kernels that saturate with
+# 8-bit weights on x86 CPUs without VNNI
+REDUCE_RANGE_MODES = ("dynamic-int8", "static-int8")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """`mtu-export onnx` / `mtu-export coreml`: which tasks, graph options, quantization and validation.
@@ -391,7 +396,7 @@ class ExportConfig:
     attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
     optimize: bool = False  # onnx: save each graph as onnxruntime's CPU session optimizes it (level "extended")
     quantize: str = "none"
-    # static int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
+    # int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
     reduce_range: bool | None = None
     allow_drift: bool = False
     probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
@@ -450,8 +455,10 @@ class ExportConfig:
                 f"`mtu-export {command} --quantize {self.quantize}` is not a mode; choose {', '.join(choices)}"
                 f"{did_you_mean(self.quantize, list(choices))}"
             )
-        if self.reduce_range and self.quantize != "static-int8":
-            raise ConfigError("--reduce-range (7-bit int8 weights) applies to --quantize static-int8 only")
+        if self.reduce_range and self.quantize not in REDUCE_RANGE_MODES:
+            raise ConfigError(
+                f"--reduce-range (7-bit int8 weights) applies to --quantize {' or '.join(REDUCE_RANGE_MODES)} only"
+            )
         if self.quantize == "int4-block" and self.target != "iOS18":
             raise ConfigError("--quantize int4-block needs Core ML's iOS18 target; add --target iOS18")
 

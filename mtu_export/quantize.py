@@ -2,7 +2,7 @@
 
 ONNX (`quantize_onnx`, applied to the UNet, which runs once per sampling step; the text encoder and VAE stay fp32):
 - `dynamic-int8`: weights int8, activations quantized at run time, MatMul/Gemm only — ConvInteger is slower than
-  fp32 Conv on x86 CPUs;
+  fp32 Conv on x86 CPUs; 7-bit weights on x86 CPUs without VNNI, as static int8's (below);
 - `static-int8`: QDQ int8 (MatMul, Gemm, Conv; per-channel int8 weights, asymmetric uint8 activations) calibrated
   on recorded UNet inputs of the task's own sampling trajectories (train split), never on random tensors; weights
   in 7 bits (onnxruntime's `reduce_range`) for x86 CPUs without VNNI, whose uint8·int8 kernels add pairs of
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtu_export.config import REDUCE_RANGE_MODES
 from mtu_export.errors import ConfigError
 
 Feeds = dict[str, np.ndarray]
@@ -56,6 +57,7 @@ def _dynamic_int8(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_
         op_types_to_quantize=["MatMul", "Gemm"],
         weight_type=QuantType.QInt8,
         per_channel=True,
+        reduce_range=reduce_range,
         use_external_data_format=_external(src),  # SD1.5: the fp32 convolutions alone pass protobuf's 2 GB
     )
 
@@ -182,9 +184,6 @@ ONNX_HANDLERS: dict[str, Callable[[Path, Path, list[Feeds] | None, bool], None]]
     "static-int8": _static_int8,
     "fp16": _fp16,
 }
-
-
-REDUCE_RANGE_MODES = ("static-int8",)  # where 7-bit weights were measured to help (dynamic int8 met its floors)
 
 
 def quantize_onnx(

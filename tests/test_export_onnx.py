@@ -172,6 +172,7 @@ def test_quantized_exports_validate_and_keep_the_fp32_reference(mtu_world, tmp_p
     assert expected in ops
     if mode == "static-int8":
         _assert_attention_products_stay_fp32(out)
+    if mode != "fp16":
         from mtu_export.quantize import saturating_int8_cpu
 
         # by default 7-bit weights exactly where this machine's int8 kernels would saturate 8-bit ones
@@ -187,14 +188,15 @@ def _largest_int8_weight(out: Path) -> int:
     return max(int(np.abs(w.astype(int)).max()) for w in weights)
 
 
-def test_static_int8_weights_take_the_bits_asked_for(mtu_world, tmp_path):
+@pytest.mark.parametrize("mode", ["dynamic-int8", "static-int8"])
+def test_int8_weights_take_the_bits_asked_for(mtu_world, tmp_path, mode):
     """The other choice than this machine's default: --no-reduce-range where the default is 7 bits, else
     --reduce-range; both validate against torch, and the manifest says who chose."""
     from mtu_export.quantize import saturating_int8_cpu
 
     flag = "--no-reduce-range" if saturating_int8_cpu() else "--reduce-range"
     out = tmp_path / "q"
-    args = ("--task", "t2i", "--quantize", "static-int8", flag, "--image-count", "0", "--out", out, *FAST)
+    args = ("--task", "t2i", "--quantize", mode, flag, "--image-count", "0", "--out", out, *FAST)
     result = invoke("onnx", mtu_world, *args)
     assert result.exit_code == 0, result.output
     quantized = _manifest(out)["quantized"]
@@ -203,9 +205,9 @@ def test_static_int8_weights_take_the_bits_asked_for(mtu_world, tmp_path):
     assert _largest_int8_weight(out) == (64 if flag == "--reduce-range" else 127)
 
 
-def test_reduce_range_is_refused_outside_static_int8(mtu_world, tmp_path):
-    result = invoke("onnx", mtu_world, "--quantize", "dynamic-int8", "--reduce-range", "--out", tmp_path / "o")
-    assert_clean_failure(result, "applies to --quantize static-int8 only", exit_code=3)
+def test_reduce_range_is_refused_outside_int8(mtu_world, tmp_path):
+    result = invoke("onnx", mtu_world, "--quantize", "fp16", "--reduce-range", "--out", tmp_path / "o")
+    assert_clean_failure(result, "applies to --quantize dynamic-int8 or static-int8 only", exit_code=3)
     assert not (tmp_path / "o").exists()
 
 

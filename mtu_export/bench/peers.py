@@ -171,10 +171,12 @@ def in_child(function: str, *args: Path | bool) -> Path:
 
 
 def quantize_dynamic(src: Path, dst: Path) -> Path:
-    from mtu_export.quantize import quantize_onnx
+    """Dynamic int8 of `src` (`--quantize dynamic-int8`'s handler) with the exporter's default weights (7-bit on an
+    x86 CPU without VNNI)."""
+    from mtu_export.quantize import quantize_onnx, saturating_int8_cpu
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_onnx("dynamic-int8", src, dst)
+    quantize_onnx("dynamic-int8", src, dst, reduce_range=saturating_int8_cpu())
     return dst
 
 

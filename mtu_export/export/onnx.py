@@ -31,7 +31,7 @@ import torch
 from mtu_export import __version__, pipelines
 from mtu_export.bundle import bundle_tasks
 from mtu_export.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.config import ONNX_QUANTIZE, REDUCE_RANGE_MODES, ExportConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import (
@@ -58,7 +58,7 @@ from mtu_export.export.prepare import (
 from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
 from mtu_export.metrics import UINT8_PEAK, psnr_db
-from mtu_export.quantize import REDUCE_RANGE_MODES, quantize_onnx, saturating_int8_cpu
+from mtu_export.quantize import quantize_onnx, saturating_int8_cpu
 from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
 from mtu_export.storage import (
     PIPELINE_INDEX,
@@ -148,7 +148,7 @@ class _Exporter:
         self.agreement: list[GraphAgreement] = []
         self.calibration: dict[str, dict] | None = None  # static int8: what each task was calibrated on
         self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
-        # static int8's 7-bit weights: as asked, else where this CPU's int8 kernels saturate 8-bit ones
+        # int8's 7-bit weights: as asked, else where this CPU's int8 kernels saturate 8-bit ones
         self.reduce_range = config.quantize in REDUCE_RANGE_MODES and (
             config.reduce_range if config.reduce_range is not None else saturating_int8_cpu()
         )
