@@ -11,7 +11,7 @@ parameters, folded ÷ single-task latency in interleaved pairs on `threads` thre
 thread spinning off, as every benchmark here), and the bytes of the all-task bundle (one graph with a task_id input)
 ÷ one task's graph. The results open `sd15.{json,md}`; `bench.peers`, the second half, adds its own section to both.
 
-Run: `python -m mtu_export.bench.sd15 --out benchmarks/results` (about 20 minutes and 8 GB RAM on 2 cores).
+Run: `python -m mtu_export.bench.sd15 --out benchmarks/results` (about 25 minutes and 8 GB RAM on 2 cores).
 """
 
 from __future__ import annotations
