@@ -461,12 +461,21 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads.")] = None,
     optimum: Annotated[bool, typer.Option(help="Use optimum's ORT pipelines for t2i / inpaint exports.")] = True,
+    resize: Annotated[
+        str,
+        typer.Option(
+            help="How --image / --mask meet the model: fit (keep the size and aspect, sides rounded to what the "
+            "UNet takes) or crop (shorter side to the export's size, centre crop, as training)."
+        ),
+    ] = "fit",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Run an exported task end to end on onnxruntime and write an image (same seed, same image)."""
     from mtu_export.generate import GenerateRequest, generate
 
-    request = GenerateRequest(task, prompt, image, mask, steps, guidance, image_guidance, seed, threads, optimum)
+    request = GenerateRequest(
+        task, prompt, image, mask, steps, guidance, image_guidance, seed, threads, optimum, resize
+    )
     with display.progress(f"{task}: sampling", steps) as advance:
         runner = generate(export_dir, request, out, progress=advance, overwrite=overwrite, log=display.log_stderr)
     console.print(f"wrote {out} ({runner}, {steps} steps, seed {seed})")

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from mtu_export.errors import ConfigError
+from mtu_export.image_processor import to_model_input
 from mtu_export.tasks import TaskDef
 from mtu_export.world import Example
 
 
 def image_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return batch / 127.5 - 1.0
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the VAE's input range (image_processor's)."""
+    return torch.from_numpy(to_model_input(images))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

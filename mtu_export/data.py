@@ -24,6 +24,7 @@ from PIL import Image
 
 from mtu_export.config import DataSpec, TaskSpec
 from mtu_export.errors import ConfigError, InputError
+from mtu_export.image_processor import prepare_image
 from mtu_export.tasks import BUILTIN, SR_SCALE, TaskDef
 from mtu_export.world import SIZE, Example, make_example
 
@@ -65,7 +66,7 @@ def parse_data(items: list[str] | None, column_items: list[str] | None = None) -
 
 def low_res_size(task: TaskDef, size: int, vae_factor: int) -> int:
     """Pixels of a super-resolution task's low-res input: latent resolution (RGB convention) or size / 4."""
-    return size // vae_factor if task.condition == "low_res_rgb" else size // SR_SCALE
+    return size // task.input_scale(vae_factor)
 
 
 def check_data_tasks(specs: dict[str, DataSpec], tasks: tuple[str, ...], where: str) -> None:
@@ -168,6 +169,10 @@ def load_table(path: Path):
     datasets.logging.set_verbosity_error()
     if not path.exists():
         raise InputError(f"dataset {path} does not exist; pass a folder or a .parquet/.jsonl/.csv file")
+    empty = _empty_file(path)
+    if empty is not None:
+        detail = "" if empty == path else f" ({empty.name} has no rows)"
+        raise InputError(f"dataset {path} is empty{detail}; it needs at least one row")
     try:
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
             table = datasets.load_from_disk(str(path))
@@ -190,6 +195,23 @@ def load_table(path: Path):
     if len(table) == 0:
         raise InputError(f"dataset {path} is empty; it needs at least one row")
     return table
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def _empty_file(path: Path) -> Path | None:
+    """The file that makes a dataset empty (a blank table file, a blank metadata file, a folder without files), or
+    None; datasets reports these as IndexError or StopIteration."""
+    candidates = [path] if path.is_file() else [path / name for name in METADATA_FILES if (path / name).is_file()]
+    if path.is_dir() and not candidates and not any(p.is_file() for p in path.rglob("*")):
+        return path
+    for file in candidates:
+        if file.suffix in (".jsonl", ".json", ".csv") and not file.read_text(errors="replace").strip():
+            return file
+        if file.stat().st_size == 0:
+            return file
+    return None
 
 
 class DatasetSource:
@@ -246,13 +268,13 @@ class DatasetSource:
                     f"{source.size[1]}, the {self.present['image']!r} image {target.size[0]}x{target.size[1]}; "
                     "edit pairs must have the same size"
                 )
-            source = _fit(source, self.size, Image.BICUBIC)
+            source = _crop(source, self.size)
         if "mask" in self.task.columns:
             mask = self._mask(row, target.size, index)
-        picture = _fit(target, self.size, Image.BICUBIC)
+        picture = _crop(target, self.size)
         if self.task.super_resolution:
             low = self._image(row, "low_res", index) if "low_res" in self.present else Image.fromarray(picture)
-            source = np.asarray(low.resize((self.low_res, self.low_res), Image.BICUBIC))
+            source = _crop(low, self.low_res)
         return Example(self.task.name, prompt, picture, None, source, mask)
 
     def _image(self, row: dict, role: str, index: int) -> Image.Image:
@@ -263,13 +285,15 @@ class DatasetSource:
             if isinstance(value, Image.Image):
                 picture = value
             elif isinstance(value, str):
-                picture = Image.open(self.base / value)
                 where += f" ({self.base / value})"
+                picture = Image.open(self._inside(value, where))
             elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
                 import io
 
                 where += f" ({value['path']})" if value.get("path") else ""
-                picture = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else self.base / value["path"])
+                picture = Image.open(
+                    io.BytesIO(value["bytes"]) if value.get("bytes") else self._inside(value["path"], where)
+                )
             else:
                 raise InputError(f"{where}: expected an image or an image path, found {type(value).__name__}")
             picture.load()
@@ -281,9 +305,22 @@ class DatasetSource:
             ) from None
         return picture.convert("RGB") if role != "mask" else picture
 
+    def _inside(self, name: str, where: str) -> Path:
+        """A relative image path resolved inside the dataset's folder; one that leads outside it is refused (an
+        absolute path is the user's explicit choice and is read as given)."""
+        if Path(name).is_absolute():
+            return Path(name)
+        path = (self.base / name).resolve()
+        if not path.is_relative_to(self.base.resolve()):
+            raise InputError(
+                f"{where}: {name!r} leads outside the dataset folder {self.base}; move the image into it, "
+                "or give its absolute path"
+            )
+        return path
+
     def _mask(self, row: dict, size: tuple[int, int], index: int) -> np.ndarray:
         if "mask" not in self.present:
-            return _fit_mask(random_mask(np.random.default_rng(index), size), self.size)
+            return _crop_mask(random_mask(np.random.default_rng(index), size), self.size)
         picture = self._image(row, "mask", index)
         column = self.present["mask"]
         if picture.size != size:
@@ -297,7 +334,7 @@ class DatasetSource:
                 f"{self.path} row {index}: mask {column!r} is not binary (values other than 0 and 255); "
                 "save masks as black (keep) and white (hole) only"
             )
-        return _fit_mask(values > 0, self.size)
+        return _crop_mask(values > 0, self.size)
 
 
 def _undecoded(table, columns):
@@ -311,20 +348,14 @@ def _undecoded(table, columns):
     return table
 
 
-def _fit(picture: Image.Image, size: int, how) -> np.ndarray:
-    """Resize the shorter side to `size` and centre-crop to (size, size), as diffusers' training scripts do."""
-    width, height = picture.size
-    if (width, height) != (size, size):
-        scale = size / min(width, height)
-        width, height = max(size, round(width * scale)), max(size, round(height * scale))
-        picture = picture.resize((width, height), how)
-        left, top = (width - size) // 2, (height - size) // 2
-        picture = picture.crop((left, top, left + size, top + size))
-    return np.asarray(picture)
+def _crop(picture: Image.Image, size: int, mask: bool = False) -> np.ndarray:
+    """Resize the shorter side to `size` and centre-crop to (size, size), as diffusers' training scripts do (the
+    image processor's `crop` policy)."""
+    return prepare_image(picture, "crop", size=(size, size), mask=mask).array
 
 
-def _fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return _fit(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.NEAREST) > 127
+def _crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return _crop(Image.fromarray(mask.astype(np.uint8) * 255), size, mask=True)
 
 
 def random_mask(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:

@@ -6,8 +6,13 @@ an 8- or 7-channel UNet) and every task of an all-task bundle (its UNet takes a 
 own sampler (`sample.sample_examples`) over the exported graphs, with text and image guidance as in training.
 
 The output follows every command's rule: an existing `out` is refused unless `overwrite`, as is one that overlaps
-an input (the export folder, --image, --mask); it is written in the format its suffix names. An input image of
-another size is resized to the model's, with a note to `log` (stderr by default), never silently.
+an input (the export folder, --image, --mask); it is written in the format its suffix names.
+
+Input images go through the image processor (image_processor.py) with the request's `resize` policy: `fit`
+(default) keeps the image's size and aspect, each side rounded to the nearest size the UNet takes (a multiple of the
+VAE factor x 2 ** down-samplings), so the output has the input's shape (sr: 4x its sides); `crop` resizes the shorter
+side and centre-crops to the export's square size, as training does. A mask is prepared as its image. Any change to
+an image is noted to `log` (stderr by default), never silently.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 
 from mtu_export.config import TaskSpec
-from mtu_export.data import low_res_size
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
+from mtu_export.image_processor import POLICIES, Prepared, prepare_image, size_multiple
 from mtu_export.sample import Components, SamplerConfig, sample_examples
 from mtu_export.storage import check_output, check_separate, read_json
 from mtu_export.tasks import TaskDef, resolve
@@ -50,8 +56,11 @@ class GenerateRequest:
     seed: int = 0
     threads: int | None = None
     use_optimum: bool = True  # t2i / inpaint single-task exports: optimum's pipelines
+    resize: str = "fit"  # image_processor policy for --image / --mask: fit (keep the aspect) or crop (as training)
 
     def __post_init__(self) -> None:
+        if self.resize not in POLICIES:
+            raise ConfigError(f"--resize {self.resize!r} is not a policy; choose one of {', '.join(POLICIES)}")
         for path in (self.image, self.mask):
             if path is not None and not Path(path).is_file():
                 raise InputError(f"{path} is not a file; pass an existing PNG")
@@ -79,15 +88,13 @@ def generate(
     for needed in task.needs:
         if getattr(request, needed) is None:
             raise ConfigError(f"task {request.task!r} needs --{needed} PNG")
-    size = unet_config.get("sample_size") or 64
-    vae_config = read_json(export_dir / "vae_decoder" / "config.json")
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    pixels = (size[0] if isinstance(size, list) else size) * factor
+    geometry = _geometry(export_dir, unet_config)
+    example = _inputs(task, request, geometry, log)
     if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum:
-        image = _optimum(export_dir, task, request, pixels, progress, log)
+        image = _optimum(export_dir, task, request, example, progress)
         runner = f"optimum {task.optimum_pipeline}"
     else:
-        image = _own(export_dir, manifest, task, request, pixels, factor, vae_config, progress, log)
+        image = _own(export_dir, manifest, task, request, example, geometry.vae_config, progress)
         runner = "mtu-export ORT sampler"
     check_output(out, overwrite)  # again: something may have appeared there while sampling
     save_image(out, image)
@@ -109,38 +116,67 @@ def _manifest(export_dir: Path) -> dict:
     return read_json(export_dir / "manifest.json")
 
 
-def _read_image(path: Path, size: int, mode: str = "RGB", log: Log = _stderr) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class _Geometry:
+    pixels: int  # the export's square image size
+    factor: int  # the VAE's downsampling factor
+    multiple: int  # output sides must be multiples of this (image_processor.size_multiple)
+    vae_config: dict
 
+
+def _geometry(export_dir: Path, unet_config: dict) -> _Geometry:
+    vae_config = read_json(export_dir / "vae_decoder" / "config.json")
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    size = unet_config.get("sample_size") or 64
+    pixels = (size[0] if isinstance(size, list) else size) * factor
+    multiple = size_multiple(factor, len(unet_config["block_out_channels"]) - 1)
+    return _Geometry(pixels, factor, multiple, vae_config)
+
+
+def _open(path: Path) -> PIL.Image.Image:
     try:
-        with Image.open(path) as picture:
-            picture = picture.convert(mode)
-            if picture.size != (size, size):
-                width, height = picture.size
-                log(f"note: resized {path} from {width}x{height} to {size}x{size}, the size this export takes")
-                picture = picture.resize((size, size), Image.BICUBIC if mode == "RGB" else Image.NEAREST)
-            return np.asarray(picture)
-    except (OSError, UnidentifiedImageError) as exc:
+        with PIL.Image.open(path) as picture:
+            picture.load()
+            return picture
+    except (OSError, PIL.UnidentifiedImageError) as exc:
         raise InputError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from None
 
 
-def _inputs(task: TaskDef, request: GenerateRequest, pixels: int, factor: int, log: Log) -> Example:
-    """The request as an Example, so the training code builds the conditioning. `target` only sets the shape
-    (inpainting: the image whose hole is repainted)."""
-    source = mask = None
-    target = np.zeros((pixels, pixels, 3), np.uint8)
-    if task.super_resolution:
-        source = _read_image(request.image, low_res_size(task, pixels, factor), log=log)
-    elif task.condition == "source_latent":
-        source = _read_image(request.image, pixels, log=log)
-    elif task.condition == "masked_latent":
-        target = _read_image(request.image, pixels, log=log)
-        mask = _read_image(request.mask, pixels, "L", log) > 127  # white = repaint
-    return Example(request.task, request.prompt, target, None, source, mask)
+def _prepare(path: Path, policy: str, multiple: int, size, log: Log, mask: bool = False) -> Prepared:
+    prepared = prepare_image(_open(path), policy, multiple, size, mask=mask)
+    note = prepared.note(str(path))
+    if note:
+        log(note)
+    return prepared
+
+
+def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: Log) -> Example:
+    """The request as an Example, so the training code builds the conditioning. `target` only sets the output's
+    shape (inpainting: the image whose hole is repainted). The input image is prepared at its own size fitted to
+    what the UNet takes (`fit`) or cropped to the export's size (`crop`); sr's low-res input at 1/scale of that."""
+    if not task.has_image_input:
+        return Example(request.task, request.prompt, np.zeros((geometry.pixels,) * 2 + (3,), np.uint8), None)
+    scale = task.input_scale(geometry.factor)  # output pixels per input pixel
+    crop = request.resize == "crop"
+    side = geometry.pixels // scale
+    image = _prepare(request.image, request.resize, geometry.multiple // scale, (side, side) if crop else None, log)
+    width, height = image.size
+    output = np.zeros((height * scale, width * scale, 3), np.uint8)
+    if task.condition != "masked_latent":
+        return Example(request.task, request.prompt, output, None, image.array)
+    with PIL.Image.open(request.mask) as probe:
+        mask_size = probe.size
+    if mask_size != image.original:
+        raise InputError(
+            f"--mask {request.mask} is {mask_size[0]}x{mask_size[1]}, --image {request.image} is "
+            f"{image.original[0]}x{image.original[1]}; pass a mask of its image's size"
+        )
+    mask = _prepare(request.mask, request.resize, geometry.multiple, image.size, lambda _: None, mask=True)
+    return Example(request.task, request.prompt, image.array, None, None, mask.array)
 
 
 @torch.no_grad()
-def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_config, progress, log) -> np.ndarray:
+def _own(export_dir, manifest, task: TaskDef, request, example: Example, vae_config, progress) -> np.ndarray:
     import diffusers
     from transformers import CLIPTokenizer
 
@@ -161,7 +197,6 @@ def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_confi
         else {"task_id": task_info["task_id"], "channels": manifest["unet_input_channels"]}
     )
     unet = OrtUNet(export_dir / "unet" / "model.onnx", request.threads, **bundle)
-    example = _inputs(task, request, pixels, factor, log)
     sampler = SamplerConfig(request.steps, request.guidance, request.image_guidance, request.seed)
     calls = [0]
 
@@ -174,9 +209,8 @@ def _own(export_dir, manifest, task: TaskDef, request, pixels, factor, vae_confi
     return sample_examples(denoise, task, [example], Components(vae, text_encoder, tokenizer, scheduler), sampler)[0]
 
 
-def _optimum(export_dir, task: TaskDef, request, pixels, progress, log) -> np.ndarray:
+def _optimum(export_dir, task: TaskDef, request, example: Example, progress) -> np.ndarray:
     import optimum.onnxruntime as ort_pipelines
-    from PIL import Image
 
     pipeline_class = getattr(ort_pipelines, task.optimum_pipeline)
     options = None
@@ -187,19 +221,19 @@ def _optimum(export_dir, task: TaskDef, request, pixels, progress, log) -> np.nd
         options.intra_op_num_threads = request.threads
     pipe = pipeline_class.from_pretrained(export_dir, session_options=options)
     pipe.set_progress_bar_config(disable=True)
+    height, width = example.target.shape[:2]
     kwargs = dict(
         num_inference_steps=request.steps,
         guidance_scale=request.guidance,
         generator=torch.Generator().manual_seed(request.seed),
-        height=pixels,
-        width=pixels,
+        height=height,
+        width=width,
         output_type="np",
     )
     if progress:
         kwargs["callback_on_step_end"] = lambda p, i, t, kw: (progress(i + 1, request.steps), kw)[1]
-    if task.condition == "masked_latent":
-        kwargs["image"] = Image.fromarray(_read_image(request.image, pixels, log=log))
-        mask = _read_image(request.mask, pixels, "L", log) > 127
-        kwargs["mask_image"] = Image.fromarray(mask.astype(np.uint8) * 255)
+    if task.condition == "masked_latent":  # already at a size the UNet takes: optimum's processor keeps it
+        kwargs["image"] = PIL.Image.fromarray(example.target)
+        kwargs["mask_image"] = PIL.Image.fromarray(example.mask.astype(np.uint8) * 255)
     images = pipe(request.prompt, **kwargs).images  # (1, H, W, 3) floats in [0, 1]
     return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)

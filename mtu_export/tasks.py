@@ -53,6 +53,11 @@ class TaskDef:
             "masked_latent": latent_channels + 1,
         }[self.condition]
 
+    def input_scale(self, vae_factor: int) -> int:
+        """Output pixels per input-image pixel: super-resolution's low-res input is smaller by the VAE's factor
+        (`low_res_rgb`: it sits at latent resolution) or by SR_SCALE (`low_res_latent`); other inputs match."""
+        return {"low_res_rgb": vae_factor, "low_res_latent": SR_SCALE}.get(self.condition, 1)
+
     @property
     def has_image_input(self) -> bool:
         return self.condition != "none"
