@@ -336,15 +336,15 @@ def parity_report(
 
 
 def _evaluate_checkpoint(path: Path, task: str, config, json_out, grid, data, overwrite: bool) -> None:
-    from mtu_export.evaluate import evaluate_checkpoint, write_outputs
+    from mtu_export.evaluate import evaluate_checkpoint, grid_rows, write_outputs
 
-    results, images, _ = evaluate_checkpoint(path, config, None if task == "all" else (task,), data=data)
+    results, images, examples = evaluate_checkpoint(path, config, None if task == "all" else (task,), data=data)
     display.print_checkpoint_eval(path, results, config.split, config.count, config.sampler.steps, data)
     settings = config.base_record() | {"image_guidance": config.sampler.image_guidance}
     settings["data"] = {t: d.path for t, d in data.items()}
-    first = [im for name in results for im in images[name][:8]]
     report = {"checkpoint": str(path), **settings, "tasks": results}
-    for written in write_outputs(json_out, grid, report, first, overwrite):
+    rows = grid_rows(images, examples)
+    for written in write_outputs(json_out, grid, report, rows, overwrite, columns=3):
         console.print(f"wrote {written}")
 
 
@@ -368,7 +368,7 @@ def onnx_command(
     external_data: Annotated[
         bool | None, typer.Option(help="Weights in model.onnx_data (default: only past 2 GB).")
     ] = None,
-    quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8 or fp16.")] = "none",
+    quantize: Annotated[str, typer.Option(help="UNet: none, dynamic-int8, static-int8, w8a16 or fp16.")] = "none",
     reduce_range: Annotated[
         bool | None,
         typer.Option(help="int8: 7-bit weights, for x86 CPUs without VNNI (default: on when this machine is one)."),

@@ -165,7 +165,9 @@ def print_world_dataset(path: Path, task: str, split: str, count: int, start: in
 def print_base_eval(result: dict, split: str, count: int, steps: int, guidance: float) -> None:
     """`mtu-export eval` of a base pipeline: VAE reconstruction, the reader's ceiling, t2i attribute accuracy."""
     vae, acc = result["vae"], result["t2i_accuracy"]
-    console.print(f"VAE reconstruction on {split}: {vae['psnr_mean_db']:.2f} dB mean, {vae['psnr_min_db']:.2f} worst")
+    mean, worst = (_db(vae[k]) for k in ("psnr_mean_db", "psnr_min_db"))
+    same = f", {vae['identical']} identical" if vae["identical"] else ""
+    console.print(f"VAE reconstruction on {split}: {mean} mean, {worst} worst{same}")
     ceiling = vae["reader_accuracy_on_reconstructions"]
     shown = ", ".join(f"{k} {100 * v:.1f} %" for k, v in ceiling.items())
     console.print(f"scene reader on those reconstructions (the ceiling through this VAE): {shown}")
@@ -181,12 +183,27 @@ def print_checkpoint_eval(path: Path, results: dict, split: str, count: int, ste
     where = ", ".join(f"{t}: {spec.path}" for t, spec in data.items())
     shown = f"{split}" + (f" (--data {where})" if where else "")
     table = Table(title=f"{path} on {shown} ({count} examples, {steps} steps)")
-    keys = ("psnr", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr")
+    keys = [k for k in EVAL_COLUMNS if any(_shown_metric(row, k) for row in results.values())]
     for column in ("task", *keys):
         table.add_column(column, justify="right")
     for name, row in results.items():
-        table.add_row(name, *("" if row.get(k) is None else f"{row.get(k):.3f}" for k in keys))
+        table.add_row(name, *("" if row.get(k) is None else f"{row[k]:.3f}".rstrip("0").rstrip(".") for k in keys))
     console.print(table)
+
+
+# eval's columns, in order; a column is shown when a task of the table has it (identical counts: when not 0)
+EVAL_COLUMNS = (
+    *("psnr", "psnr_set", "ssim", "psnr_mask", "reader_accuracy", "bicubic_psnr", "source_psnr"),
+    *("gain_over_floor_db", "psnr_identical", "bicubic_psnr_identical", "source_psnr_identical"),
+)
+
+
+def _shown_metric(row: dict, key: str) -> bool:
+    return bool(row.get(key)) if key.endswith("_identical") else row.get(key) is not None
+
+
+def _db(value: float | None) -> str:
+    return "identical" if value is None else f"{value:.2f} dB"
 
 
 def print_parity(report: dict, out: Path) -> None:

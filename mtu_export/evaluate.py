@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.metrics import UINT8_PEAK, as_db, masked_psnr_db, psnr_db, ssim
+from mtu_export.metrics import UINT8_PEAK, psnr_db, set_psnr, ssim
 from mtu_export.reader import accuracy, score
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
 from mtu_export.tasks import TaskDef, model_tasks
@@ -76,17 +76,22 @@ def vae_psnr(vae, config: EvalConfig) -> dict:
     accuracy on those reconstructions against their captions: the ceiling of any UNet sampling through this VAE."""
     from mtu_export.conditioning import image_tensor, to_uint8
 
-    values, scores = [], []
+    pairs, scores = [], []
     for indices in config.batches():
         examples = [make_example("t2i", config.split, i) for i in indices]
         targets = [e.target for e in examples]
         latents = vae.encode(image_tensor(targets)).latent_dist.mean
         recon = to_uint8(vae.decode(latents).sample)
-        values += [as_db(psnr_db(t, r, UINT8_PEAK)) for t, r in zip(targets, recon, strict=True)]
+        pairs += list(zip(targets, recon, strict=True))
         scores += [score(r, e.prompt) for e, r in zip(examples, recon, strict=True)]
+    summary = set_psnr(pairs)
+    values = [psnr_db(t, r, UINT8_PEAK) for t, r in pairs]
+    finite = [v for v in values if v is not None]
     return {
-        "psnr_mean_db": float(np.mean(values)),
-        "psnr_min_db": float(np.min(values)),
+        "psnr_mean_db": summary["mean_db"],  # over the reconstructions that differ from their image
+        "psnr_set_db": summary["set_db"],
+        "psnr_min_db": min(finite) if finite else None,
+        "identical": summary["identical"],
         "images": len(values),
         "reader_accuracy_on_reconstructions": accuracy(scores),
     }
@@ -123,37 +128,72 @@ def evaluate_base(path: Path, config: EvalConfig, grid_count: int = 0) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------ task evaluation
-def bicubic(low_res: np.ndarray, size: int = 64) -> np.ndarray:
+def bicubic(low_res: np.ndarray, size: int | tuple[int, int] = 64) -> np.ndarray:
+    """`low_res` upsampled bicubic to `size` pixels, square or (height, width): sr's do-nothing floor."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(low_res).resize((size, size), Image.BICUBIC))
+    height, width = (size, size) if isinstance(size, int) else size
+    return np.asarray(Image.fromarray(low_res).resize((width, height), Image.BICUBIC))
+
+
+def task_input(example) -> np.ndarray:
+    """What the task was given, as a picture for grids: the low-res image upsampled, the source, the image with its
+    hole greyed, or white for t2i."""
+    if example.mask is not None:
+        shown = example.target.copy()
+        shown[example.mask] = 127
+        return shown
+    if example.source is None:
+        return np.full_like(example.target, 255)  # t2i has no image input
+    if example.source.shape != example.target.shape:
+        return bicubic(example.source, example.target.shape[:2])
+    return example.source
+
+
+SSIM_OF = {"psnr": "ssim", "bicubic_psnr": "bicubic_ssim", "source_psnr": "source_ssim"}  # PSNR pair -> its SSIM
+
+
+def example_pairs(task: TaskDef, example, image: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (reference, output) pixels behind each PSNR of a generated `image` (uint8 (H, W, 3)) for `task`: to
+    ground truth, inside the inpainting hole, and its do-nothing floor's (sr: the bicubic upsample; edit: the source
+    handed back)."""
+    if not task.has_image_input:
+        return {}
+    pairs = {"psnr": (example.target, image)}
+    if example.mask is not None:
+        pairs["psnr_mask"] = (example.target[example.mask], image[example.mask])
+    if task.floor == "bicubic":
+        pairs["bicubic_psnr"] = (example.target, bicubic(example.source, example.target.shape[:2]))
+    elif task.floor == "source":
+        pairs["source_psnr"] = (example.target, example.source)
+    return pairs
 
 
 def example_metrics(task: TaskDef, example, image: np.ndarray) -> dict[str, float | None]:
-    """Per-example metrics of a generated `image` (uint8 (H, W, 3)) for `task`, with its do-nothing floor; a PSNR is
-    None where the images are identical (metrics.psnr_db)."""
-    if not task.has_image_input:
-        return {}
-    out = {"psnr": psnr_db(example.target, image, UINT8_PEAK), "ssim": ssim(example.target, image)}
-    if example.mask is not None:
-        out["psnr_mask"] = masked_psnr_db(example.target, image, example.mask)
-    if task.floor == "bicubic":
-        floor = bicubic(example.source, example.target.shape[0])
-        out["bicubic_psnr"] = psnr_db(example.target, floor, UINT8_PEAK)
-        out["bicubic_ssim"] = ssim(example.target, floor)
-    elif task.floor == "source":  # the floor of an edit: hand back the source unchanged
-        unchanged = example.source
-        out["source_psnr"] = psnr_db(example.target, unchanged, UINT8_PEAK)
-        out["source_ssim"] = ssim(example.target, unchanged)
-    return out
+    """Per-example metrics of a generated `image` for `task`, with its do-nothing floor; a PSNR is None where the
+    images are identical (metrics.psnr_db)."""
+    pairs = example_pairs(task, example, image)
+    out = {key: psnr_db(reference, output, UINT8_PEAK) for key, (reference, output) in pairs.items()}
+    return out | {SSIM_OF[key]: ssim(*pair) for key, pair in pairs.items() if key in SSIM_OF}
 
 
-def summarise(task: TaskDef, examples: list, images: list[np.ndarray]) -> dict[str, float]:
-    """Mean metrics over a split: PSNR / SSIM to ground truth (image-conditioned tasks) and, on the shapes world,
-    scene-reader accuracy against the target scene's caption (t2i: is the caption drawn; edit: did the edit
-    happen). An identical image counts as an infinite PSNR (metrics.as_db)."""
-    rows = [example_metrics(task, e, im) for e, im in zip(examples, images, strict=True)]
-    out = {k: float(np.mean([as_db(r[k]) for r in rows])) for k in (rows[0] if rows else {})}
+def summarise(task: TaskDef, examples: list, images: list[np.ndarray]) -> dict[str, float | int | None]:
+    """Metrics of a set, never inf or NaN (metrics.set_psnr): each PSNR as the mean over the pairs that differ
+    (`psnr`), the set's PSNR from its mean squared error (`psnr_set`) and the identical pairs (`psnr_identical`);
+    SSIM means; the gain of the output over the task's do-nothing floor in set PSNR (`gain_over_floor_db`); on the
+    shapes world, scene-reader accuracy against the target scene's caption (t2i: is the caption drawn; edit: did
+    the edit happen)."""
+    pairs = [example_pairs(task, e, im) for e, im in zip(examples, images, strict=True)]
+    out: dict[str, float | int | None] = {}
+    for key in pairs[0] if pairs else {}:
+        summary = set_psnr([p[key] for p in pairs])
+        out[key], out[f"{key}_set"], out[f"{key}_identical"] = summary["mean_db"], summary["set_db"], summary["identical"]
+        if key in SSIM_OF:
+            out[SSIM_OF[key]] = float(np.mean([ssim(*p[key]) for p in pairs]))
+    floor = f"{task.floor}_psnr_set" if task.floor else None
+    if floor in out:
+        value, base = out["psnr_set"], out[floor]
+        out["gain_over_floor_db"] = value - base if value is not None and base is not None else None
     if task.reader_scored and all(e.scene is not None for e in examples):
         out["reader_accuracy"] = accuracy(
             [score(im, e.scene.caption()) for e, im in zip(examples, images, strict=True)]
@@ -265,10 +305,28 @@ def check_outputs(
             check_output(Path(out), overwrite)
 
 
+GRID_ROWS = 8  # examples per task in an evaluation grid
+
+
+def grid_rows(images: dict[str, list[np.ndarray]], examples: dict[str, list]) -> list[np.ndarray]:
+    """The first GRID_ROWS examples of every task as rows of input | output | target (task_input shows the input)."""
+    cells = []
+    for task, outputs in images.items():
+        for example, output in list(zip(examples[task], outputs, strict=True))[:GRID_ROWS]:
+            cells += [task_input(example), output, example.target]
+    return cells
+
+
 def write_outputs(
-    json_out: Path | None, grid: Path | None, result: dict, images: list[np.ndarray], overwrite: bool = False
+    json_out: Path | None,
+    grid: Path | None,
+    result: dict,
+    images: list[np.ndarray],
+    overwrite: bool = False,
+    columns: int = 8,
 ) -> list[Path]:
-    """Write the results JSON and the grid PNG, each atomically; an existing file is refused unless `overwrite`."""
+    """Write the results JSON and the grid PNG (`images` in rows of `columns`), each atomically; an existing file
+    is refused unless `overwrite`."""
     from mtu_export.storage import check_output, write_json
     from mtu_export.world_grid import write_images
 
@@ -278,5 +336,5 @@ def write_outputs(
         write_json(Path(json_out), result)
         written.append(Path(json_out))
     if grid is not None:
-        written.append(write_images(Path(grid), images, columns=8, overwrite=overwrite))
+        written.append(write_images(Path(grid), images, columns=columns, overwrite=overwrite))
     return written

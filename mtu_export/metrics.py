@@ -1,5 +1,5 @@
 """Signal-quality measures shared by export validation, evaluation and the benchmarks: one PSNR (None for identical
-inputs, everywhere), its mean over images, PSNR inside a mask, and SSIM."""
+inputs, everywhere), its summary over a set of image pairs (never inf or NaN), and SSIM."""
 
 from __future__ import annotations
 
@@ -20,15 +20,33 @@ def psnr_db(reference: np.ndarray, output: np.ndarray, peak: float | None = None
     return 20 * math.log10(max(peak, 1e-12) / rmse)
 
 
-def as_db(value: float | None) -> float:
-    """A PSNR as a number to average: an identical pair (None) counts as +inf, so a mean that includes one is inf."""
-    return math.inf if value is None else value
+def set_psnr(pairs: list[tuple[np.ndarray, np.ndarray]], peak: float = UINT8_PEAK) -> dict:
+    """A set of (reference, output) pairs in one summary that is never inf or NaN:
 
-
-def masked_psnr_db(reference: np.ndarray, image: np.ndarray, mask: np.ndarray) -> float | None:
-    """PSNR of uint8 images over the pixels inside `mask` only (inpainting: how well the hole was filled); None when
-    those pixels are identical (or the mask is empty)."""
-    return psnr_db(reference[mask], image[mask], peak=UINT8_PEAK)
+    - `mean_db`: the mean PSNR over the pairs that differ (an identical pair has no finite PSNR; it is counted in
+      `identical` instead of turning the mean into inf);
+    - `set_db`: the PSNR of the set's mean squared error over all its pixels, what torchmetrics' PSNR reports;
+    - `identical`, `pairs`: how many pairs were identical, of how many (pairs without pixels are skipped).
+    Either PSNR is None when no pixel of the set differs."""
+    values, squared, pixels, identical, counted = [], 0.0, 0, 0, 0
+    for reference, output in pairs:
+        reference, output = np.asarray(reference, np.float64), np.asarray(output, np.float64)
+        if not reference.size:
+            continue
+        counted += 1
+        error = float(np.sum((reference - output) ** 2))
+        squared, pixels = squared + error, pixels + reference.size
+        if error == 0:
+            identical += 1
+        else:
+            values.append(psnr_db(reference, output, peak))
+    mse = squared / pixels if pixels else 0.0
+    return {
+        "mean_db": float(np.mean(values)) if values else None,
+        "set_db": 10 * math.log10(peak**2 / mse) if mse > 0 else None,
+        "identical": identical,
+        "pairs": counted,
+    }
 
 
 def ssim(reference: np.ndarray, image: np.ndarray) -> float:

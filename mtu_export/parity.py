@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mtu_export.errors import ConfigError
-from mtu_export.evaluate import EvalConfig, bicubic, evaluate_checkpoint
+from mtu_export.evaluate import EvalConfig, evaluate_checkpoint, task_input
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
 from mtu_export.tasks import BUILTIN, declared
 from mtu_export.world_grid import write_images
@@ -24,7 +24,11 @@ def parity(mtu: dict[str, dict], baselines: dict[str, dict]) -> dict[str, dict]:
     for task, single in baselines.items():
         if task not in mtu:
             raise ConfigError(f"the MTU checkpoint has no task {task!r} to compare with its baseline")
-        rows = {k: {"mtu": mtu[task][k], "single": v, "ratio": mtu[task][k] / v} for k, v in single.items() if v}
+        rows = {
+            k: {"mtu": mtu[task][k], "single": v, "ratio": mtu[task][k] / v}
+            for k, v in single.items()
+            if v and mtu[task].get(k) is not None and not k.endswith("_identical")  # counts are not ratios
+        }
         primary = BUILTIN.get(task, declared(task)).primary  # t2i: the scene reader; image tasks: PSNR to truth
         if primary not in rows:
             raise ConfigError(f"{task}: its primary metric {primary!r} was not measured on this data")
@@ -89,15 +93,6 @@ def routing_markdown(summary: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _task_input(example) -> np.ndarray:
-    """What the task was given, as a picture: the low-res image upsampled, the source, or white for t2i."""
-    if example.source is None:
-        return np.full_like(example.target, 255)  # t2i has no image input
-    if example.source.shape != example.target.shape:
-        return bicubic(example.source, example.target.shape[0])
-    return example.source
-
-
 def write_report(
     mtu_path: Path,
     baselines: dict[str, Path],
@@ -135,6 +130,6 @@ def write_report(
             rows = []
             for i in range(min(8, config.count)):
                 example = examples[task][i]
-                rows += [_task_input(example), mtu_images[task][i], single_images[task][i], example.target]
+                rows += [task_input(example), mtu_images[task][i], single_images[task][i], example.target]
             write_images(tmp / f"grid-{task}.png", rows, columns=4)
     return report

@@ -6,11 +6,17 @@
 - `MTUOnnxPipeline`: an ONNX export in optimum's layout whose UNet no optimum pipeline runs: the all-task bundle (its
   UNet takes a `task_id` and a sample zero-padded to the widest task's channels) and a single-task `sr` export.
 
-This file is copied verbatim into every folder it labels, as `pipeline_mtu.py`, and `model_index.json` names it
-(`"_class_name": ["pipeline_mtu", "<class>"]`), diffusers' custom-pipeline mechanism for a local folder:
-`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it without mtu-export installed. So it
-imports only numpy, PIL, torch and diffusers (onnxruntime through diffusers' `OnnxRuntimeModel`), never the package;
-the conditioning and guidance below restate conditioning.py and sample.py, and the tests hold both to the same images.
+Input images go through mtu-export's image processor (image_processor.py) with `resize_mode`: `fit` (default) keeps
+each image's size and aspect, its sides rounded to what the UNet takes (a multiple of the VAE factor x 2 ** the UNet's
+down-samplings), so the output has the input's shape (sr: 4x its sides); `crop` resizes the shorter side and
+centre-crops to the model's square size, as training does.
+
+This file is copied verbatim into every folder it labels, as `pipeline_mtu.py`, beside a copy of image_processor.py,
+and `model_index.json` names it (`"_class_name": ["pipeline_mtu", "<class>"]`), diffusers' custom-pipeline mechanism
+for a local folder: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads both without mtu-export
+installed. So it imports only numpy, PIL, torch, diffusers (onnxruntime through diffusers' `OnnxRuntimeModel`) and its
+sibling image processor, never the package; the conditioning and guidance below restate conditioning.py and
+sample.py, and the tests hold both to the same images.
 """
 
 from __future__ import annotations
@@ -26,25 +32,51 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, OnnxRuntimeModel, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .image_processor import POLICIES, fit_size, prepare_image, size_multiple, to_model_input
+
 MODULE = "pipeline_mtu"  # the file's name (without .py) in every folder it labels
+IMAGE_PROCESSOR = "image_processor.py"  # its sibling, copied beside it
 SR_SCALE = 4  # super-resolution factor of the latent convention (mtu_export.tasks.SR_SCALE)
 
 Images = PIL.Image.Image | list[PIL.Image.Image] | None
+logger = logging.get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- shared by both classes
-def _arrays(images: Images, mode: str = "RGB") -> list[np.ndarray]:
+def _pictures(images: Images) -> list[PIL.Image.Image]:
     if images is None:
         return []
-    images = images if isinstance(images, list) else [images]
-    return [np.asarray(image.convert(mode)) for image in images]
+    return list(images) if isinstance(images, list) else [images]
+
+
+def _prepare(
+    images: Images, masks: Images, policy: str, multiple: int, size: tuple[int, int] | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images (uint8 (H, W, 3)) and masks (bool (H, W), True = hole) through the image processor: all at the first
+    image's prepared size; a mask must have its image's size."""
+    if policy not in POLICIES:
+        raise ValueError(f"resize_mode {policy!r} is not one of {', '.join(map(repr, POLICIES))}")
+    pictures, holes = _pictures(images), _pictures(masks)
+    if not pictures:
+        return [], []
+    first = prepare_image(pictures[0], policy, multiple, size)
+    size = first.size
+    if first.changed:
+        logger.warning(first.note("the image"))
+    for hole in holes:
+        if hole.size != first.original:
+            raise ValueError(f"mask_image is {hole.size[0]}x{hole.size[1]}, the image {first.original[0]}x"
+                             f"{first.original[1]}; pass a mask of its image's size")  # fmt: skip
+    prepared = [first.array] + [prepare_image(p, policy, multiple, size).array for p in pictures[1:]]
+    return prepared, [prepare_image(h, policy, multiple, size, mask=True).array for h in holes]
 
 
 def _image_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(to_model_input(images))
 
 
 def _batch(prompt: str | list[str], images: list[np.ndarray]) -> list[str]:
@@ -90,18 +122,14 @@ def _condition(
     return torch.cat([F.interpolate(mask, size=latent.shape[-2:]), latent], dim=1)
 
 
+def _input_scale(kind: str, factor: int) -> int:
+    """Output pixels per input-image pixel (tasks.TaskDef.input_scale): sr's low-res image is smaller."""
+    return {"low_res_rgb": factor, "low_res_latent": SR_SCALE}.get(kind, 1)
+
+
 def _condition_generator(generator: torch.Generator | None) -> torch.Generator | None:
     """mtu-export draws an inpainting condition's posterior sample from the seed after the latents' seed."""
     return None if generator is None else torch.Generator().manual_seed(generator.initial_seed() + 1)
-
-
-def _check_size(kind: str, images: list[np.ndarray], masks: list[np.ndarray], multiple: int) -> None:
-    shapes = {a.shape[:2] for a in images} | {m.shape[:2] for m in masks}
-    if len(shapes) > 1:
-        raise ValueError(f"the images and masks differ in size ({sorted(shapes)}); pass them at one size")
-    height, width = next(iter(shapes))
-    if height % multiple or width % multiple:
-        raise ValueError(f"a {kind} image of {width}x{height} pixels must have sides that are multiples of {multiple}")
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -221,22 +249,22 @@ class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        resize_mode: str = "fit",
     ):
-        """`image`: the low-res image(s) (PIL); the output has 4x its sides."""
+        """`image`: the low-res image(s) (PIL); the output has 4x its sides. `resize_mode`: see the module."""
         _check_output_type(output_type)
         kind, factor = self.condition, self.vae_scale_factor
-        images = _arrays(image)
+        scale = _input_scale(kind, factor)
+        multiple = size_multiple(factor, self.unet.num_upsamplers) // scale
+        side = self.unet.config.sample_size * factor // scale
+        images, _ = _prepare(image, None, resize_mode, multiple, (side, side) if resize_mode == "crop" else None)
         if not images:
             raise ValueError("sr needs `image`, the low-res image to upscale")
         prompts = _batch(prompt, images)
         images = images * len(prompts) if len(images) == 1 else images
-        _check_size(kind, images, [], 1 if kind == "low_res_rgb" else factor // np.gcd(factor, SR_SCALE))
         height, width = images[0].shape[:2]
-        if kind == "low_res_rgb":  # the image is the condition at latent resolution
-            latent_size, size = (height, width), (height * factor, width * factor)
-        else:
-            size = (height * SR_SCALE, width * SR_SCALE)
-            latent_size = (size[0] // factor, size[1] // factor)
+        size = (height * scale, width * scale)
+        latent_size = (size[0] // factor, size[1] // factor)
         scaling = self.vae.config.scaling_factor
         device = self._execution_device
         condition = _condition(kind, self._encode, images, [], size, scaling, None).float().to(device)
@@ -288,6 +316,7 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
         scaling_factor: float = 0.18215,
         vae_scale_factor: int = 8,
         sample_size: int = 64,
+        size_multiple: int | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -299,8 +328,9 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
             scheduler=scheduler,
         )
         self.register_to_config(
-            tasks=tasks or {}, scaling_factor=scaling_factor, vae_scale_factor=vae_scale_factor, sample_size=sample_size
-        )
+            tasks=tasks or {}, scaling_factor=scaling_factor, vae_scale_factor=vae_scale_factor,
+            sample_size=sample_size, size_multiple=size_multiple,
+        )  # fmt: skip
 
     def _task(self, task: str | None) -> tuple[str, dict]:
         known = self.config.tasks
@@ -333,22 +363,22 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
 
         return denoise
 
-    def _sizes(self, kind: str, images: list[np.ndarray], height: int | None, width: int | None):
-        """(H, W) of the output and (h, w) of its latent."""
-        factor = self.config.vae_scale_factor
-        if kind == "none":
-            size = (height or self.config.sample_size * factor, width or self.config.sample_size * factor)
-        elif height is not None or width is not None:
-            raise ValueError(f"height and width are for text-to-image; a {kind} task takes its size from `image`")
-        elif kind == "low_res_rgb":
-            size = (images[0].shape[0] * factor, images[0].shape[1] * factor)
-        elif kind == "low_res_latent":
-            size = (images[0].shape[0] * SR_SCALE, images[0].shape[1] * SR_SCALE)
-        else:
-            size = images[0].shape[:2]
-        if size[0] % factor or size[1] % factor:
-            raise ValueError(f"an output of {size[1]}x{size[0]} pixels is not a multiple of the VAE's factor {factor}")
-        return tuple(size), (size[0] // factor, size[1] // factor)
+    @property
+    def _multiple(self) -> int:
+        """Output sides must be multiples of this (folders from before it was recorded: the VAE's factor)."""
+        return self.config.get("size_multiple") or self.config.vae_scale_factor
+
+    def _t2i_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = self.config.sample_size * self.config.vae_scale_factor
+        size = (height or default, width or default)
+        multiple = self._multiple
+        if size[0] % multiple or size[1] % multiple:
+            w, h = fit_size(size[1], size[0], multiple)
+            raise ValueError(
+                f"height {size[0]} and width {size[1]} must be multiples of {multiple} (the VAE's factor x 2 ** the "
+                f"UNet's down-samplings); the nearest are height={h}, width={w}"
+            )
+        return size
 
     @torch.no_grad()
     def __call__(
@@ -365,20 +395,29 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        resize_mode: str = "fit",
     ):
         _check_output_type(output_type)
         task, spec = self._task(task)
         kind = spec["condition"]
-        images, masks = _arrays(image), [m > 127 for m in _arrays(mask_image, "L")]
         needed = {"image": kind != "none", "mask_image": kind == "masked_latent"}
-        for name, given in (("image", images), ("mask_image", masks)):
-            if bool(given) != needed[name]:
+        for name, given in (("image", image), ("mask_image", mask_image)):
+            if (given is not None) != needed[name]:
                 raise ValueError(f"task {task!r} {'needs' if needed[name] else 'takes no'} `{name}`")
+        if kind != "none" and (height is not None or width is not None):
+            raise ValueError(f"height and width are for text-to-image; a {kind} task takes its size from `image`")
+        factor = self.config.vae_scale_factor
+        scale = _input_scale(kind, factor)
+        side = self.config.sample_size * factor // scale
+        crop = (side, side) if resize_mode == "crop" else None
+        images, masks = _prepare(image, mask_image, resize_mode, self._multiple // scale, crop)
         prompts = _batch(prompt, images)
         images, masks = [x * len(prompts) if len(x) == 1 else x for x in (images, masks)]
         if images:
-            _check_size(kind, images, masks, 1)
-        size, latent_size = self._sizes(kind, images, height, width)
+            size = (images[0].shape[0] * scale, images[0].shape[1] * scale)
+        else:
+            size = self._t2i_size(height, width)
+        latent_size = (size[0] // factor, size[1] // factor)
         scaling = self.config.scaling_factor
         condition = _condition(kind, self._encode, images, masks, size, scaling, _condition_generator(generator))
         channels = self.unet.model.get_outputs()[0].shape[1]
@@ -404,6 +443,7 @@ def ship(folder: Path, index: dict, class_name: str, **config) -> dict:
     accepted = set(inspect.signature(SHIPPED[class_name].__init__).parameters) - {"self"}
     kept = {k: v for k, v in {**index, **config}.items() if k in accepted or (k.startswith("_") and k != "_class_name")}
     shutil.copyfile(Path(__file__), Path(folder) / f"{MODULE}.py")
+    shutil.copyfile(Path(__file__).with_name(IMAGE_PROCESSOR), Path(folder) / IMAGE_PROCESSOR)
     return {"_class_name": [MODULE, class_name], **kept}
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_clean_failure, invoke
@@ -199,13 +200,20 @@ def test_snr_is_diffusers_compute_snr(zero_terminal_snr):
     torch.testing.assert_close(ours, compute_snr(scheduler, timesteps), rtol=1e-5, atol=0)
 
 
-def test_mean_psnr_counts_an_identical_image_as_infinite():
+def test_an_identical_image_is_counted_not_averaged_as_infinite():
+    import math
+
     from mtu_export.evaluate import summarise
+    from mtu_export.metrics import UINT8_PEAK, psnr_db
     from mtu_export.world import make_example
 
     examples = [make_example("edit", "heldout", i) for i in range(2)]
     scores = summarise(BUILTIN["edit"], examples, [examples[0].target, examples[1].source])
-    assert scores["psnr"] == float("inf") and scores["ssim"] < 1
+    second = psnr_db(examples[1].target, examples[1].source, UINT8_PEAK)
+    assert scores["psnr"] == pytest.approx(second) and scores["psnr_identical"] == 1 and scores["ssim"] < 1
+    mse = np.mean((examples[1].target.astype(float) - examples[1].source) ** 2) / 2  # the set's: one pair is exact
+    assert scores["psnr_set"] == pytest.approx(10 * math.log10(255**2 / mse))
+    assert scores["gain_over_floor_db"] == pytest.approx(scores["psnr_set"] - scores["source_psnr_set"])
 
 
 def test_unsupported_prediction_type_fails_before_any_work(world_pipeline, tmp_path):

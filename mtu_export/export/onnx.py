@@ -57,6 +57,7 @@ from mtu_export.export.prepare import (
 )
 from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
+from mtu_export.image_processor import size_multiple
 from mtu_export.metrics import UINT8_PEAK, psnr_db
 from mtu_export.quantize import quantize_onnx, saturating_int8_cpu
 from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
@@ -76,8 +77,9 @@ MODEL = "model.onnx"
 EXTERNAL_DATA = "model.onnx_data"
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights in external data
 # Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
-GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0}
-CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8
+GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0, "w8a16": 30.0}
+CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8 and w8a16
+CALIBRATED = ("static-int8", "w8a16")  # the modes whose activation ranges come from calibration
 OPTIMIZE_LEVEL = "extended"  # --optimize: all but the layout transforms, whose NCHWc blocks fit only this CPU
 
 Log = Callable[[str], None]
@@ -146,7 +148,7 @@ class _Exporter:
         self.ckpt, self.config, self.components, self.sources = ckpt, config, components, sources
         self.scratch, self.tmp, self.log = scratch, tmp, log
         self.agreement: list[GraphAgreement] = []
-        self.calibration: dict[str, dict] | None = None  # static int8: what each task was calibrated on
+        self.calibration: dict[str, dict] | None = None  # static int8, w8a16: what each task was calibrated on
         self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
         # int8's 7-bit weights: as asked, else where this CPU's int8 kernels saturate 8-bit ones
         self.reduce_range = config.quantize in REDUCE_RANGE_MODES and (
@@ -220,6 +222,7 @@ class _Exporter:
                 self.tmp, index, "MTUOnnxPipeline", **pipelines.onnx_components(), tasks=table,
                 scaling_factor=self.components.vae.config.scaling_factor, vae_scale_factor=factor,
                 sample_size=height // factor,
+                size_multiple=size_multiple(factor, len(self.ckpt.model.unet.config.block_out_channels) - 1),
             )  # fmt: skip
         write_json(self.tmp / PIPELINE_INDEX, index)
 
@@ -253,7 +256,7 @@ class _Exporter:
         (self.tmp / "unet").mkdir()
         shutil.copyfile(reference / "config.json", self.tmp / "unet" / "config.json")
         calibration = None
-        if mode == "static-int8":  # each task's own trajectories; a bundle is calibrated on all of them
+        if mode in CALIBRATED:  # each task's own trajectories; a bundle is calibrated on all of them
             train = self._probes(tasks, unets, bundle, "calibration", CALIBRATION_COUNT)
             self.calibration = {t: {"source": self.sources.kind(t), "examples": CALIBRATION_COUNT} for t in tasks}
             calibration = [_numpy(f) for task in tasks for f in train[task].feeds["unet"]]
@@ -448,6 +451,8 @@ def write_graph(
     work = Path(scratch) / spec.component
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if not (config.fixed_shapes or config.dynamo):  # torch.export would guard the odd size instead of tracing past it
+        example = any_size_example(spec, example)
     args = tuple(example[name] for name in spec.inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape asserts: the graphs are validated
@@ -480,6 +485,17 @@ def write_graph(
     if config.optimize and optimize:
         optimize_graph(folder / MODEL)
     return folder / MODEL
+
+
+def any_size_example(spec: GraphSpec, example: dict) -> dict:
+    """The UNet's tracing example with one more latent row and column. diffusers' UNet checks in Python whether the
+    latent's sides divide by 2 ** (its up-samplings); only when they do not does it hand each up-sampler the size of
+    its skip connection. Traced on an odd latent, the graph keeps that path, whose sizes come from Shape nodes, so it
+    runs any latent size the torch UNet runs (on sides that divide, the same nearest 2x up-sampling, bit for bit);
+    traced on a dividing one, it would fix every up-sampling at 2x and fail inside onnxruntime on other sizes."""
+    if spec.component != "unet":
+        return example
+    return {**example, "sample": torch.nn.functional.pad(example["sample"], (0, 1, 0, 1))}
 
 
 def optimize_graph(path: Path) -> None:
