@@ -183,12 +183,21 @@ def print_checkpoint_eval(path: Path, results: dict, split: str, count: int, ste
     where = ", ".join(f"{t}: {spec.path}" for t, spec in data.items())
     shown = f"{split}" + (f" (--data {where})" if where else "")
     table = Table(title=f"{path} on {shown} ({count} examples, {steps} steps)")
-    keys = [k for k in EVAL_COLUMNS if any(_shown_metric(row, k) for row in results.values())]
+    keys = eval_columns(results)
     for column in ("task", *keys):
         table.add_column(column, justify="right")
     for name, row in results.items():
-        table.add_row(name, *("" if row.get(k) is None else f"{row[k]:.3f}".rstrip("0").rstrip(".") for k in keys))
+        table.add_row(name, *(_cell(row.get(k)) for k in keys))
     console.print(table)
+
+
+def eval_columns(results: dict[str, dict]) -> list[str]:
+    """The metrics a table of these tasks shows: those some task has (identical-pair counts: when not 0)."""
+    return [k for k in EVAL_COLUMNS if any(_shown_metric(row, k) for row in results.values())]
+
+
+def _cell(value: float | int | None) -> str:
+    return "" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 # eval's columns, in order; a column is shown when a task of the table has it (identical counts: when not 0)

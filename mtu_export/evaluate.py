@@ -187,7 +187,8 @@ def summarise(task: TaskDef, examples: list, images: list[np.ndarray]) -> dict[s
     out: dict[str, float | int | None] = {}
     for key in pairs[0] if pairs else {}:
         summary = set_psnr([p[key] for p in pairs])
-        out[key], out[f"{key}_set"], out[f"{key}_identical"] = summary["mean_db"], summary["set_db"], summary["identical"]
+        out[key], out[f"{key}_set"] = summary["mean_db"], summary["set_db"]
+        out[f"{key}_identical"] = summary["identical"]
         if key in SSIM_OF:
             out[SSIM_OF[key]] = float(np.mean([ssim(*p[key]) for p in pairs]))
     floor = f"{task.floor}_psnr_set" if task.floor else None

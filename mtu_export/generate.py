@@ -29,7 +29,7 @@ import torch
 from mtu_export.config import TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
-from mtu_export.image_processor import POLICIES, Prepared, prepare_image, size_multiple
+from mtu_export.image_processor import POLICIES, Prepared, max_pixels, prepare_image, size_multiple
 from mtu_export.sample import Components, SamplerConfig, sample_examples
 from mtu_export.storage import check_output, check_separate, read_json
 from mtu_export.tasks import TaskDef, resolve
@@ -142,8 +142,8 @@ def _open(path: Path) -> PIL.Image.Image:
         raise InputError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from None
 
 
-def _prepare(path: Path, policy: str, multiple: int, size, log: Log, mask: bool = False) -> Prepared:
-    prepared = prepare_image(_open(path), policy, multiple, size, mask=mask)
+def _prepare(path: Path, policy: str, multiple: int, size, log: Log, mask: bool = False, cap=None) -> Prepared:
+    prepared = prepare_image(_open(path), policy, multiple, size, mask=mask, max_pixels=cap)
     note = prepared.note(str(path))
     if note:
         log(note)
@@ -153,13 +153,16 @@ def _prepare(path: Path, policy: str, multiple: int, size, log: Log, mask: bool 
 def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: Log) -> Example:
     """The request as an Example, so the training code builds the conditioning. `target` only sets the output's
     shape (inpainting: the image whose hole is repainted). The input image is prepared at its own size fitted to
-    what the UNet takes (`fit`) or cropped to the export's size (`crop`); sr's low-res input at 1/scale of that."""
+    what the UNet takes, within image_processor.MAX_AREA times the export's area (`fit`), or cropped to the export's
+    size (`crop`); sr's low-res input at 1/scale of that."""
     if not task.has_image_input:
         return Example(request.task, request.prompt, np.zeros((geometry.pixels,) * 2 + (3,), np.uint8), None)
     scale = task.input_scale(geometry.factor)  # output pixels per input pixel
     crop = request.resize == "crop"
     side = geometry.pixels // scale
-    image = _prepare(request.image, request.resize, geometry.multiple // scale, (side, side) if crop else None, log)
+    cap = max_pixels((geometry.pixels, geometry.pixels), scale)
+    image = _prepare(request.image, request.resize, geometry.multiple // scale, (side, side) if crop else None, log,
+                     cap=cap)  # fmt: skip
     width, height = image.size
     output = np.zeros((height * scale, width * scale, 3), np.uint8)
     if task.condition != "masked_latent":

@@ -8,7 +8,9 @@ on-device pipeline. Two policies:
   `VaeImageProcessor(resize_mode="crop")` do. Training and evaluation use it at the model's square resolution.
 - `fit`: keep the image's own size, each side rounded to the nearest valid multiple (at least one multiple), then
   resized to it, as `VaeImageProcessor`'s default mode does once the size is chosen. `generate` and the pipelines use
-  it: a 150x100 photo stays landscape.
+  it: a 150x100 photo stays landscape. An image of more than MAX_AREA times the model's own image area is first
+  scaled down to that area, aspect kept (a 4032x3024 phone photo for a 512x512 model: 1152x896), so that no input
+  size asks the VAE's attention for more memory than a device has.
 
 "Valid" is what the UNet really accepts: a multiple of the VAE's factor times 2 ** (the UNet's down-samplings), so
 that every down-sampled feature map halves exactly (`size_multiple`). Images are resampled bicubic (masks nearest)
@@ -26,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 POLICIES = ("fit", "crop")
+MAX_AREA = 4  # `fit`: at most this many times the model's own image area (SD1.5: 1024x1024 for 512x512)
 
 
 def size_multiple(vae_factor: int, down_samplings: int) -> int:
@@ -34,8 +37,12 @@ def size_multiple(vae_factor: int, down_samplings: int) -> int:
     return vae_factor * 2**down_samplings
 
 
-def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """(width, height) rounded to the nearest multiple of `multiple` each (halves round up), never below one."""
+def fit_size(width: int, height: int, multiple: int, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) scaled down to at most `max_pixels` (aspect kept) when larger, then each side rounded to the
+    nearest multiple of `multiple` (halves round up), never below one multiple."""
+    if max_pixels is not None and width * height > max_pixels:
+        scale = (max_pixels / (width * height)) ** 0.5
+        width, height = width * scale, height * scale
     return tuple(max(multiple, int(np.floor(side / multiple + 0.5)) * multiple) for side in (width, height))
 
 
@@ -60,6 +67,7 @@ class Prepared:
     array: np.ndarray
     original: tuple[int, int]  # (width, height) as given
     policy: str
+    how: str  # what the policy did, in words, for notes
 
     @property
     def size(self) -> tuple[int, int]:  # (width, height) as prepared
@@ -78,20 +86,7 @@ class Prepared:
         if not self.changed:
             return None
         (w0, h0), (w1, h1) = self.original, self.size
-        how = "nearest valid size, aspect kept" if self.policy == "fit" else "shorter side resized, centre-cropped"
-        return f"note: {name} resized from {w0}x{h0} to {w1}x{h1} ({self.policy}: {how})"
-
-
-def target_size(picture_size: tuple[int, int], policy: str, multiple: int, size: tuple[int, int] | None) -> tuple:
-    """(width, height) an image of `picture_size` is prepared at: `size` for `crop`, else its own size fitted to
-    `multiple` (or `size` when given)."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown resize policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if size is not None:
-        return size
-    if policy == "crop":
-        raise ValueError("the crop policy needs the size to crop to")
-    return fit_size(*picture_size, multiple)
+        return f"note: {name} resized from {w0}x{h0} to {w1}x{h1} ({self.policy}: {self.how})"
 
 
 def prepare_image(
@@ -100,19 +95,33 @@ def prepare_image(
     multiple: int = 1,
     size: tuple[int, int] | None = None,
     mask: bool = False,
+    max_pixels: int | None = None,
 ) -> Prepared:
     """`picture` as model input under `policy` (module docstring): RGB uint8, or a binary mask (`mask`: white or any
-    non-zero grey = hole). `size` (width, height) is the target of `crop`, or overrides `fit`'s own choice."""
+    non-zero grey = hole). `size` (width, height) is the target of `crop`, or overrides `fit`'s own choice;
+    `max_pixels` caps `fit`'s area (MAX_AREA times the model's own)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown resize policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy == "crop" and size is None:
+        raise ValueError("the crop policy needs the size to crop to")
     original = picture.size
-    width, height = target_size(original, policy, multiple, size)
+    width, height = size or fit_size(*original, multiple, max_pixels)
     picture = picture.convert("L" if mask else "RGB")
     resample = Image.NEAREST if mask else Image.BICUBIC
     if policy == "crop":
-        picture = resize_and_crop(picture, width, height, resample)
-    elif picture.size != (width, height):
-        picture = picture.resize((width, height), resample=resample)
+        picture, how = resize_and_crop(picture, width, height, resample), "shorter side resized, centre-cropped"
+    else:
+        picture = picture if picture.size == (width, height) else picture.resize((width, height), resample=resample)
+        capped = size is None and max_pixels is not None and original[0] * original[1] > max_pixels
+        how = "nearest valid size, aspect kept" + (f", scaled down to about {max_pixels} pixels" if capped else "")
     array = np.asarray(picture)
-    return Prepared(array > 127 if mask else array, original, policy)
+    return Prepared(array > 127 if mask else array, original, policy, how)
+
+
+def max_pixels(model_size: tuple[int, int], scale: int = 1) -> int:
+    """`fit`'s area cap for an input image of a model whose own images are `model_size` (width, height) and whose
+    output has `scale` times the input's sides (super-resolution)."""
+    return MAX_AREA * model_size[0] * model_size[1] // scale**2
 
 
 def to_model_input(images: list[np.ndarray]) -> np.ndarray:

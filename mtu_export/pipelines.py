@@ -35,7 +35,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .image_processor import POLICIES, fit_size, prepare_image, size_multiple, to_model_input
+from .image_processor import POLICIES, fit_size, max_pixels, prepare_image, size_multiple, to_model_input
 
 MODULE = "pipeline_mtu"  # the file's name (without .py) in every folder it labels
 IMAGE_PROCESSOR = "image_processor.py"  # its sibling, copied beside it
@@ -53,16 +53,16 @@ def _pictures(images: Images) -> list[PIL.Image.Image]:
 
 
 def _prepare(
-    images: Images, masks: Images, policy: str, multiple: int, size: tuple[int, int] | None
+    images: Images, masks: Images, policy: str, multiple: int, size: tuple[int, int] | None, cap: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Images (uint8 (H, W, 3)) and masks (bool (H, W), True = hole) through the image processor: all at the first
-    image's prepared size; a mask must have its image's size."""
+    image's prepared size (`fit`: within `cap` pixels); a mask must have its image's size."""
     if policy not in POLICIES:
         raise ValueError(f"resize_mode {policy!r} is not one of {', '.join(map(repr, POLICIES))}")
     pictures, holes = _pictures(images), _pictures(masks)
     if not pictures:
         return [], []
-    first = prepare_image(pictures[0], policy, multiple, size)
+    first = prepare_image(pictures[0], policy, multiple, size, max_pixels=cap)
     size = first.size
     if first.changed:
         logger.warning(first.note("the image"))
@@ -256,8 +256,9 @@ class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
         kind, factor = self.condition, self.vae_scale_factor
         scale = _input_scale(kind, factor)
         multiple = size_multiple(factor, self.unet.num_upsamplers) // scale
-        side = self.unet.config.sample_size * factor // scale
-        images, _ = _prepare(image, None, resize_mode, multiple, (side, side) if resize_mode == "crop" else None)
+        model = self.unet.config.sample_size * factor
+        side, cap = model // scale, max_pixels((model, model), scale)
+        images, _ = _prepare(image, None, resize_mode, multiple, (side, side) if resize_mode == "crop" else None, cap)
         if not images:
             raise ValueError("sr needs `image`, the low-res image to upscale")
         prompts = _batch(prompt, images)
@@ -408,9 +409,10 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
             raise ValueError(f"height and width are for text-to-image; a {kind} task takes its size from `image`")
         factor = self.config.vae_scale_factor
         scale = _input_scale(kind, factor)
-        side = self.config.sample_size * factor // scale
+        model = self.config.sample_size * factor
+        side, cap = model // scale, max_pixels((model, model), scale)
         crop = (side, side) if resize_mode == "crop" else None
-        images, masks = _prepare(image, mask_image, resize_mode, self._multiple // scale, crop)
+        images, masks = _prepare(image, mask_image, resize_mode, self._multiple // scale, crop, cap)
         prompts = _batch(prompt, images)
         images, masks = [x * len(prompts) if len(x) == 1 else x for x in (images, masks)]
         if images:
