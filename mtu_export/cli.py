@@ -379,6 +379,14 @@ def onnx_command(
     optimize: Annotated[
         bool, typer.Option(help="Save each graph as onnxruntime's CPU session optimizes it (its fusions done once).")
     ] = False,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx (model.onnx), ort (ONNX Runtime Mobile's model.ort + required_operators.config, no .onnx) "
+            "or both.",
+        ),
+    ] = "onnx",
     allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
     image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
     data: DataOption = None,
@@ -401,6 +409,7 @@ def onnx_command(
         reduce_range=reduce_range,
         attention=attention,
         optimize=optimize,
+        format=format,
         allow_drift=allow_drift,
         image_count=image_count,
     )

@@ -363,7 +363,7 @@ def _check_weight_name(name: str, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- export
-ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "fp16")
+ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "w8a16", "fp16")
 COREML_QUANTIZE = ("none", "int8", "palettize-6", "palettize-4", "int4-block")
 COREML_TARGETS = ("iOS17", "iOS18")
 MIN_OPSET, MAX_OPSET = 14, 21
@@ -376,6 +376,9 @@ ATTENTION = ("default", "fused", "split-einsum")
 # int8 modes whose weights can be 7-bit (onnxruntime's reduce_range): both run uint8·int8 kernels that saturate with
 # 8-bit weights on x86 CPUs without VNNI
 REDUCE_RANGE_MODES = ("dynamic-int8", "static-int8")
+# What `mtu-export onnx` writes for each graph: model.onnx (desktop onnxruntime, optimum), model.ort (ONNX Runtime
+# Mobile, with the folder's required_operators.config; the .onnx removed) or both
+ONNX_FORMATS = ("onnx", "ort", "both")
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,7 @@ class ExportConfig:
     external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
     attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
     optimize: bool = False  # onnx: save each graph as onnxruntime's CPU session optimizes it (level "extended")
+    format: str = "onnx"  # onnx: ONNX_FORMATS
     quantize: str = "none"
     # int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
     reduce_range: bool | None = None
@@ -445,6 +449,10 @@ class ExportConfig:
         attention layout (ATTENTION_FOR) and `optimize` (onnxruntime's, so onnx only)."""
         if self.optimize and command != "onnx":
             raise ConfigError(f"--optimize saves onnxruntime's optimized graphs: an onnx option, not {command}'s")
+        if self.format != "onnx" and command != "onnx":
+            raise ConfigError(f"--format {self.format} writes onnxruntime's graph formats: an onnx option")
+        if self.format not in ONNX_FORMATS:
+            raise ConfigError(f"--format {self.format!r} is not a format; choose {', '.join(ONNX_FORMATS)}")
         attention = ATTENTION_FOR[command]
         if self.attention not in attention:
             raise ConfigError(

@@ -242,6 +242,16 @@ def print_onnx_report(manifest: dict) -> None:
         psnr = "identical" if row["psnr_db"] is None else f"{row['psnr_db']:.1f} dB"
         goal = "" if row["meets_goal"] else f" [red]below the {manifest['image_psnr_goal_db']:.0f} dB goal[/]"
         console.print(f"{row['task']}: end-to-end images vs torch fp32: {psnr}{goal}")
+    if manifest.get("ort"):
+        ort = manifest["ort"]
+        worst = min((r["psnr_db"] for g in ort["graphs"].values() for r in g.get("agreement", [])), default=None,
+                    key=lambda v: float("inf") if v is None else v)  # fmt: skip
+        shown = "identical" if worst is None else f"{worst:.1f} dB"
+        console.print(
+            f".ort ({ort['optimization_style']} optimizations): {len(ort['graphs'])} graphs, "
+            f"{sum(g['bytes'] for g in ort['graphs'].values()) / 1e6:.2f} MB, lowest agreement with their .onnx "
+            f"{shown}; {ort['required_operators']['operators']} operators in {ort['required_operators']['path']}"
+        )
     if manifest.get("sizes"):
         s = manifest["sizes"]
         console.print(

@@ -1,9 +1,10 @@
 """`mtu-export generate`: run one task of an ONNX export end to end on onnxruntime, seeded and reproducible.
 
-A single-task `t2i` or `inpaint` export runs in optimum's `ORTStableDiffusionPipeline` /
+A single-task `t2i` or `inpaint` export (with .onnx graphs) runs in optimum's `ORTStableDiffusionPipeline` /
 `ORTStableDiffusionInpaintPipeline`, as users of optimum would run it. `edit` and `sr` (no optimum pipeline takes
 an 8- or 7-channel UNet) and every task of an all-task bundle (its UNet takes a `task_id`) run in this project's
-own sampler (`sample.sample_examples`) over the exported graphs, with text and image guidance as in training.
+own sampler (`sample.sample_examples`) over the exported graphs (`model.onnx`, or `model.ort` in a folder written with
+`--format ort`), with text and image guidance as in training.
 
 The output follows every command's rule: an existing `out` is refused unless `overwrite`, as is one that overlaps
 an input (the export folder, --image, --mask); it is written in the format its suffix names.
@@ -30,6 +31,7 @@ from mtu_export.config import TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
 from mtu_export.image_processor import POLICIES, Prepared, max_pixels, prepare_image, size_multiple
+from mtu_export.ondevice.graphs import graph_path
 from mtu_export.sample import Components, SamplerConfig, sample_examples
 from mtu_export.storage import check_output, check_separate, read_json
 from mtu_export.tasks import TaskDef, resolve
@@ -90,7 +92,8 @@ def generate(
             raise ConfigError(f"task {request.task!r} needs --{needed} PNG")
     geometry = _geometry(export_dir, unet_config)
     example = _inputs(task, request, geometry, log)
-    if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum:
+    onnx_graphs = (export_dir / "unet" / "model.onnx").is_file()  # optimum loads .onnx only, not a mobile folder's .ort
+    if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum and onnx_graphs:
         image = _optimum(export_dir, task, request, example, progress)
         runner = f"optimum {task.optimum_pipeline}"
     else:
@@ -114,6 +117,14 @@ def _manifest(export_dir: Path) -> dict:
     if not (export_dir / "manifest.json").is_file():
         raise InputError(f"{export_dir} is not an `mtu-export onnx` folder (no manifest.json); export it first")
     return read_json(export_dir / "manifest.json")
+
+
+def _graph(export_dir: Path, component: str) -> Path:
+    """The component's model.onnx, or model.ort in a folder written for ONNX Runtime Mobile."""
+    try:
+        return graph_path(export_dir / component)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -186,20 +197,15 @@ def _own(export_dir, manifest, task: TaskDef, request, example: Example, vae_con
     scheduler_config = read_json(export_dir / "scheduler" / "scheduler_config.json")
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     tokenizer = CLIPTokenizer.from_pretrained(export_dir / "tokenizer")
-    text_encoder = OrtTextEncoder(export_dir / "text_encoder" / "model.onnx", request.threads)
-    vae = OrtVae(
-        export_dir / "vae_encoder" / "model.onnx",
-        export_dir / "vae_decoder" / "model.onnx",
-        vae_config,
-        request.threads,
-    )
+    text_encoder = OrtTextEncoder(_graph(export_dir, "text_encoder"), request.threads)
+    vae = OrtVae(_graph(export_dir, "vae_encoder"), _graph(export_dir, "vae_decoder"), vae_config, request.threads)
     task_info = manifest["tasks"][request.task]
     bundle = (
         {}
         if task_info["task_id"] is None
         else {"task_id": task_info["task_id"], "channels": manifest["unet_input_channels"]}
     )
-    unet = OrtUNet(export_dir / "unet" / "model.onnx", request.threads, **bundle)
+    unet = OrtUNet(_graph(export_dir, "unet"), request.threads, **bundle)
     sampler = SamplerConfig(request.steps, request.guidance, request.image_guidance, request.seed)
     calls = [0]
 

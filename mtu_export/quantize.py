@@ -68,6 +68,12 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_r
     _quantize_static(src, dst, calibration, reduce_range=reduce_range)
 
 
+def _w8a16(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_range: bool = False) -> None:
+    if not calibration:
+        raise ConfigError("w8a16 quantization needs calibration inputs; none were recorded")
+    _quantize_static(src, dst, calibration, activations="QUInt16", weights="QUInt8", float_products=False)
+
+
 def _quantize_static(
     src: Path,
     dst: Path,
@@ -75,14 +81,18 @@ def _quantize_static(
     only: list[str] | None = None,
     ranges: Path | None = None,
     reduce_range: bool = False,
+    activations: str = "QUInt8",
+    weights: str = "QInt8",
+    float_products: bool = True,
 ) -> None:
-    """QDQ int8 of `src`'s MatMul, Gemm and Conv nodes (all but static_exclusions', or just `only`), calibrated on
-    `calibration` or on the activation ranges saved in `ranges` (onnxruntime's calibration cache: written by the
-    first call that calibrates, read by later ones); 7-bit weights with `reduce_range`."""
+    """QDQ of `src`'s MatMul, Gemm and Conv nodes (all but static_exclusions', or just `only`) with `activations` /
+    `weights` (onnxruntime QuantType names; per-channel weights), calibrated on `calibration` or on the activation
+    ranges saved in `ranges` (onnxruntime's calibration cache: written by the first call that calibrates, read by
+    later ones); 7-bit weights with `reduce_range`; the attention products stay float with `float_products`."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    keep = static_exclusions(onnx.load(str(src), load_external_data=False).graph)
+    keep = static_exclusions(onnx.load(str(src), load_external_data=False).graph, float_products)
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: Iterable[Feeds]) -> None:
@@ -99,8 +109,8 @@ def _quantize_static(
         op_types_to_quantize=["MatMul", "Gemm", "Conv"],
         per_channel=True,
         reduce_range=reduce_range,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=QuantType[activations],
+        weight_type=QuantType[weights],
         nodes_to_quantize=only,
         nodes_to_exclude=keep,
         use_external_data_format=_external(src),
@@ -149,17 +159,17 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def static_exclusions(graph) -> list[str]:
-    """Nodes static int8 leaves in fp32: the input and output convolutions and the timestep embedding, and the
-    attention products whose both operands are activations (Q·Kᵀ and softmax·V: two calibrated ranges per product,
-    and the softmax output's range is dominated by its rare peaks)."""
+def static_exclusions(graph, products: bool = True) -> list[str]:
+    """Nodes static int8 leaves in fp32: the input and output convolutions and the timestep embedding, and (with
+    `products`) the attention products whose both operands are activations (Q·Kᵀ and softmax·V: two calibrated
+    ranges per product, and the softmax output's range is dominated by its rare peaks)."""
     sensitive = ("conv_in", "conv_out", "time_embedding", "time_emb_proj")
     constants = {i.name for i in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     keep = []
     for node in graph.node:
-        products = node.op_type == "MatMul" and not any(i in constants for i in node.input)
-        if products or any(k in node.name for k in sensitive):
+        product = products and node.op_type == "MatMul" and not any(i in constants for i in node.input)
+        if product or any(k in node.name for k in sensitive):
             keep.append(node.name)
     return keep
 
@@ -182,6 +192,7 @@ def _external(src: Path) -> bool:
 ONNX_HANDLERS: dict[str, Callable[[Path, Path, list[Feeds] | None, bool], None]] = {
     "dynamic-int8": _dynamic_int8,
     "static-int8": _static_int8,
+    "w8a16": _w8a16,
     "fp16": _fp16,
 }
 

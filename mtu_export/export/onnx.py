@@ -78,6 +78,7 @@ EXTERNAL_DATA = "model.onnx_data"
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights in external data
 # Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
 GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0, "w8a16": 30.0}
+ORT_PSNR_FLOOR = 60.0  # a graph's .ort against its .onnx, both on onnxruntime's CPU provider (same math, refused)
 CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8 and w8a16
 CALIBRATED = ("static-int8", "w8a16")  # the modes whose activation ranges come from calibration
 OPTIMIZE_LEVEL = "extended"  # --optimize: all but the layout transforms, whose NCHWc blocks fit only this CPU
@@ -179,6 +180,9 @@ class _Exporter:
         self._stamp_metadata(manifest)
         write_json(self.tmp / MANIFEST, manifest)
         self._raise_on_drift()
+        if self.config.format != "onnx":  # the validated graphs, metadata stamped, as ONNX Runtime Mobile files
+            manifest["ort"] = self._convert_to_ort(probes, tasks)
+            write_json(self.tmp / MANIFEST, manifest)
         return manifest
 
     def _probes(self, tasks, unets, bundle, purpose: str, count: int) -> dict[str, Probes]:
@@ -272,6 +276,26 @@ class _Exporter:
             feeds = probes[task].feeds["unet"]
             rows = validate_graph(spec, module, self.tmp / "unet" / MODEL, feeds, task, GRAPH_PSNR_FLOOR[mode])
             self.agreement += [replace(r, component=f"unet[{mode}]") for r in rows]
+
+    def _convert_to_ort(self, probes: dict[str, Probes], tasks: tuple[str, ...]) -> dict:
+        """Every graph as `model.ort` (ort_format.py), each checked against its .onnx on the validation probes (the
+        UNet on every task's); the .onnx files removed for `--format ort`. Raises DriftError under ORT_PSNR_FLOOR."""
+        from mtu_export.export.ort_format import convert_folder
+
+        feeds = {c: [_numpy(f) for f in probes["*"].feeds[c]] for c in ("text_encoder", "vae_encoder", "vae_decoder")}
+        unet_inputs = (UNET if self.config.tasks else BUNDLE).inputs
+        feeds["unet"] = [_numpy({k: f[k] for k in unet_inputs}) for t in tasks for f in probes[t].feeds["unet"]]
+        result = convert_folder(self.tmp, keep_onnx=self.config.format == "both", feeds=feeds)
+        low = [
+            f"{component}.{row['output']}: {row['psnr_db']:.1f} dB"
+            for component, graph in result["graphs"].items()
+            for row in graph.get("agreement", [])
+            if row["psnr_db"] is not None and row["psnr_db"] < ORT_PSNR_FLOOR
+        ]
+        if low and not self.config.allow_drift:
+            raise DriftError(f".ort graphs drift from their .onnx (floor {ORT_PSNR_FLOOR:.0f} dB): {'; '.join(low)}")
+        self.log(f"converted {len(result['graphs'])} graphs to .ort ({result['optimization_style']} optimizations)")
+        return result
 
     # -- end to end ----------------------------------------------------------------------------------------------
     def _image_check(self, tasks, unets, bundle) -> list[dict]:
