@@ -30,8 +30,8 @@ sess = ort.InferenceSession(folder + "/unet/model.ort", providers=["CPUExecution
 feeds = {}
 for i in sess.get_inputs():
     shape = [d if isinstance(d, int) else {"batch_size": 2, "height": 9, "width": 7}.get(d, 5) for d in i.shape]
-    kind = np.int64 if "int64" in i.type else np.float32
-    feeds[i.name] = np.ones(shape, kind) if kind is np.int64 else np.random.default_rng(0).standard_normal(shape).astype(kind)
+    noise = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    feeds[i.name] = np.ones(shape, np.int64) if "int64" in i.type else noise
 out = sess.run(None, feeds)[0]
 print(json.dumps({"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}))
 """
