@@ -251,6 +251,7 @@ class DatasetSource:
             "fingerprint": getattr(self.table, "_fingerprint", ""),
             "columns": self.present,
             "size": self.size,
+            "resize": {"policy": "crop", "to": [self.size, self.size]},  # image_processor's training crop
         }
 
     def example(self, index: int) -> Example:

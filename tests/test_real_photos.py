@@ -23,6 +23,7 @@ from mtu_export.image_processor import fit_size, max_pixels
 
 STEPS = "1"
 MODEL_SIZE = 64  # pixels of the world model's images
+IMAGE_MAX_DIFF = 1  # uint8 levels: generate vs the shipped ONNX pipeline on the same photo and seed
 # (width, height): the issue's battery; 4000x30 becomes a 4000-pixel-wide strip, 1x1 one valid block
 ODD_SIZES = [(150, 100), (148, 100), (37, 61), (1, 1), (4000, 30)]
 PHOTOS = {"astronaut": photos.astronaut, "coffee": photos.coffee, "rocket": photos.rocket, "chelsea": photos.chelsea}
@@ -233,6 +234,20 @@ def test_shipped_pipelines_run_every_odd_size(odd_folders, odd_inputs, size):
     out = sr(PROMPT, image=image, num_inference_steps=1, output_type="np").images[0]
     width, height = fit_size(*size, multiple // 4, max_pixels((MODEL_SIZE, MODEL_SIZE), 4))
     assert out.shape == (height * 4, width * 4, 3) and np.isfinite(out).all()
+
+
+def test_generate_and_the_onnx_pipeline_resize_a_photo_alike(odd_folders, odd_inputs, tmp_path):
+    """Same 150x100 photo, same seed: `generate` and MTUOnnxPipeline prepare it alike, so their images agree."""
+    files = odd_inputs[(150, 100)]
+    out = tmp_path / "edit.png"
+    result = invoke("generate", odd_folders["bundle"], "--task", "edit", "--prompt", PROMPT, "--image", files["image"],
+                    "--steps", "2", "--guidance", "3", "--seed", "5", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pipe = DiffusionPipeline.from_pretrained(odd_folders["bundle"], trust_remote_code=True, provider_options={})
+    theirs = pipe(PROMPT, task="edit", image=Image.open(files["image"]), num_inference_steps=2, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(5)).images[0]  # fmt: skip
+    ours = np.asarray(Image.open(out)).astype(int)
+    assert ours.shape == np.asarray(theirs).shape and np.abs(ours - np.asarray(theirs)).max() <= IMAGE_MAX_DIFF
 
 
 @pytest.mark.parametrize("size", ODD_SIZES)
