@@ -255,8 +255,10 @@ def test_tokenizer_refuses_what_it_cannot_reproduce(tokenizer_folders: dict[str,
 # --- layering ------------------------------------------------------------------------------------------------------
 
 IMPORT_CHECK = (
-    "import sys; import mtu_export.ondevice.schedulers, mtu_export.ondevice.tokenizer; "
-    "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)); assert not heavy, heavy"
+    "import sys; import mtu_export.ondevice.schedulers, mtu_export.ondevice.tokenizer, mtu_export.ondevice.noise, "
+    "mtu_export.ondevice.graphs, mtu_export.ondevice.pipeline, mtu_export.ondevice.__main__; "
+    "heavy = sorted({'torch', 'diffusers', 'transformers', 'optimum', 'typer'} & set(sys.modules)); "
+    "assert not heavy, heavy"
 )
 
 
