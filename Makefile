@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
+.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,17 @@ test-macos: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check mtu_export tests
 	$(BIN)/ruff format --check mtu_export tests
+
+# Compile every .mlpackage under COREML_DIR (the --out of `mtu-export coreml --layout apple`) to the .mlmodelc beside
+# it, which is what Apple's Swift StableDiffusion package loads from each <task>/Resources folder. Xcode's
+# coremlcompiler exists on macOS only; elsewhere this says so and fails.
+COREML_DIR ?= out/coreml-apple
+coreml-resources:
+	@if [ "$$(uname -s)" != Darwin ]; then \
+	  echo "coreml-resources compiles with Xcode's coremlcompiler (xcrun), which needs macOS; this is $$(uname -s)"; exit 1; fi
+	@test -d "$(COREML_DIR)" || { echo "no folder $(COREML_DIR): set COREML_DIR to an export of mtu-export coreml --layout apple"; exit 1; }
+	find "$(COREML_DIR)" -name '*.mlpackage' -prune -print | while IFS= read -r pkg; do \
+	  xcrun coremlcompiler compile "$$pkg" "$$(dirname "$$pkg")" || exit 1; done
 
 DEMO := out/demo
 TASKS := t2i edit sr inpaint

@@ -387,6 +387,10 @@ def onnx_command(
             "or both.",
         ),
     ] = "onnx",
+    batch: Annotated[
+        int | None,
+        typer.Option(help="1: every graph at fixed shapes, one row per call, as NPUs take them (default: dynamic)."),
+    ] = None,
     allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
     image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
     data: DataOption = None,
@@ -410,6 +414,7 @@ def onnx_command(
         attention=attention,
         optimize=optimize,
         format=format,
+        batch=batch,
         allow_drift=allow_drift,
         image_count=image_count,
     )
@@ -431,6 +436,13 @@ def coreml_command(
     quantize: Annotated[str, typer.Option(help="UNet: none, int8, palettize-6, palettize-4, int4-block.")] = "none",
     attention: Annotated[str, typer.Option(help="UNet attention: default, split-einsum (Apple ANE).")] = "default",
     allow_drift: Annotated[bool, typer.Option(help="Keep packages that drift from torch (macOS check).")] = False,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="default (our packages) or apple (per task, the Resources folder of Apple's Swift StableDiffusion "
+            "package: its file names and I/O)."
+        ),
+    ] = "default",
     data: DataOption = None,
     column: ColumnOption = None,
     overwrite: OverwriteOption = False,
@@ -449,6 +461,7 @@ def coreml_command(
         quantize=quantize,
         attention=attention,
         allow_drift=allow_drift,
+        layout=layout,
     )
     manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
     display.print_coreml_report(manifest)

@@ -366,6 +366,9 @@ def _check_weight_name(name: str, names: list[str]) -> None:
 ONNX_QUANTIZE = ("none", "dynamic-int8", "static-int8", "w8a16", "fp16")
 COREML_QUANTIZE = ("none", "int8", "palettize-6", "palettize-4", "int4-block")
 COREML_TARGETS = ("iOS17", "iOS18")
+# What `mtu-export coreml` writes: our packages, or per task the Resources folder of apple/ml-stable-diffusion's Swift
+# StableDiffusion package, with Apple's names and I/O (export/apple.py)
+COREML_LAYOUTS = ("default", "apple")
 MIN_OPSET, MAX_OPSET = 14, 21
 # The UNet attention each exporter offers: fused = onnxruntime's MultiHeadAttention operator (export/attention.py);
 # split-einsum = the Neural Engine's (B, C, 1, S) per-head einsum layout (export/split_einsum.py).
@@ -399,6 +402,7 @@ class ExportConfig:
     attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
     optimize: bool = False  # onnx: save each graph as onnxruntime's CPU session optimizes it (level "extended")
     format: str = "onnx"  # onnx: ONNX_FORMATS
+    batch: int | None = None  # onnx: 1 = every graph at fixed shapes and one row per call (NPUs); None: dynamic
     quantize: str = "none"
     # int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
     reduce_range: bool | None = None
@@ -412,6 +416,7 @@ class ExportConfig:
     # Core ML
     target: str | None = None  # None: iOS18 for all tasks (a multifunction UNet needs it), else iOS17
     compute_precision: str = "fp16"
+    layout: str = "default"  # COREML_LAYOUTS
 
     def __post_init__(self) -> None:
         given = self.tasks if isinstance(self.tasks, str) else ",".join(self.tasks)
@@ -437,12 +442,16 @@ class ExportConfig:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"--{name} {value} must be a positive multiple of 8")
+        if self.batch not in (None, 1):
+            raise ConfigError(f"--batch {self.batch} is not offered; --batch 1 fixes every graph at one row per call")
         if self.probe_steps < 1 or self.image_steps < 1 or self.image_count < 0:
             raise ConfigError("validation steps must be >= 1 and the image count >= 0")
         if self.target not in COREML_TARGETS:
             raise ConfigError(f"--target {self.target!r} is not supported; choose {', '.join(COREML_TARGETS)}")
         if self.compute_precision not in ("fp16", "fp32"):
             raise ConfigError(f"--compute-precision must be fp16 or fp32, got {self.compute_precision!r}")
+        if self.layout not in COREML_LAYOUTS:
+            raise ConfigError(f"--layout must be one of {', '.join(COREML_LAYOUTS)}, got {self.layout!r}")
 
     def check_for(self, choices: tuple[str, ...], command: str) -> None:
         """The options whose choices depend on the exporter (`command`): the quantization mode (`choices`), the
@@ -451,6 +460,10 @@ class ExportConfig:
             raise ConfigError(f"--optimize saves onnxruntime's optimized graphs: an onnx option, not {command}'s")
         if self.format != "onnx" and command != "onnx":
             raise ConfigError(f"--format {self.format} writes onnxruntime's graph formats: an onnx option")
+        if self.layout != "default" and command != "coreml":
+            raise ConfigError(f"--layout {self.layout} writes Core ML resource folders: a coreml option, not {command}")
+        if self.batch is not None and command != "onnx":
+            raise ConfigError(f"--batch {self.batch} fixes the ONNX graphs' batch: an onnx option, not {command}'s")
         if self.format not in ONNX_FORMATS:
             raise ConfigError(f"--format {self.format!r} is not a format; choose {', '.join(ONNX_FORMATS)}")
         attention = ATTENTION_FOR[command]

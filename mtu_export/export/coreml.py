@@ -96,6 +96,10 @@ def export_coreml(
     """Convert, check and describe; returns the manifest. `data` (task -> DataSpec) gives tasks their validation
     examples (default: the shapes world)."""
     ct = require_coremltools()
+    if config.layout == "apple":  # per task, the resource folder of Apple's Swift package (apple.py)
+        from mtu_export.export.apple import export_apple
+
+        return export_apple(checkpoint, config, out, overwrite=overwrite, log=log, data=data)
     out, checkpoint = Path(out), Path(checkpoint)
     config.check_for(COREML_QUANTIZE, "coreml")
     check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
@@ -194,23 +198,26 @@ def _package_files(packages: dict) -> dict[str, str]:
     return {name: value if isinstance(value, str) else value["path"] for name, value in packages.items()}
 
 
-def convert_module(ct, module, feed: dict, outputs: list[str], config: ExportConfig, target: str):
+def convert_module(
+    ct, module, feed: dict, outputs: list[str], config: ExportConfig, target: str, dtypes: dict | None = None
+):
     """Trace `module` on `feed` and convert it to an mlprogram for `target` with `config`'s compute precision (not
-    saved, not loaded); `ct` is `require_coremltools()`."""
+    saved, not loaded); `ct` is `require_coremltools()`. `dtypes` (name -> numpy type) fixes input and output
+    types; by default token and task ids are int32 and everything else keeps its traced type."""
+    dtypes = {"input_ids": np.int32, "task_id": np.int32} | (dtypes or {})
     names = list(feed)
     args = tuple(feed[n] for n in names)
     with torch.no_grad(), warnings.catch_warnings(), _quiet_tqdm():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module.eval(), args, check_trace=False)
         inputs = [
-            ct.TensorType(name=n, shape=tuple(a.shape), dtype=np.int32 if n in ("input_ids", "task_id") else None)
-            for n, a in zip(names, args, strict=True)
+            ct.TensorType(name=n, shape=tuple(a.shape), dtype=dtypes.get(n)) for n, a in zip(names, args, strict=True)
         ]
         precision = ct.precision.FLOAT16 if config.compute_precision == "fp16" else ct.precision.FLOAT32
         model = ct.convert(
             traced,
             inputs=inputs,
-            outputs=[ct.TensorType(name=n) for n in outputs],
+            outputs=[ct.TensorType(name=n, dtype=dtypes.get(n)) for n in outputs],
             convert_to="mlprogram",
             minimum_deployment_target=getattr(ct.target, target),
             compute_precision=precision,
