@@ -92,8 +92,9 @@ def generate(
             raise ConfigError(f"task {request.task!r} needs --{needed} PNG")
     geometry = _geometry(export_dir, unet_config)
     example = _inputs(task, request, geometry, log)
-    onnx_graphs = (export_dir / "unet" / "model.onnx").is_file()  # optimum loads .onnx only, not a mobile folder's .ort
-    if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum and onnx_graphs:
+    # optimum loads .onnx only (not a mobile folder's .ort) and calls its graphs with whole batches (not --batch 1)
+    optimum_runs = (export_dir / "unet" / "model.onnx").is_file() and manifest["export"].get("batch") is None
+    if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum and optimum_runs:
         image = _optimum(export_dir, task, request, example, progress)
         runner = f"optimum {task.optimum_pipeline}"
     else:

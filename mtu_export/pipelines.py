@@ -290,9 +290,18 @@ _NUMPY = {
 
 
 def _run(model: OnnxRuntimeModel, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    """Run a graph on torch feeds cast to its input types (as optimum does)."""
-    types = {i.name: i.type for i in model.model.get_inputs()}
-    return model(**{k: v.detach().cpu().numpy().astype(_NUMPY[types[k]], copy=False) for k, v in feeds.items()})
+    """Run a graph on torch feeds cast to its input types (as optimum does); a graph exported with `--batch 1` (its
+    batched inputs fixed at one row) once per row, outputs stacked (mtu_export.export.runtime.run_rows)."""
+    inputs = model.model.get_inputs()
+    types = {i.name: i.type for i in inputs}
+    arrays = {k: v.detach().cpu().numpy().astype(_NUMPY[types[k]], copy=False) for k, v in feeds.items()}
+    fixed = {i.name for i in inputs if i.shape and i.shape[0] == 1}
+    batched = [k for k in fixed if arrays[k].ndim and arrays[k].shape[0] > 1]
+    if not batched:
+        return model(**arrays)
+    calls = [model(**{k: v[i : i + 1] if k in batched else v for k, v in arrays.items()})
+             for i in range(arrays[batched[0]].shape[0])]  # fmt: skip
+    return [np.concatenate(parts) for parts in zip(*calls, strict=True)]
 
 
 class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):

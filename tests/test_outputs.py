@@ -111,7 +111,7 @@ def test_generate_writes_the_format_its_suffix_names_and_notes_a_resize(edit_exp
         with Image.open(tmp_path / name) as written:
             assert written.format == kind, name
         notes = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(notes) == 1 and notes[0].startswith(f"note: resized {source} from 30x20 to "), result.stderr
+        assert notes == [f"note: {source} resized from 30x20 to 32x20 (fit: nearest valid size, aspect kept)"]
     first = (tmp_path / "a.png").read_bytes()
     assert_clean_failure(invoke(*args, "--out", tmp_path / "a.png"), "already exists", OutputExistsError.exit_code)
     assert (tmp_path / "a.png").read_bytes() == first

@@ -191,6 +191,15 @@ def quantize_static(src: Path, calibration: Path, dst: Path) -> Path:
     return dst
 
 
+def quantize_w8a16(src: Path, calibration: Path, dst: Path) -> Path:
+    """QDQ with 8-bit weights and 16-bit activations (`--quantize w8a16`'s handler), calibrated as quantize_static."""
+    from mtu_export.quantize import quantize_onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_onnx("w8a16", src, dst, load_feeds(calibration))
+    return dst
+
+
 def save_feeds(feeds: list[dict], path: Path) -> Path:
     np.savez(path, **{f"{i}/{k}": v for i, one in enumerate(feeds) for k, v in one.items()})
     return path

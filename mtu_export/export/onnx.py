@@ -263,7 +263,10 @@ class _Exporter:
         if mode in CALIBRATED:  # each task's own trajectories; a bundle is calibrated on all of them
             train = self._probes(tasks, unets, bundle, "calibration", CALIBRATION_COUNT)
             self.calibration = {t: {"source": self.sources.kind(t), "examples": CALIBRATION_COUNT} for t in tasks}
-            calibration = [_numpy(f) for task in tasks for f in train[task].feeds["unet"]]
+            feeds = [f for task in tasks for f in train[task].feeds["unet"]]
+            if self.config.batch == 1:  # the graph takes one row: calibrate on each row of each guidance batch
+                feeds = [_row(f, i, spec) for f in feeds for i in range(f["sample"].shape[0])]
+            calibration = [_numpy(f) for f in feeds]
         self.log(
             f"quantizing unet: {mode}"
             + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
@@ -475,7 +478,10 @@ def write_graph(
     work = Path(scratch) / spec.component
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    if not (config.fixed_shapes or config.dynamo):  # torch.export would guard the odd size instead of tracing past it
+    fixed = config.fixed_shapes or config.batch == 1
+    if config.batch == 1:
+        example = one_row(spec, example)
+    elif not (fixed or config.dynamo):  # torch.export would guard the odd size instead of tracing past it
         example = any_size_example(spec, example)
     args = tuple(example[name] for name in spec.inputs)
     with torch.no_grad(), warnings.catch_warnings():
@@ -487,7 +493,7 @@ def write_graph(
                 str(work / MODEL),
                 input_names=list(spec.inputs),
                 output_names=list(spec.outputs),
-                dynamic_axes=None if config.fixed_shapes else spec.dynamic_axes(),
+                dynamic_axes=None if fixed else spec.dynamic_axes(),
                 opset_version=config.opset,
                 dynamo=config.dynamo,
                 do_constant_folding=True,
@@ -520,6 +526,12 @@ def any_size_example(spec: GraphSpec, example: dict) -> dict:
     if spec.component != "unet":
         return example
     return {**example, "sample": torch.nn.functional.pad(example["sample"], (0, 1, 0, 1))}
+
+
+def one_row(spec: GraphSpec, example: dict) -> dict:
+    """`example` cut to its first row in every input with a batch axis (`--batch 1`: the guidance batch's rows become
+    separate calls, runtime.run_rows)."""
+    return {k: v[:1] if 0 in spec.inputs.get(k, {}) else v for k, v in example.items()}
 
 
 def optimize_graph(path: Path) -> None:
@@ -575,6 +587,10 @@ def _save(model, path: Path, external: bool) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def _row(feed: dict, index: int, spec: GraphSpec) -> dict:
+    return {k: v[index : index + 1] if 0 in spec.inputs.get(k, {}) else v for k, v in feed.items()}
 
 
 def _numpy(feed: dict) -> dict[str, np.ndarray]:

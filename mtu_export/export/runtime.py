@@ -80,7 +80,20 @@ def run(sess, feeds: dict[str, torch.Tensor | np.ndarray]) -> list[np.ndarray]:
     for name, value in feeds.items():
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         arrays[name] = array.astype(_NUMPY[types[name]], copy=False)
-    return sess.run(None, arrays)
+    return run_rows(sess, arrays)
+
+
+def run_rows(sess, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`sess.run` on numpy feeds; a graph exported with `--batch 1` (its batched inputs fixed at one row, as NPUs
+    want) is called once per row and its outputs are stacked, so callers pass whole guidance batches as to any
+    graph (the conditional and unconditional rows become separate calls)."""
+    fixed = {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
+    batched = [name for name in fixed if arrays[name].ndim and arrays[name].shape[0] > 1]
+    if not batched:
+        return sess.run(None, arrays)
+    rows = arrays[batched[0]].shape[0]
+    calls = [sess.run(None, {k: v[i : i + 1] if k in batched else v for k, v in arrays.items()}) for i in range(rows)]
+    return [np.concatenate(parts) for parts in zip(*calls, strict=True)]
 
 
 _NUMPY = {
