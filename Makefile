@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-data clean
+.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -202,6 +202,12 @@ bench-train: $(STAMP)
 # Peak memory of a few training steps on 2,000- and 20,000-row on-disk datasets (the latent cache build included);
 # the ratio should stay near 1. The committed run's two training runs took 28 s and 229 s ($(RESULTS)/data_memory.json);
 # writing the two datasets comes on top (not timed).
+# The torch-free on-device pipeline against `mtu-export generate`: installed size and import-to-image time / memory on
+# the shipped t2i export -> benchmarks/results/ondevice.json
+bench-ondevice: $(STAMP)
+	$(BIN)/mtu-export onnx $(SHIPPED) --task t2i --image-count 0 --out out/ondevice/t2i --overwrite
+	$(BIN)/python benchmarks/ondevice_footprint.py --export out/ondevice/t2i --out $(RESULTS)/ondevice.json
+
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/data_memory.py --base $(MODEL) --out $(RESULTS)/data_memory.json
 
@@ -211,6 +217,12 @@ bench-data: $(STAMP)
 bench-sd15: $(STAMP)
 	$(BIN)/python -m mtu_export.bench.sd15 --out $(RESULTS)
 	$(BIN)/python -m mtu_export.bench.peers --out $(RESULTS)
+	$(BIN)/python -m mtu_export.bench.phone --out $(RESULTS)
+
+# bench-sd15's third part alone: a 512x512, 20-step SD1.5-scale generation on device (fp32, static int8, w8a16) vs
+# optimum's fp32 pipeline, peak RSS and time -> benchmarks/results/sd15_phone.{json,md} (about 30 minutes, 12 GB)
+bench-phone: $(STAMP)
+	$(BIN)/python -m mtu_export.bench.phone --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
