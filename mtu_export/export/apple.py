@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from mtu_export import __version__
-from mtu_export.checkpoint import file_sha256, load_checkpoint
+from mtu_export.checkpoint import file_sha256
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, DriftError, MtuError
 from mtu_export.export.coreml import (
@@ -54,11 +54,11 @@ from mtu_export.export.coreml import (
     resolve_target,
 )
 from mtu_export.export.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import checkpoint_components, example_sources, fold_tasks, image_size, resolve_tasks
+from mtu_export.export.prepare import prepare_export
 from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
-from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
+from mtu_export.storage import atomic_output_dir, write_json
 from mtu_export.tasks import TaskDef
 
 APPLE_SOURCE = "apple/ml-stable-diffusion@e12202c1f6405b83918b58a5d097cd61e3e1f702"
@@ -306,6 +306,10 @@ def _tokenizer_problems(folder: Path) -> list[str]:
     return problems + ([f"merges.txt lines {bad[:3]} are not `a b` pairs"] if bad else [])
 
 
+def _fits_apple(ckpt, components) -> None:
+    check_fits_apple(ckpt.pipeline_dir, components)
+
+
 # ---------------------------------------------------------------------------------------------------- the export
 def export_apple(
     checkpoint: Path,
@@ -318,19 +322,12 @@ def export_apple(
     """Write Apple's resource folder per task (and the multifunction UNet for all tasks); check every package's
     spec against Apple's conventions (and, on macOS, its numbers against torch); returns the manifest."""
     ct = require_coremltools()
-    out, checkpoint = Path(out), Path(checkpoint)
-    config.check_for(COREML_QUANTIZE, "coreml")
-    check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
-    check_output(out, overwrite)
     bundled = not config.tasks
     target = resolve_target(config, bundled)
-    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    tasks = resolve_tasks(ckpt, config)
-    components = checkpoint_components(ckpt)
-    check_fits_apple(ckpt.pipeline_dir, components)
-    height, _, factor = image_size(ckpt, components.vae, config)
-    sources = example_sources(ckpt, tasks, data or {}, (height, height, factor))
-    unets = fold_tasks(ckpt, tasks, log)
+    job = prepare_export(checkpoint, config, out, overwrite, data, log, (COREML_QUANTIZE, "coreml"), _fits_apple)
+    out, ckpt, tasks, components = Path(out), job.ckpt, job.tasks, job.components
+    sources, unets = job.sources, job.unets
+    height, _, factor = job.size
     sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
     probes = {
         t: trajectory_probes(unets[t], sources.tasks[t], sources.validation(t, 1), components, sampler) for t in tasks

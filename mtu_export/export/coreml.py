@@ -32,24 +32,17 @@ import numpy as np
 import torch
 
 from mtu_export import __version__
-from mtu_export.checkpoint import file_sha256, load_checkpoint
+from mtu_export.checkpoint import file_sha256
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import (
-    IMAGE_PSNR_GOAL_DB,
-    checkpoint_components,
-    example_sources,
-    fold_tasks,
-    image_size,
-    resolve_tasks,
-)
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export
 from mtu_export.export.probes import trajectory_probes
 from mtu_export.export.split_einsum import split_einsum_attention_
 from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import SamplerConfig
-from mtu_export.storage import atomic_output_dir, check_output, check_separate, tree_bytes, write_json
+from mtu_export.storage import atomic_output_dir, tree_bytes, write_json
 
 MANIFEST = "manifest.json"
 PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_decoder": "VAEDecoder", "unet": "Unet"}
@@ -100,17 +93,17 @@ def export_coreml(
         from mtu_export.export.apple import export_apple
 
         return export_apple(checkpoint, config, out, overwrite=overwrite, log=log, data=data)
-    out, checkpoint = Path(out), Path(checkpoint)
-    config.check_for(COREML_QUANTIZE, "coreml")
-    check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
-    check_output(out, overwrite)
     bundled = not config.tasks
     target = resolve_target(config, bundled)
-    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    tasks = resolve_tasks(ckpt, config)
-    components = checkpoint_components(ckpt)
-    sources = example_sources(ckpt, tasks, data or {}, image_size(ckpt, components.vae, config))
-    unets = fold_tasks(ckpt, tasks, log)
+    job = prepare_export(checkpoint, config, out, overwrite, data, log, (COREML_QUANTIZE, "coreml"))
+    out, ckpt, tasks, components, sources, unets = (
+        Path(out),
+        job.ckpt,
+        job.tasks,
+        job.components,
+        job.sources,
+        job.unets,
+    )
     sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
     probes = {}
     for task in tasks:

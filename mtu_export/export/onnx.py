@@ -30,7 +30,7 @@ import torch
 
 from mtu_export import __version__, pipelines
 from mtu_export.bundle import bundle_tasks
-from mtu_export.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from mtu_export.checkpoint import Checkpoint, file_sha256
 from mtu_export.config import ONNX_QUANTIZE, REDUCE_RANGE_MODES, ExportConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.attention import fuse_attention_
@@ -47,14 +47,7 @@ from mtu_export.export.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from mtu_export.export.prepare import (
-    IMAGE_PSNR_GOAL_DB,
-    checkpoint_components,
-    example_sources,
-    fold_tasks,
-    image_size,
-    resolve_tasks,
-)
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export
 from mtu_export.export.probes import Probes, trajectory_probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
 from mtu_export.image_processor import size_multiple
@@ -64,8 +57,6 @@ from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_ex
 from mtu_export.storage import (
     PIPELINE_INDEX,
     atomic_output_dir,
-    check_output,
-    check_separate,
     read_json,
     tree_bytes,
     write_json,
@@ -117,19 +108,10 @@ def export_onnx(
 ) -> dict:
     """Export, validate and describe; returns the manifest. Raises DriftError listing every drifting graph.
     `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
-    out, checkpoint = Path(out), Path(checkpoint)
-    config.check_for(ONNX_QUANTIZE, "onnx")
-    check_separate(out, checkpoint, *(spec.path for spec in (data or {}).values()))
-    check_output(out, overwrite)
-    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    tasks = resolve_tasks(ckpt, config)
-    components = checkpoint_components(ckpt)
-    size = image_size(ckpt, components.vae, config)
-    sources = example_sources(ckpt, tasks, data or {}, size)
-    unets = fold_tasks(ckpt, tasks, log)
-    with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(out, overwrite) as tmp:
-        exporter = _Exporter(ckpt, config, components, Path(scratch), tmp, log, sources)
-        manifest = exporter.run(tasks, unets, size)
+    job = prepare_export(checkpoint, config, out, overwrite, data, log, (ONNX_QUANTIZE, "onnx"))
+    with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(Path(out), overwrite) as tmp:
+        exporter = _Exporter(job.ckpt, config, job.components, Path(scratch), tmp, log, job.sources)
+        manifest = exporter.run(job.tasks, job.unets, job.size)
     return manifest
 
 

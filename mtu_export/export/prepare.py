@@ -5,15 +5,18 @@ fold every task, plus the end-to-end image quality goal both report against."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from mtu_export.checkpoint import Checkpoint, load_components
+from mtu_export.checkpoint import Checkpoint, load_checkpoint, load_components
 from mtu_export.config import ExportConfig
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.probes import ExampleSources
 from mtu_export.fold import fold_task, verify_fold
 from mtu_export.sample import Components
+from mtu_export.storage import check_output, check_separate
 from mtu_export.tasks import model_tasks
 
 IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
@@ -73,3 +76,42 @@ def image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, i
     if height != width:
         raise ConfigError(f"--height {height} and --width {width} differ; square images only for now")
     return height, width, factor
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every exporter starts from (`prepare_export`)."""
+
+    ckpt: Checkpoint
+    tasks: tuple[str, ...]
+    components: Components
+    size: tuple[int, int, int]  # (height, width, VAE factor)
+    sources: ExampleSources
+    unets: dict[str, torch.nn.Module]  # task -> folded UNet, checked against the routed model
+
+
+def prepare_export(
+    checkpoint: Path,
+    config: ExportConfig,
+    out: Path,
+    overwrite: bool,
+    data: dict | None,
+    log: Log,
+    formats: tuple[tuple[str, ...], str],
+    fits: Callable[[Checkpoint, Components], None] | None = None,
+) -> Prepared:
+    """The exporters' shared start, every refusal before heavy work: the options for this format (`formats`: its
+    quantization modes and command name), `out` apart from every input and free (unless `overwrite`), the
+    checkpoint, its tasks and components (and `fits`, a format's own check of them), the image size, each task's
+    examples and folded UNet."""
+    config.check_for(*formats)
+    check_separate(Path(out), Path(checkpoint), *(spec.path for spec in (data or {}).values()))
+    check_output(Path(out), overwrite)
+    ckpt = load_checkpoint(Path(checkpoint), dtype=torch.float32)
+    tasks = resolve_tasks(ckpt, config)
+    components = checkpoint_components(ckpt)
+    if fits is not None:
+        fits(ckpt, components)
+    size = image_size(ckpt, components.vae, config)
+    sources = example_sources(ckpt, tasks, data or {}, size)
+    return Prepared(ckpt, tasks, components, size, sources, fold_tasks(ckpt, tasks, log))
