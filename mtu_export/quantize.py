@@ -11,6 +11,16 @@ ONNX (`quantize_onnx`, applied to the UNet, which runs once per sampling step; t
   input and output convolutions and the timestep embedding stay fp32 (measured on the shapes model's t2i: symmetric
   int8 activations 18.8 dB end to end, uint8 40.8 dB, uint8 with those layers kept 43.5 dB), and so do the
   attention products of two activations, Q·Kᵀ and softmax·V (retrained shapes bundle, edit: 21.6 → 49.9 dB);
+- `w8a16`: QDQ with asymmetric uint16 activations and uint8 weights, calibrated as static int8 is, for NPUs: the
+  types and weight layout of onnxruntime's QNN helper (`get_qnn_qdq_config`): Conv weights per channel, MatMul and
+  Gemm weights per tensor ("QNN does not support per-channel MatMul"; 0.4-0.7 dB per call on the shipped model).
+  16-bit Q/DQ are ONNX operators from opset 21: onnxruntime's quantizer converts the graph to opset 21 (1.32) or
+  else writes com.microsoft Q/DQ; the CPU provider runs both, as dequantize + fp32 op + quantize (accuracy there,
+  speed on an NPU). No 7-bit weights. Shipped model, dB per call / end to end (static int8's): t2i 56.6 / 55.1
+  (42.4 / 48.0), edit 55.1 / 47.8 (42.2 / 46.3), sr 59.7 / 56.0 (45.1 / 49.1), inpaint 58.4 / 54.0 (42.0 / 47.1).
+  Of static int8's fp32 layers only the input and output convolutions and the timestep embedding stay fp32 here:
+  quantizing them too cost 3.0-7.6 dB per call (sr 61.1 -> 53.5) and up to 5 dB end to end (edit 48.7 -> 43.6),
+  while keeping the attention products fp32 gained at most 0.6 dB per call and nothing end to end;
 - `fp16`: weights and compute in float16 with float32 inputs and outputs (GPU and mobile execution providers).
 
 Core ML (`quantize_coreml`, applied to every weight of an `.mlpackage`'s model): `int8` linear weights, `palettize-6`
@@ -22,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +73,20 @@ def _dynamic_int8(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_
     )
 
 
+@dataclass(frozen=True)
+class StaticScheme:
+    """A calibrated QDQ scheme: onnxruntime QuantType names, and the layout measured for it (module docstring)."""
+
+    activations: str = "QUInt8"
+    weights: str = "QInt8"
+    float_products: bool = True  # the attention products Q·Kᵀ and softmax·V stay float
+    per_tensor: tuple[str, ...] = ()  # op types whose weights get one scale (the others: one per output channel)
+
+
+STATIC_INT8 = StaticScheme()
+W8A16 = StaticScheme("QUInt16", "QUInt8", float_products=False, per_tensor=("MatMul", "Gemm"))
+
+
 def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_range: bool = False) -> None:
     if not calibration:
         raise ConfigError("static int8 quantization needs calibration inputs; none were recorded")
@@ -71,7 +96,7 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_r
 def _w8a16(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_range: bool = False) -> None:
     if not calibration:
         raise ConfigError("w8a16 quantization needs calibration inputs; none were recorded")
-    _quantize_static(src, dst, calibration, activations="QUInt16", weights="QUInt8", float_products=False)
+    _quantize_static(src, dst, calibration, scheme=W8A16)
 
 
 def _quantize_static(
@@ -81,18 +106,24 @@ def _quantize_static(
     only: list[str] | None = None,
     ranges: Path | None = None,
     reduce_range: bool = False,
-    activations: str = "QUInt8",
-    weights: str = "QInt8",
-    float_products: bool = True,
+    scheme: StaticScheme = STATIC_INT8,
 ) -> None:
-    """QDQ of `src`'s MatMul, Gemm and Conv nodes (all but static_exclusions', or just `only`) with `activations` /
-    `weights` (onnxruntime QuantType names; per-channel weights), calibrated on `calibration` or on the activation
-    ranges saved in `ranges` (onnxruntime's calibration cache: written by the first call that calibrates, read by
-    later ones); 7-bit weights with `reduce_range`; the attention products stay float with `float_products`."""
+    """QDQ of `src`'s MatMul, Gemm and Conv nodes (all but static_exclusions', or just `only`) in `scheme`,
+    calibrated on `calibration` or on the activation ranges saved in `ranges` (onnxruntime's calibration cache:
+    written by the first call that calibrates, read by later ones); 7-bit weights with `reduce_range`."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    keep = static_exclusions(onnx.load(str(src), load_external_data=False).graph, float_products)
+    graph = onnx.load(str(src), load_external_data=False).graph
+    keep = static_exclusions(graph, scheme.float_products)
+    weights = {i.name for i in graph.initializer}
+    per_tensor = {  # onnxruntime's tensor overrides: a dict without an axis is one scale for the whole tensor
+        name: [{"quant_type": QuantType[scheme.weights]}]
+        for node in graph.node
+        if node.op_type in scheme.per_tensor
+        for name in node.input
+        if name in weights
+    }
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: Iterable[Feeds]) -> None:
@@ -109,12 +140,13 @@ def _quantize_static(
         op_types_to_quantize=["MatMul", "Gemm", "Conv"],
         per_channel=True,
         reduce_range=reduce_range,
-        activation_type=QuantType[activations],
-        weight_type=QuantType[weights],
+        activation_type=QuantType[scheme.activations],
+        weight_type=QuantType[scheme.weights],
         nodes_to_quantize=only,
         nodes_to_exclude=keep,
         use_external_data_format=_external(src),
         calibration_cache_path=ranges,
+        extra_options={"TensorQuantOverrides": per_tensor} if per_tensor else None,
     )
 
 
