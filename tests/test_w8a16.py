@@ -85,6 +85,8 @@ def test_w8a16_graph_has_uint16_activations_and_uint8_weights(exports):
     # 16-bit Q/DQ are ONNX operators from opset 21; below it onnxruntime's com.microsoft ones
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     assert all(n.domain == "com.microsoft" or (n.domain == "" and opset["ai.onnx"] >= 21) for n in quantize)
+    stamped = {p.key: p.value for p in model.metadata_props}["mtu_export.opset"]
+    assert stamped == str(opset["ai.onnx"])  # the metadata names the graph's own opset, not the one asked for
     # conv_in, conv_out and the timestep embedding stay fp32; every other Conv, MatMul and Gemm takes dequantized
     # inputs, the attention products (Q·Kᵀ, softmax·V: both operands activations) included
     kept = set(static_exclusions(onnx.load(str(exports["w8a16"] / "unet_fp32" / "model.onnx")).graph, False))

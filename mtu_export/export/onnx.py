@@ -419,18 +419,19 @@ class _Exporter:
             if component == "unet" and self.config.quantize != "none":
                 component = f"unet[{self.config.quantize}]"
             rows = [r for r in manifest["graph_agreement"] if r["component"] == component.replace("unet_fp32", "unet")]
+            model = onnx.load(str(folder / MODEL), load_external_data=False)
+            opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))  # w8a16 raises it to 21
             props = {
                 "mtu_export.tasks": json.dumps(list(manifest["tasks"])),
                 "mtu_export.source_sha256": manifest["source"]["sha256"],
                 "mtu_export.versions": json.dumps(manifest["versions"], sort_keys=True),
-                "mtu_export.opset": str(self.config.opset),
+                "mtu_export.opset": str(opset),
                 "mtu_export.agreement": json.dumps(rows, sort_keys=True),
             }
             if component.startswith("unet"):
                 props["mtu_export.routing"] = json.dumps(
                     {t: v["routing_probabilities"] for t, v in manifest["tasks"].items()}
                 )
-            model = onnx.load(str(folder / MODEL), load_external_data=False)
             del model.metadata_props[:]
             for key, value in props.items():
                 model.metadata_props.add(key=key, value=value)
