@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-data clean
+.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -207,6 +207,10 @@ bench-train: $(STAMP)
 bench-ondevice: $(STAMP)
 	$(BIN)/mtu-export onnx $(SHIPPED) --task t2i --image-count 0 --out out/ondevice/t2i --overwrite
 	$(BIN)/python benchmarks/ondevice_footprint.py --export out/ondevice/t2i --out $(RESULTS)/ondevice.json
+
+# w8a16 vs static int8 on the shipped model, per UNet call and end to end -> benchmarks/results/int8/w8a16_vs_*
+bench-w8a16: $(STAMP)
+	$(BIN)/python benchmarks/quantized_psnr.py --model $(SHIPPED) --work out/quantized --out $(RESULTS)/int8
 
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/data_memory.py --base $(MODEL) --out $(RESULTS)/data_memory.json
