@@ -30,7 +30,7 @@ import torch
 from mtu_export.config import TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
-from mtu_export.image_processor import POLICIES, Prepared, max_pixels, prepare_image, size_multiple
+from mtu_export.image_processor import POLICIES, max_pixels, prepare_image, size_multiple
 from mtu_export.ondevice.graphs import graph_path
 from mtu_export.sample import Components, SamplerConfig, sample_examples
 from mtu_export.storage import check_output, check_separate, read_json
@@ -154,12 +154,15 @@ def _open(path: Path) -> PIL.Image.Image:
         raise InputError(f"cannot read image {path}: {exc}; pass a PNG or JPEG file") from None
 
 
-def _prepare(path: Path, policy: str, multiple: int, size, log: Log, mask: bool = False, cap=None) -> Prepared:
-    prepared = prepare_image(_open(path), policy, multiple, size, mask=mask, max_pixels=cap)
-    note = prepared.note(str(path))
-    if note:
-        log(note)
-    return prepared
+def _mask_for(request: GenerateRequest, image: PIL.Image.Image) -> PIL.Image.Image:
+    """The inpainting mask, refused unless it has its image's size (checked before any work or note)."""
+    mask = _open(request.mask)
+    if mask.size != image.size:
+        raise InputError(
+            f"--mask {request.mask} is {mask.size[0]}x{mask.size[1]}, --image {request.image} is "
+            f"{image.size[0]}x{image.size[1]}; pass a mask of its image's size"
+        )
+    return mask
 
 
 def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: Log) -> Example:
@@ -170,24 +173,20 @@ def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: L
     if not task.has_image_input:
         return Example(request.task, request.prompt, np.zeros((geometry.pixels,) * 2 + (3,), np.uint8), None)
     scale = task.input_scale(geometry.factor)  # output pixels per input pixel
-    crop = request.resize == "crop"
+    picture = _open(request.image)
+    mask = _mask_for(request, picture) if task.condition == "masked_latent" else None
     side = geometry.pixels // scale
+    size = (side, side) if request.resize == "crop" else None
     cap = max_pixels((geometry.pixels, geometry.pixels), scale)
-    image = _prepare(request.image, request.resize, geometry.multiple // scale, (side, side) if crop else None, log,
-                     cap=cap)  # fmt: skip
-    width, height = image.size
-    output = np.zeros((height * scale, width * scale, 3), np.uint8)
-    if task.condition != "masked_latent":
+    image = prepare_image(picture, request.resize, geometry.multiple // scale, size, max_pixels=cap)
+    if image.note(str(request.image)):
+        log(image.note(str(request.image)))
+    if mask is None:
+        width, height = image.size
+        output = np.zeros((height * scale, width * scale, 3), np.uint8)
         return Example(request.task, request.prompt, output, None, image.array)
-    with PIL.Image.open(request.mask) as probe:
-        mask_size = probe.size
-    if mask_size != image.original:
-        raise InputError(
-            f"--mask {request.mask} is {mask_size[0]}x{mask_size[1]}, --image {request.image} is "
-            f"{image.original[0]}x{image.original[1]}; pass a mask of its image's size"
-        )
-    mask = _prepare(request.mask, request.resize, geometry.multiple, image.size, lambda _: None, mask=True)
-    return Example(request.task, request.prompt, image.array, None, None, mask.array)
+    hole = prepare_image(mask, request.resize, geometry.multiple, image.size, mask=True)  # resized as its image
+    return Example(request.task, request.prompt, image.array, None, None, hole.array)
 
 
 @torch.no_grad()

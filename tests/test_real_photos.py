@@ -273,3 +273,14 @@ def _image_or_refusal(run) -> None:
         assert "\n" not in str(exc).strip() and "onnxruntime" not in str(exc).lower(), str(exc)
         return
     assert image.ndim == 3 and np.isfinite(image).all()
+
+
+def test_generate_refuses_a_mask_of_another_size_or_unreadable(odd_folders, odd_inputs, tmp_path):
+    photo, other = odd_inputs[(150, 100)]["image"], odd_inputs[(37, 61)]["mask"]
+    args = ("generate", odd_folders["bundle"], "--task", "inpaint", "--prompt", PROMPT, "--image", photo, "--steps",
+            STEPS, "--out", tmp_path / "out.png")  # fmt: skip
+    assert_clean_failure(invoke(*args, "--mask", other), "is 37x61, --image")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert_clean_failure(invoke(*args, "--mask", broken), "cannot read image")
+    assert not (tmp_path / "out.png").exists()

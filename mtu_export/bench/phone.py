@@ -173,19 +173,20 @@ def run(out: Path, threads: int, log=print) -> dict:
         del unet
         release()
         save_feeds(calibration, work / "calibration.npz")
-        folders = {"fp32": on_device_folder(work / "optimum", work / "ondevice-fp32")}
         psnr = {}
         for mode in MODES:
             log(f"quantizing the UNet: {mode}")
             src = work / "optimum" / "unet" / "model.onnx"
             graph = in_child(MODES[mode], src, work / "calibration.npz", work / mode / "model.onnx")
             psnr[mode] = psnr_per_call(graph, probes, references, threads)
-            folders[mode] = on_device_folder(work / "optimum", work / f"ondevice-{mode}", graph.parent)
             release()
         rows = {}
         log("generating with optimum's ORTStableDiffusionPipeline (fp32)")
         args = [PROMPT, str(SIZE), str(STEPS), str(SEED), str(threads)]
         rows["optimum fp32"] = run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args], log)
+        # only now the hard links: onnx's loader (optimum's, the quantizer's) refuses external data with several
+        folders = {"fp32": on_device_folder(work / "optimum", work / "ondevice-fp32")}
+        folders |= {m: on_device_folder(work / "optimum", work / f"ondevice-{m}", work / m) for m in MODES}
         for mode, folder in folders.items():
             log(f"generating on device: {mode}")
             png = work / f"{mode}.png"
