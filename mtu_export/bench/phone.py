@@ -164,6 +164,7 @@ def run(out: Path, threads: int, log=print) -> dict:
     try:
         log("writing the SD1.5-sized pipeline and exporting it with optimum")
         pipeline = write_pipeline(work / "pipeline")
+        release()  # the pipeline built in this process: its memory back to the OS before the children run
         in_child("export_optimum", pipeline, work / "optimum")
         from diffusers import UNet2DConditionModel
 
