@@ -4,9 +4,13 @@ phone's memory budget, through the torch-free on-device pipeline (`python -m mtu
 
 The pipeline is SD1.5's architecture with seeded random weights (weights change neither memory nor time): its UNet
 config, CLIP ViT-L/14's text encoder (12 layers, 49,408-token embedding table; a character tokenizer feeds it) and
-SD1.5's VAE. optimum exports it (fp32, its own TorchScript export); the on-device folders are that folder with the
-UNet replaced by static int8 and w8a16 (this project's `--quantize` handlers, calibrated on one guided trajectory of
-the torch UNet, 7-bit int8 weights on x86 CPUs without VNNI as the exporter's default), plus the fp32 folder itself.
+SD1.5's VAE. optimum exports it (fp32, its own TorchScript export), and its UNet is exported again as `mtu-export
+onnx --attention fused` writes it (onnxruntime's MultiHeadAttention: at 64x64 latents, unfused attention scores are
+what exhausts the memory, and onnxruntime's static calibrator, which keeps every intermediate tensor, needs the fused
+graph to fit in 24 GB). The on-device folders are optimum's folder as it is (fp32, optimum's UNet graph: the same
+graphs as optimum's row, so the pipelines alone differ), with our fused fp32 UNet, and with that UNet in static int8
+and w8a16 (this project's `--quantize` handlers, calibrated on one guided trajectory of the torch UNet, 7-bit int8
+weights on x86 CPUs without VNNI as the exporter's default).
 Each generation runs in a fresh process that reports its own peak RSS (VmHWM) and the parent times it from start to
 the written image (imports and session creation included). Per-call PSNR of each quantized UNet against the torch
 UNet on another trajectory, and each on-device image's PSNR against the fp32 on-device image, go beside them.
@@ -166,6 +170,8 @@ def run(out: Path, threads: int, log=print) -> dict:
         pipeline = write_pipeline(work / "pipeline")
         release()  # the pipeline built in this process: its memory back to the OS before the children run
         in_child("export_optimum", pipeline, work / "optimum")
+        log("exporting its UNet as `mtu-export onnx --attention fused` writes it")
+        ours = in_child("export_ours", pipeline, work / "fused", True).parent
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval()
@@ -177,8 +183,7 @@ def run(out: Path, threads: int, log=print) -> dict:
         psnr = {}
         for mode in MODES:
             log(f"quantizing the UNet: {mode}")
-            src = work / "optimum" / "unet" / "model.onnx"
-            graph = in_child(MODES[mode], src, work / "calibration.npz", work / mode / "model.onnx")
+            graph = in_child(MODES[mode], ours / "model.onnx", work / "calibration.npz", work / mode / "model.onnx")
             psnr[mode] = psnr_per_call(graph, probes, references, threads)
             release()
         rows = {}
@@ -187,16 +192,19 @@ def run(out: Path, threads: int, log=print) -> dict:
         rows["optimum fp32"] = run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args], log)
         # only now the hard links: onnx's loader (optimum's, the quantizer's) refuses external data with several
         folders = {"fp32": on_device_folder(work / "optimum", work / "ondevice-fp32")}
+        folders["fused fp32"] = on_device_folder(work / "optimum", work / "ondevice-fused", ours)
         folders |= {m: on_device_folder(work / "optimum", work / f"ondevice-{m}", work / m) for m in MODES}
         for mode, folder in folders.items():
             log(f"generating on device: {mode}")
-            png = work / f"{mode}.png"
+            png = work / f"{mode.replace(' ', '-')}.png"
             rows[f"on-device {mode}"] = run_child(ONDEVICE_CHILD, [
                 str(folder), "--task", "t2i", "--prompt", PROMPT, "--steps", str(STEPS), "--seed", str(SEED),
                 "--threads", str(threads), "--out", str(png)])  # fmt: skip
-        for mode in MODES:
+        for mode in (*MODES, "fused fp32"):
             row = rows[f"on-device {mode}"]
-            row["image_psnr_db_vs_on_device_fp32"] = image_psnr(work / "fp32.png", work / f"{mode}.png")
+            row["image_psnr_db_vs_on_device_fp32"] = image_psnr(
+                work / "fp32.png", work / f"{mode.replace(' ', '-')}.png"
+            )
         rows["on-device fp32"]["image_psnr_db_vs_optimum"] = image_psnr(work / "optimum.png", work / "fp32.png")
         sizes = {mode: sum(p.stat().st_size for p in (f / "unet").glob("model.onnx*")) for mode, f in folders.items()}
     finally:
@@ -252,8 +260,9 @@ def markdown(r: dict) -> str:
                      f"{row['seconds']:.0f} | {shown} |")  # fmt: skip
     lines += [
         "",
-        "Image PSNR: the quantized rows against the on-device fp32 image, the on-device fp32 row against optimum's "
-        "(same seed, same graphs).",
+        "Image PSNR: the fused and quantized rows against the on-device fp32 image, the on-device fp32 row against "
+        "optimum's (same seed, same graphs). UNet graphs: optimum's for `optimum fp32` and `on-device fp32`, ours "
+        "(`--attention fused`) for the others.",
         "",
         "UNet per call against the torch UNet (another trajectory): "
         + ", ".join(f"{m} {'exact' if v is None else f'{v:.1f} dB'}" for m, v in r["unet_psnr_per_call_db"].items())
