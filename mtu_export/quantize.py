@@ -96,7 +96,32 @@ def _static_int8(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_r
 def _w8a16(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_range: bool = False) -> None:
     if not calibration:
         raise ConfigError("w8a16 quantization needs calibration inputs; none were recorded")
-    _quantize_static(src, dst, calibration, scheme=W8A16)
+    with _at_opset(src, QDQ_16BIT_OPSET) as graph:
+        _quantize_static(graph, dst, calibration, scheme=W8A16)
+
+
+QDQ_16BIT_OPSET = 21  # ONNX's QuantizeLinear / DequantizeLinear take 16-bit types from opset 21
+
+
+@contextmanager
+def _at_opset(src: Path, opset: int):
+    """`src` as a graph of at least `opset`, converted here rather than by onnxruntime's quantizer, which converts the
+    whole model in memory and cannot serialize one over protobuf's 2 GB (an SD1.5 UNet): onnx's version converter
+    runs on the graph without its weights, and the result is written beside `src` so that it finds the same
+    external data; it is removed afterwards."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(src), load_external_data=False)
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= opset:
+        yield src
+        return
+    converted = src.with_name(f"{src.stem}.opset{opset}{src.suffix}")
+    onnx.save_model(version_converter.convert_version(model, opset), str(converted))
+    try:
+        yield converted
+    finally:
+        converted.unlink(missing_ok=True)
 
 
 def _quantize_static(
@@ -218,7 +243,10 @@ def _fp16(src: Path, dst: Path, calibration: list[Feeds] | None, reduce_range: b
 
 def _external(src: Path) -> bool:
     """Whether a graph keeps its weights beside it (then so must its quantized copy, which may pass 2 GB too)."""
-    return any(p.name != src.name for p in src.parent.iterdir() if p.is_file() and p.name.startswith(src.stem))
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in onnx.load(str(src), load_external_data=False).graph.initializer)
 
 
 ONNX_HANDLERS: dict[str, Callable[[Path, Path, list[Feeds] | None, bool], None]] = {

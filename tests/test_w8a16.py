@@ -140,3 +140,16 @@ def test_w8a16_refuses_reduce_range_and_core_ml(mtu_world, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="is not a mode"):
         ExportConfig(tasks="t2i", quantize="w8a16").check_for(COREML_QUANTIZE, "coreml")
+
+
+def test_w8a16_of_a_graph_with_external_weights_keeps_them_external(mtu_world, tmp_path):
+    """An SD1.5 UNet passes protobuf's 2 GB: its weights live in external data, and the opset-21 conversion that
+    16-bit Q/DQ needs must not serialize the graph whole (onnxruntime's own conversion does)."""
+    out = tmp_path / "w8a16"
+    result = invoke("onnx", mtu_world, "--task", "t2i", "--quantize", "w8a16", "--external-data", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    quantized = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in quantized.graph.initializer)
+    assert {o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    assert not [p.name for p in (out / "unet_fp32").iterdir() if "opset" in p.name]  # the converted copy is gone
+    assert all(row["ok"] for row in _manifest(out)["graph_agreement"])
