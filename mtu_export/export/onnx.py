@@ -69,7 +69,7 @@ EXTERNAL_DATA = "model.onnx_data"
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights in external data
 # Lowest PSNR (dB) an exported graph may have against its torch module, by what was done to it.
 GRAPH_PSNR_FLOOR = {"none": 60.0, "fp16": 35.0, "dynamic-int8": 20.0, "static-int8": 15.0, "w8a16": 30.0}
-ORT_PSNR_FLOOR = 60.0  # a graph's .ort against its .onnx, both on onnxruntime's CPU provider (same math, refused)
+ORT_PSNR_FLOOR = 60.0  # a graph's .ort against its .onnx on onnxruntime's CPU provider (same math); below: fails
 CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static int8 and w8a16
 CALIBRATED = ("static-int8", "w8a16")  # the modes whose activation ranges come from calibration
 OPTIMIZE_LEVEL = "extended"  # --optimize: all but the layout transforms, whose NCHWc blocks fit only this CPU
