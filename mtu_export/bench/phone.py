@@ -161,7 +161,7 @@ def image_psnr(reference: Path, other: Path) -> float | None:
     return psnr_db(np.asarray(Image.open(reference)), np.asarray(Image.open(other)), UINT8_PEAK)
 
 
-def run(out: Path, threads: int, log=print) -> dict:
+def run(out: Path, threads: int, steps: int = STEPS, log=print) -> dict:
     from mtu_export.bench.peers import psnr_per_call
 
     work = Path(tempfile.mkdtemp(prefix="mtu-phone-"))
@@ -188,7 +188,7 @@ def run(out: Path, threads: int, log=print) -> dict:
             release()
         rows = {}
         log("generating with optimum's ORTStableDiffusionPipeline (fp32)")
-        args = [PROMPT, str(SIZE), str(STEPS), str(SEED), str(threads)]
+        args = [PROMPT, str(SIZE), str(steps), str(SEED), str(threads)]
         rows["optimum fp32"] = run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args], log)
         # only now the hard links: onnx's loader (optimum's, the quantizer's) refuses external data with several
         folders = {"fp32": on_device_folder(work / "optimum", work / "ondevice-fp32")}
@@ -198,8 +198,8 @@ def run(out: Path, threads: int, log=print) -> dict:
             log(f"generating on device: {mode}")
             png = work / f"{mode.replace(' ', '-')}.png"
             rows[f"on-device {mode}"] = run_child(ONDEVICE_CHILD, [
-                str(folder), "--task", "t2i", "--prompt", PROMPT, "--steps", str(STEPS), "--seed", str(SEED),
-                "--threads", str(threads), "--out", str(png)])  # fmt: skip
+                str(folder), "--task", "t2i", "--prompt", PROMPT, "--steps", str(steps), "--seed", str(SEED),
+                "--threads", str(threads), "--out", str(png)], log)  # fmt: skip
         for mode in (*MODES, "fused fp32"):
             row = rows[f"on-device {mode}"]
             row["image_psnr_db_vs_on_device_fp32"] = image_psnr(
@@ -217,7 +217,7 @@ def run(out: Path, threads: int, log=print) -> dict:
         "finished": now_utc(),
         "machine": machine(),
         "threads": threads,
-        "generation": {"size": SIZE, "steps": STEPS, "seed": SEED, "scheduler": "DPMSolverMultistepScheduler"},
+        "generation": {"size": SIZE, "steps": steps, "seed": SEED, "scheduler": "DPMSolverMultistepScheduler"},
         "rows": rows,
         "unet_bytes": sizes,
         "unet_psnr_per_call_db": psnr,
@@ -281,8 +281,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=STEPS, help="sampling steps (peak memory is reached in the first)")
     args = parser.parse_args()
-    print(markdown(run(args.out, args.threads)))
+    print(markdown(run(args.out, args.threads, args.steps)))
 
 
 if __name__ == "__main__":
