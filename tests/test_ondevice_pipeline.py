@@ -251,3 +251,26 @@ def test_command_writes_the_image_atomically(folders, tmp_path, capsys) -> None:
     assert main(argv) == 0 and np.asarray(Image.open(out)).shape == (64, 64, 3)
     assert main([*argv, "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t2i.png"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------------------------------ low memory
+@pytest.mark.parametrize("folder, task, optimum", [("bundle", "inpaint", True), ("inpaint", "inpaint", True),
+                                                   ("bundle", "edit", True)])  # fmt: skip
+def test_low_memory_gives_the_same_image_and_closes_every_graph(folders, pictures, folder, task, optimum) -> None:
+    """--low-memory changes where tensors live, not what is computed: the same bytes, and after the request no
+    session is left open (each stage closed its graph, the VAE encoder included)."""
+    image = Image.open(pictures["wide"])
+    mask = Image.open(pictures["wide-mask"]) if task == "inpaint" else None
+    request = dict(task=task, image=image, mask=mask, steps=2, guidance=3.0, seed=3, optimum=optimum, log=None)
+    default = OnDevicePipeline.from_folder(folders[folder], threads=1)
+    low = OnDevicePipeline.from_folder(folders[folder], threads=1, low_memory=True)
+    expected, got = default(PROMPT, **request), low(PROMPT, **request)
+    assert np.array_equal(expected, got)
+    assert set(default._graphs) >= {"text_encoder", "unet", "vae_encoder", "vae_decoder"} and low._graphs == {}
+
+
+def test_command_takes_low_memory(folders, tmp_path) -> None:
+    plain, low = tmp_path / "plain.png", tmp_path / "low.png"
+    argv = [str(folders["bundle"]), "--task", "t2i", "--prompt", PROMPT, "--steps", "1", "--threads", "1"]
+    assert main([*argv, "--out", str(plain)]) == 0 and main([*argv, "--low-memory", "--out", str(low)]) == 0
+    assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(low)))

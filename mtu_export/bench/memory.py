@@ -30,12 +30,12 @@ def own_peak_rss_mb() -> float:
 
 def release() -> None:
     """Return freed model memory to the OS (glibc keeps large freed blocks otherwise, and peak RSS counts them)."""
-    import ctypes
     import gc
 
+    from mtu_export.ondevice.graphs import trim_heap
+
     gc.collect()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 def peak_rss_mb(path: Path, feed: dict, threads: int) -> float:

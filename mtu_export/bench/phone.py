@@ -40,6 +40,7 @@ from mtu_export.bench.sd15 import describe, machine, now_utc
 
 SIZE, STEPS, SEED, TOKENS = 512, 20, 0, 77
 PROMPT = "a photo of a red car on a street"
+GUIDANCE = 7.5  # diffusers' default, passed to both pipelines (the on-device CLI's default is generate's 3.0)
 MODES = {"static-int8": "quantize_static", "w8a16": "quantize_w8a16"}  # mode -> its bench.peers child function
 PEAK_GOAL_GB = 2.5  # the issue's budget for the int8 generation, and at most half of optimum's fp32 peak
 PEAK_GOAL_RATIO = 0.5
@@ -71,13 +72,14 @@ from pathlib import Path
 import numpy as np, onnxruntime, torch
 from PIL import Image
 from optimum.onnxruntime import ORTStableDiffusionPipeline
-folder, out, prompt, size, steps, seed, threads = sys.argv[1:8]
+folder, out, prompt, size, steps, seed, threads, guidance = sys.argv[1:9]
 options = onnxruntime.SessionOptions()
 options.intra_op_num_threads = int(threads)
 pipe = ORTStableDiffusionPipeline.from_pretrained(folder, session_options=options)
 pipe.set_progress_bar_config(disable=True)
 image = pipe(prompt, height=int(size), width=int(size), num_inference_steps=int(steps),
-             generator=torch.Generator().manual_seed(int(seed)), output_type="np").images[0]
+             guidance_scale=float(guidance), generator=torch.Generator().manual_seed(int(seed)),
+             output_type="np").images[0]
 Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(out)
 """
 # The on-device child: `python -m mtu_export.ondevice`, which must not import torch (checked here).
@@ -127,6 +129,7 @@ def write_pipeline(folder: Path, seed: int = 0) -> Path:
 def on_device_folder(optimum: Path, out: Path, unet: Path | None = None) -> Path:
     """The optimum folder as the on-device pipeline reads it: hard links of every file, a `manifest.json` of one
     t2i task, and the UNet graph replaced by the one in the folder `unet` (a quantized graph) when given."""
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's links, in a kept --work folder
     shutil.copytree(optimum, out, copy_function=os.link)
     if unet is not None:
         for path in (out / "unet").glob("model.onnx*"):
@@ -161,54 +164,82 @@ def image_psnr(reference: Path, other: Path) -> float | None:
     return psnr_db(np.asarray(Image.open(reference)), np.asarray(Image.open(other)), UINT8_PEAK)
 
 
-def run(out: Path, threads: int, steps: int = STEPS, log=print) -> dict:
+def build(work: Path, threads: int, log=print) -> tuple[dict[str, Path], dict[str, float | None]]:
+    """The folders the generations run on, and each quantized UNet's per-call PSNR against the torch UNet. A stage
+    whose output is already in `work` (a `--work` folder of an earlier run) is not run again."""
     from mtu_export.bench.peers import psnr_per_call
 
-    work = Path(tempfile.mkdtemp(prefix="mtu-phone-"))
-    try:
+    pipeline, optimum, ours = work / "pipeline", work / "optimum", work / "fused" / "model.onnx"
+    if not (optimum / "unet" / "model.onnx").is_file():
         log("writing the SD1.5-sized pipeline and exporting it with optimum")
-        pipeline = write_pipeline(work / "pipeline")
+        write_pipeline(pipeline)
         release()  # the pipeline built in this process: its memory back to the OS before the children run
-        in_child("export_optimum", pipeline, work / "optimum")
+        in_child("export_optimum", pipeline, optimum)
+    if not ours.is_file():
         log("exporting its UNet as `mtu-export onnx --attention fused` writes it")
-        ours = in_child("export_ours", pipeline, work / "fused", True).parent
-        from diffusers import UNet2DConditionModel
+        in_child("export_ours", pipeline, ours.parent, True)
+    from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval()
-        calibration, _ = trajectory_feeds(unet, steps=2, seed=CALIBRATION_SEED)
-        probes, references = trajectory_feeds(unet, steps=2)
-        del unet
-        release()
-        save_feeds(calibration, work / "calibration.npz")
-        psnr = {}
-        for mode in MODES:
+    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval()
+    calibration, _ = trajectory_feeds(unet, steps=2, seed=CALIBRATION_SEED)
+    probes, references = trajectory_feeds(unet, steps=2)
+    del unet
+    release()
+    save_feeds(calibration, work / "calibration.npz")
+    psnr = {}
+    for mode in MODES:
+        graph = work / mode / "model.onnx"
+        if not graph.is_file():
             log(f"quantizing the UNet: {mode}")
-            graph = in_child(MODES[mode], ours / "model.onnx", work / "calibration.npz", work / mode / "model.onnx")
-            psnr[mode] = psnr_per_call(graph, probes, references, threads)
-            release()
-        rows = {}
-        log("generating with optimum's ORTStableDiffusionPipeline (fp32)")
-        args = [PROMPT, str(SIZE), str(steps), str(SEED), str(threads)]
-        rows["optimum fp32"] = run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args], log)
-        # only now the hard links: onnx's loader (optimum's, the quantizer's) refuses external data with several
-        folders = {"fp32": on_device_folder(work / "optimum", work / "ondevice-fp32")}
-        folders["fused fp32"] = on_device_folder(work / "optimum", work / "ondevice-fused", ours)
-        folders |= {m: on_device_folder(work / "optimum", work / f"ondevice-{m}", work / m) for m in MODES}
-        for mode, folder in folders.items():
-            log(f"generating on device: {mode}")
-            png = work / f"{mode.replace(' ', '-')}.png"
-            rows[f"on-device {mode}"] = run_child(ONDEVICE_CHILD, [
+            in_child(MODES[mode], ours, work / "calibration.npz", graph)
+        psnr[mode] = psnr_per_call(graph, probes, references, threads)
+        release()
+    # hard links, made after every export: onnx's loader (optimum's, the quantizer's) refuses external data with
+    # several links
+    folders = {"fp32": on_device_folder(optimum, work / "ondevice-fp32")}
+    folders["fused fp32"] = on_device_folder(optimum, work / "ondevice-fused", ours.parent)
+    folders |= {m: on_device_folder(optimum, work / f"ondevice-{m}", work / m) for m in MODES}
+    return folders, psnr
+
+
+def generate_rows(work: Path, folders: dict[str, Path], threads: int, steps: int, log=print) -> dict[str, dict]:
+    """One generation per row, each in a fresh process, with the same prompt, seed and guidance."""
+    log("generating with optimum's ORTStableDiffusionPipeline (fp32)")
+    args = [PROMPT, str(SIZE), str(steps), str(SEED), str(threads), str(GUIDANCE)]
+    rows = {"optimum fp32": run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args], log)}
+    for mode, folder in folders.items():
+        for low_memory in (False, True):
+            name = f"on-device {mode}" + (" low-memory" if low_memory else "")
+            if low_memory and mode not in MODES:
+                continue
+            log(f"generating: {name}")
+            rows[name] = run_child(ONDEVICE_CHILD, [
                 str(folder), "--task", "t2i", "--prompt", PROMPT, "--steps", str(steps), "--seed", str(SEED),
-                "--threads", str(threads), "--out", str(png)], log)  # fmt: skip
-        for mode in (*MODES, "fused fp32"):
-            row = rows[f"on-device {mode}"]
-            row["image_psnr_db_vs_on_device_fp32"] = image_psnr(
-                work / "fp32.png", work / f"{mode.replace(' ', '-')}.png"
-            )
-        rows["on-device fp32"]["image_psnr_db_vs_optimum"] = image_psnr(work / "optimum.png", work / "fp32.png")
+                "--guidance", str(GUIDANCE), "--threads", str(threads), "--out", str(work / f"{slug(name)}.png"),
+                *(["--low-memory"] if low_memory else [])], log)  # fmt: skip
+    for name, row in rows.items():
+        if name not in ("optimum fp32", "on-device fp32"):
+            row["image_psnr_db_vs_on_device_fp32"] = image_psnr(work / "on-device-fp32.png", work / f"{slug(name)}.png")
+    rows["on-device fp32"]["image_psnr_db_vs_optimum"] = image_psnr(work / "optimum.png", work / "on-device-fp32.png")
+    return rows
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "-")
+
+
+def run(out: Path, threads: int, steps: int = STEPS, work: Path | None = None, log=print) -> dict:
+    """Build the folders (in `work`, kept, or in a temporary folder), generate, write sd15_phone.{json,md}."""
+    scratch = work is None
+    work = Path(tempfile.mkdtemp(prefix="mtu-phone-")) if work is None else work
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        folders, psnr = build(work, threads, log)
+        rows = generate_rows(work, folders, threads, steps, log)
         sizes = {mode: sum(p.stat().st_size for p in (f / "unet").glob("model.onnx*")) for mode, f in folders.items()}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(work, ignore_errors=True)
     reference = rows["optimum fp32"]["peak_rss_gb"]
     for row in rows.values():
         row["peak_vs_optimum_fp32"] = round(row["peak_rss_gb"] / reference, 3)
@@ -282,8 +313,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="sampling steps (peak memory is reached in the first)")
+    parser.add_argument("--work", type=Path, help="keep the exported folders here and reuse them on the next run")
     args = parser.parse_args()
-    print(markdown(run(args.out, args.threads, args.steps)))
+    print(markdown(run(args.out, args.threads, args.steps, args.work)))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive, help="onnxruntime intra-op threads")
     parser.add_argument("--no-optimum", dest="optimum", action="store_false",
                         help="our sampler for single-task t2i / inpaint too (as `generate --no-optimum`)")  # fmt: skip
+    parser.add_argument("--low-memory", action="store_true",
+                        help="one graph in memory at a time, no onnxruntime arena (for a phone's budget)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> Path:
         raise BadInput(f"{args.export} is not an `mtu-export onnx` folder (no manifest.json); export it first")
     image_format = check_out(args.out, args.export, (args.image, args.mask), args.overwrite)
     image, mask = _open(args.image, "--image"), _open(args.mask, "--mask")
-    pipeline = OnDevicePipeline.from_folder(args.export, threads=args.threads)  # graphs open on first use
+    # graphs open on first use
+    pipeline = OnDevicePipeline.from_folder(args.export, threads=args.threads, low_memory=args.low_memory)
     plan = pipeline.tasks.get(args.task)
     given = {"image": image, "mask": mask}
     missing = [f"--{name}" for name in (plan.needs if plan else ()) if given[name] is None]

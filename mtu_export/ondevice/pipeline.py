@@ -40,7 +40,7 @@ from mtu_export.image_processor import (
     to_model_input,
     to_uint8,
 )
-from mtu_export.ondevice.graphs import graph_path
+from mtu_export.ondevice.graphs import graph_path, trim_heap
 from mtu_export.ondevice.noise import TorchCompatibleGenerator
 from mtu_export.ondevice.schedulers import scheduler_from_config
 from mtu_export.ondevice.tokenizer import ClipTokenizer
@@ -119,11 +119,14 @@ class Graph:
     as optimum unsqueezes the timestep) shape. A graph exported with `--batch 1` (batched inputs fixed at one row)
     is called once per row and its outputs stacked, as export.runtime.run_rows does."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, low_memory: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        if low_memory:  # tensors freed after their last use, not kept in a growing arena or a reused memory plan
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -304,10 +307,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 class OnDevicePipeline:
     """An `mtu-export onnx` folder, sampled without torch. Graphs are opened on first use (t2i never opens the VAE
-    encoder). `pipeline(prompt, task=..., image=..., mask=...)` returns uint8 (H, W, 3)."""
+    encoder). `pipeline(prompt, task=..., image=..., mask=...)` returns uint8 (H, W, 3).
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
-        self.folder, self.threads = Path(folder), threads
+    `low_memory=True` is for a phone's budget (Apple's `reduceMemory`): each graph is opened for its stage and closed
+    after it (text encoder, VAE encoder, UNet, VAE decoder: one in memory at a time), without onnxruntime's memory
+    arena. Same images; slower per request, since every request opens the graphs again."""
+
+    def __init__(self, folder: Path, threads: int | None = None, low_memory: bool = False) -> None:
+        self.folder, self.threads, self.low_memory = Path(folder), threads, low_memory
         if not (self.folder / "manifest.json").is_file():
             raise ValueError(f"{self.folder} is not an `mtu-export onnx` folder (no manifest.json); export it first")
         self.manifest = _read_json(self.folder / "manifest.json")
@@ -332,15 +339,23 @@ class OnDevicePipeline:
         self._graphs: dict[str, Graph] = {}
 
     @classmethod
-    def from_folder(cls, folder: Path | str, threads: int | None = None) -> OnDevicePipeline:
+    def from_folder(cls, folder: Path | str, threads: int | None = None, low_memory: bool = False) -> OnDevicePipeline:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        return cls(Path(folder), threads)
+        return cls(Path(folder), threads, low_memory)
 
     def graph(self, component: str) -> Graph:
         if component not in self._graphs:
-            self._graphs[component] = Graph(graph_path(self.folder / component), self.threads)
+            self._graphs[component] = Graph(graph_path(self.folder / component), self.threads, self.low_memory)
         return self._graphs[component]
+
+    def _done_with(self, *components: str) -> None:
+        """In low-memory mode, close these graphs (a stage is over) and hand their memory back to the OS."""
+        if not self.low_memory:
+            return
+        for component in components:
+            self._graphs.pop(component, None)
+        trim_heap()
 
     def runs_optimum(self, plan: TaskPlan) -> bool:
         """Whether `generate` runs this task in optimum's pipelines, which load .onnx graphs (not .ort) and call them
@@ -464,7 +479,9 @@ class OnDevicePipeline:
 
     def _own(self, plan, inputs: Inputs, prompt: str, steps: int, guidance: float, image_guidance: float, seed: int):
         condition = self._condition(plan, inputs, TorchCompatibleGenerator(seed + 1))
+        self._done_with("vae_encoder")
         text, empty = self._embed(prompt), self._embed("")
+        self._done_with("text_encoder")
         scheduler = scheduler_from_config(self.scheduler_config)
         latents = TorchCompatibleGenerator(seed).randn(self._latent_shape(inputs))
         latents = latents * np.float32(scheduler.init_noise_sigma)
@@ -478,7 +495,10 @@ class OnDevicePipeline:
             branches = None if condition is None else np.concatenate([condition, condition])
             combine = text_guidance(guidance, cond_first=True)
         latents = self._loop(plan, latents, hidden, branches, combine, scheduler)
-        return to_uint8(self._decode(latents))[0]
+        self._done_with("unet")
+        decoded = self._decode(latents)
+        self._done_with("vae_decoder")
+        return to_uint8(decoded)[0]
 
     # --- optimum's ORT pipelines (diffusers' StableDiffusionPipeline / StableDiffusionInpaintPipeline) ---
 
@@ -486,6 +506,7 @@ class OnDevicePipeline:
         generator = TorchCompatibleGenerator(seed)  # one stream: latents, then the masked image's posterior sample
         guided = guidance > 1.0  # diffusers' do_classifier_free_guidance
         hidden = np.concatenate([self._embed(""), self._embed(prompt)]) if guided else self._embed(prompt)
+        self._done_with("text_encoder")
         scheduler = scheduler_from_config(self.scheduler_config)
         scheduler.set_timesteps(steps)
         latents = generator.randn(self._latent_shape(inputs)) * np.float32(scheduler.init_noise_sigma)
@@ -497,9 +518,12 @@ class OnDevicePipeline:
             masked = self._posterior(image * (mask < 0.5)).sample(generator)
             condition = np.concatenate([resize_nearest(mask, latents.shape[-2:]), masked * self._scaling], axis=1)
             condition = np.concatenate([condition] * hidden.shape[0])
+            self._done_with("vae_encoder")
         combine = text_guidance(guidance, cond_first=False) if guided else (lambda output: output)
         latents = self._loop(plan, latents, hidden, condition, combine, scheduler)
+        self._done_with("unet")
         decoded = self._decode(latents)
+        self._done_with("vae_decoder")
         unit = np.clip(decoded * np.float32(0.5) + np.float32(0.5), 0, 1)  # VaeImageProcessor.postprocess("np")
         return np.round(unit.transpose(0, 2, 3, 1)[0] * np.float32(255)).astype(np.uint8)  # generate._optimum
 
