@@ -14,7 +14,6 @@ import pytest
 from helpers import PROMPT, assert_clean_failure, invoke
 from PIL import Image
 
-from mtu_export.export.onnx import ORT_PSNR_FLOOR
 from mtu_export.world import make_example
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -43,7 +42,8 @@ def exports(mtu_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     jobs = {
         "onnx": ("--task", "edit"),
         "ort": ("--task", "edit", "--format", "ort"),
-        "both-int8": ("--task", "all", "--format", "both", "--quantize", "static-int8"),
+        # t2i: its quantized UNet is where x86's NCHWc layout at level 'all' flips a rounding of the .onnx run
+        "both-int8": ("--task", "t2i", "--format", "both", "--quantize", "static-int8"),
     }
     for name, options in jobs.items():
         result = invoke("onnx", mtu_world, *options, "--image-count", "0", "--out", root / name)
@@ -60,7 +60,7 @@ def test_ort_folders_hold_ort_graphs_checked_against_their_onnx(exports):
             assert (folder / component / "model.ort").is_file()
             assert (folder / component / "model.onnx").is_file() == kept
             rows = manifest["ort"]["graphs"][component]["agreement"]
-            assert rows and all(r["psnr_db"] is None or r["psnr_db"] >= ORT_PSNR_FLOOR for r in rows)
+            assert rows and all(r["psnr_db"] is None and r["max_abs_diff"] == 0.0 for r in rows), rows  # identical
         config = (folder / "required_operators.config").read_text()
         assert "Conv" in config and "MatMul" in config
     assert "QLinearConv" in (exports["both-int8"] / "required_operators.config").read_text()

@@ -119,7 +119,7 @@ class Graph:
     as optimum unsqueezes the timestep) shape. A graph exported with `--batch 1` (batched inputs fixed at one row)
     is called once per row and its outputs stacked, as export.runtime.run_rows does."""
 
-    def __init__(self, path: Path, threads: int | None = None, low_memory: bool = False) -> None:
+    def __init__(self, path: Path, threads: int | None = None, low_memory: bool = False, spinning: bool = True) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -127,6 +127,8 @@ class Graph:
         if low_memory:  # tensors freed after their last use, not kept in a growing arena or a reused memory plan
             options.enable_cpu_mem_arena = False
             options.enable_mem_pattern = False
+        if not spinning:  # idle threads sleep: what a benchmark timing two sessions side by side needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -311,10 +313,11 @@ class OnDevicePipeline:
 
     `low_memory=True` is for a phone's budget (Apple's `reduceMemory`): each graph is opened for its stage and closed
     after it (text encoder, VAE encoder, UNet, VAE decoder: one in memory at a time), without onnxruntime's memory
-    arena. Same images; slower per request, since every request opens the graphs again."""
+    arena. Same images; slower per request, since every request opens the graphs again. `spinning=False` lets idle
+    onnxruntime threads sleep (for timing two pipelines side by side)."""
 
-    def __init__(self, folder: Path, threads: int | None = None, low_memory: bool = False) -> None:
-        self.folder, self.threads, self.low_memory = Path(folder), threads, low_memory
+    def __init__(self, folder: Path, threads: int | None = None, low_memory: bool = False, spinning: bool = True):
+        self.folder, self.threads, self.low_memory, self.spinning = Path(folder), threads, low_memory, spinning
         if not (self.folder / "manifest.json").is_file():
             raise ValueError(f"{self.folder} is not an `mtu-export onnx` folder (no manifest.json); export it first")
         self.manifest = _read_json(self.folder / "manifest.json")
@@ -339,14 +342,17 @@ class OnDevicePipeline:
         self._graphs: dict[str, Graph] = {}
 
     @classmethod
-    def from_folder(cls, folder: Path | str, threads: int | None = None, low_memory: bool = False) -> OnDevicePipeline:
+    def from_folder(
+        cls, folder: Path | str, threads: int | None = None, low_memory: bool = False, spinning: bool = True
+    ) -> OnDevicePipeline:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        return cls(Path(folder), threads, low_memory)
+        return cls(Path(folder), threads, low_memory, spinning)
 
     def graph(self, component: str) -> Graph:
         if component not in self._graphs:
-            self._graphs[component] = Graph(graph_path(self.folder / component), self.threads, self.low_memory)
+            path = graph_path(self.folder / component)
+            self._graphs[component] = Graph(path, self.threads, self.low_memory, self.spinning)
         return self._graphs[component]
 
     def _done_with(self, *components: str) -> None:
