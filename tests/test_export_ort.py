@@ -1,6 +1,7 @@
 """`mtu-export onnx --format ort|both`: ONNX Runtime Mobile's `.ort` graphs and `required_operators.config` written
 from the validated export, each checked against its .onnx on the trajectory probes; `generate` runs the folder; the
-files load in a plain onnxruntime process that cannot import mtu_export."""
+files load in a plain onnxruntime process that cannot import mtu_export; the runtime-only bench
+(`python -m mtu_export.bench.device`) times an `.ort` folder against an `.onnx` one in a process without torch."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ for i in sess.get_inputs():
 out = sess.run(None, feeds)[0]
 print(json.dumps({"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}))
 """
+# `python -m mtu_export.bench.device ...` where torch, diffusers and transformers cannot be imported.
+NO_TORCH = r"""
+import runpy, sys
+for name in ("torch", "diffusers", "transformers"):
+    sys.modules[name] = None
+sys.argv = ["mtu_export.bench.device", *sys.argv[1:]]
+runpy.run_module("mtu_export.bench.device", run_name="__main__")
+"""
+QUICK = ["--rounds", "1", "--pairs", "3", "--warmup", "0", "--steps", "1", "--repeats", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +104,26 @@ def test_format_is_refused_where_it_does_not_apply(mtu_world, tmp_path):
     assert_clean_failure(result, "--format 'tflite' is not a format; choose onnx, ort, both")
     result = invoke("coreml", mtu_world, "--task", "edit", "--format", "ort", "--out", tmp_path / "y")
     assert result.exit_code != 0 and not (tmp_path / "y").exists()
+
+
+def _bench_device(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], capture_output=True, text=True)
+
+
+def test_runtime_only_bench_times_an_ort_folder_against_its_onnx_twin(exports, tmp_path):
+    done = _bench_device(exports["onnx"], exports["ort"], "--out", tmp_path / "bench", *QUICK)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench" / "device.json").read_text())
+    assert result["kinds"] == {str(exports["onnx"]): "onnx fp32", str(exports["ort"]): "ort fp32"}
+    row = result["tasks"]["edit"]
+    assert row["control"]["rounds"] == 1 and row["control"]["ratio"] > 0
+    timed = row["folders"][str(exports["ort"])]
+    assert timed["unet_per_call"]["a_median_ms"] > 0 and timed["end_to_end"]["a_median_ms"] > 0
+    assert "| edit | `" in (tmp_path / "bench" / "device.md").read_text()
+
+
+def test_runtime_only_bench_refuses_folders_without_a_shared_task(exports, tmp_path):
+    done = _bench_device(exports["onnx"], exports["both-int8"], "--out", tmp_path / "bench", *QUICK)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "share no task" in lines[0], done.stderr[-2000:]
+    assert not (tmp_path / "bench").exists()
