@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
+.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-full bench-runtime bench-exports install-runtime bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +13,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The on-device runtime alone (onnxruntime, numpy, Pillow, tokenizers; no torch, transformers or diffusers), for a
+# phone-class machine that runs exported folders: `python -m mtu_export.ondevice` and `make bench`'s runtime rows.
+RUNTIME_STAMP := $(VENV)/.runtime
+$(RUNTIME_STAMP): requirements-ondevice.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-ondevice.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(RUNTIME_STAMP)
+
+install-runtime: $(RUNTIME_STAMP)
 
 # The fast tier in TEST_WORKERS processes (pytest-xdist; torch on one thread in each, see tests/conftest.py).
 TEST_WORKERS ?= 2
@@ -188,8 +199,32 @@ ablation: $(STAMP)
 	$(BIN)/python benchmarks/collect_runs.py runs/ablation/* --out $(RESULTS)/sweeps/ablation
 
 # The full report on the shipped models (all quantization modes); about 10 minutes on 2 cores.
-bench: $(STAMP)
+# `make bench` measures everything where the toolchain is installed (`make install`); where only the runtime is
+# (`make install-runtime`), it runs the latency rows that need no torch on folders exported elsewhere (bench-runtime).
+bench:
+	@if test -f $(RUNTIME_STAMP) && ! test -f $(STAMP); then $(MAKE) --no-print-directory bench-runtime; \
+	else $(MAKE) --no-print-directory bench-full; fi
+
+bench-full: $(STAMP)
 	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --out $(RESULTS) --overwrite
+
+# The shipped 4-task model as the device runtimes take it, for bench-runtime: fp32 .onnx (the reference), static int8
+# as ONNX Runtime Mobile .ort, and w8a16 at batch 1 (the NPU-style graph) as .ort. Run where torch is installed, then
+# copy out/device to the device.
+DEVICE_DIR := out/device
+DEVICE_EXPORTS ?= $(DEVICE_DIR)/fp32 $(DEVICE_DIR)/static-int8-ort $(DEVICE_DIR)/w8a16-batch1-ort
+bench-exports: $(STAMP)
+	$(BIN)/mtu-export onnx $(SHIPPED) --task all --image-count 0 --out $(DEVICE_DIR)/fp32 --overwrite
+	$(BIN)/mtu-export onnx $(SHIPPED) --task all --image-count 0 --quantize static-int8 --format ort \
+	  --out $(DEVICE_DIR)/static-int8-ort --overwrite
+	$(BIN)/mtu-export onnx $(SHIPPED) --task all --image-count 0 --quantize w8a16 --batch 1 --format ort \
+	  --out $(DEVICE_DIR)/w8a16-batch1-ort --overwrite
+
+# Each folder of DEVICE_EXPORTS against the first, torch-free -> benchmarks/results/device/device.{json,md}
+bench-runtime:
+	@for f in $(DEVICE_EXPORTS); do test -f "$$f/manifest.json" || { echo "no exported folder $$f: run \
+	'make bench-exports' where torch is installed and copy $(DEVICE_DIR) here, or set DEVICE_EXPORTS"; exit 1; }; done
+	$(BIN)/python -m mtu_export.bench.device $(DEVICE_EXPORTS) --out $(RESULTS)/device --overwrite
 
 # The CI gate: the same measurements (quick settings), checked against benchmarks/baseline.json.
 bench-check: $(STAMP)
