@@ -2,7 +2,7 @@
 
 Builds the SD1.5 UNet from its config, upcycles it (t2i + edit, N=4, the paper's trainable split), resets the
 process's peak-RSS mark, then runs one forward and backward at 64×64 latents under bf16 autocast, with or without
-gradient checkpointing. Prints one JSON line; the README's GPU recipe quotes the increments (upper bounds: they
+gradient checkpointing. Prints one JSON line; docs/training.md's GPU recipe quotes the increments (upper bounds: they
 also hold the gradients and autocast's bf16 weight copies).
 
     python benchmarks/sd15_train_memory.py 0 1   # checkpointing off, batch 1

@@ -59,7 +59,7 @@ class TaskRouter(nn.Module):
     """Task embedding -> 2-layer MLP -> N·softmax over experts.
 
     The last layer starts at zero, so every expert weighs exactly 1 at initialisation and the partitioned experts
-    sum to the pretrained FFN (README, *What upcycling does*).
+    sum to the pretrained FFN (docs/concepts.md, *What upcycling does*).
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, num_experts: int) -> None:

@@ -10,7 +10,9 @@
 - `report.py`     bench.md and bench.png from the results;
 - `train_step.py` `mtu-export bench-train`: an MTU training step ÷ a full fine-tune step;
 - `sd15.py`       `make bench-sd15`: the fold's cost claims at Stable Diffusion v1.5 scale (random weights);
-- `peers.py`      `make bench-sd15`'s second half: our exported graphs against optimum's at SD1.5 scale.
+- `peers.py`      `make bench-sd15`'s second part: our exported graphs against optimum's at SD1.5 scale;
+- `phone.py`      `make bench-sd15`'s third part: a 512x512 SD1.5-scale generation on a phone's memory budget;
+- `device.py`     `make bench` where only the runtime is installed: latency rows on exported folders, no torch.
 
 This file imports nothing: `python -m mtu_export.bench.memory` (the child whose peak memory is measured) must not
 pull in torch or the rest of the package.
