@@ -1,4 +1,4 @@
-"""Pretrained diffusers UNet -> MTU UNet (docs/concepts.md, *What upcycling does*). The checkpoint format is checkpoint.py's.
+"""Pretrained diffusers UNet -> MTU UNet (docs/concepts.md). The checkpoint format is checkpoint.py's.
 
 Upcycling is exact at initialisation: each FFN's hidden units are partitioned into N experts (output bias split
 N ways), every router starts uniform with mixture weights N·softmax = 1, per-task LayerNorms are copies of the
