@@ -276,6 +276,5 @@ def print_coreml_report(manifest: dict) -> None:
             f"{info['bytes'] / 1e6:.2f}",
         )
     console.print(table)
-    agreement = manifest["agreement"]
-    compared = f"{len(agreement.get('rows', []))} outputs compared"
-    console.print(escape(agreement["skipped"]) if "skipped" in agreement else compared)
+    skipped = manifest["graph_agreement_skipped"]
+    console.print(escape(skipped) if skipped else f"{len(manifest['graph_agreement'])} outputs compared")

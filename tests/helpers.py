@@ -3,6 +3,10 @@ perturbation. Fixtures live in conftest.py; this module holds what tests call di
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import jsonschema
 import torch
 from typer.testing import CliRunner
 
@@ -17,6 +21,18 @@ PROMPT = "a large red circle in the middle on a white background"
 
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
+
+
+MANIFEST_SCHEMA = Path(__file__).resolve().parents[1] / "mtu_export" / "export" / "manifest.schema.json"
+
+
+def assert_valid_manifest(folder: Path) -> dict:
+    """The folder's manifest.json validates against the committed JSON Schema (every error listed); returns it."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    validator = jsonschema.Draft202012Validator(json.loads(MANIFEST_SCHEMA.read_text()))
+    errors = [f"{'/'.join(map(str, e.path)) or '(top)'}: {e.message[:200]}" for e in validator.iter_errors(manifest)]
+    assert not errors, f"{folder}/manifest.json: {errors}"
+    return manifest
 
 
 def assert_clean_failure(result, pattern: str, exit_code: int | None = None) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
-from helpers import assert_clean_failure, invoke
+from helpers import assert_clean_failure, assert_valid_manifest, invoke
 
 from mtu_export.checkpoint import load_checkpoint, load_components
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
@@ -219,7 +219,7 @@ def test_manifest_says_what_swift_sets_and_which_folder_runs_stock(exports, comp
     assert t2i["resources"]["t2i"]["stock_pipeline"] and not edit["resources"]["edit"]["stock_pipeline"]
     assert t2i["export"]["layout"] == "apple" and t2i["conventions"]["source"].startswith("apple/ml-stable-diffusion@")
     if sys.platform != "darwin":
-        assert "needs macOS" in t2i["agreement"]["skipped"]
+        assert "needs macOS" in t2i["graph_agreement_skipped"] and t2i["graph_agreement"] == []
 
 
 def test_edit_readme_says_what_the_swift_side_must_add(exports):
@@ -380,8 +380,8 @@ def test_apple_packages_match_torch_on_macos(exports, mtu_world, components):
     """The export's own comparison (recorded trajectory inputs), then every t2i package on fresh inputs against its
     torch module, fed in Apple's input dtypes; outputs come back float32 as Swift reads them."""
     for task, out in exports.items():
-        rows = json.loads((out / "manifest.json").read_text())["agreement"]["rows"]
-        assert {r["package"] for r in rows} == {"TextEncoder", "VAEDecoder", "VAEEncoder", f"{task}/Unet"}
+        rows = json.loads((out / "manifest.json").read_text())["graph_agreement"]
+        assert {r["component"] for r in rows} == {"TextEncoder", "VAEDecoder", "VAEEncoder", f"{task}/Unet"}
         assert all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in rows), rows
     ct = require_coremltools()
     sizes, g = _sizes(components, "t2i"), torch.Generator().manual_seed(2)
@@ -416,3 +416,8 @@ def test_apple_packages_match_torch_on_macos(exports, mtu_world, components):
             assert got[output].dtype == np.float32, (name, output)
             value = psnr_db(reference.numpy(), got[output])
             assert value is None or value >= COREML_PSNR_MIN_DB, (name, output, value)
+
+
+def test_manifests_validate_against_the_schema(exports) -> None:
+    for folder in exports.values():  # Apple's layout
+        assert_valid_manifest(folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import PROMPT, assert_clean_failure, invoke
+from helpers import PROMPT, assert_clean_failure, assert_valid_manifest, invoke
 from PIL import Image
 
 from mtu_export.world import make_example
@@ -60,3 +60,8 @@ def test_only_batch_one_is_offered(mtu_world, tmp_path):
     result = invoke("onnx", mtu_world, "--task", "edit", "--batch", "2", "--out", tmp_path / "x")
     assert_clean_failure(result, "--batch 2 is not offered")
     assert not (tmp_path / "x").exists()
+
+
+def test_manifests_validate_against_the_schema(exports) -> None:
+    for folder in exports.values():  # batch-1 fp32 and static int8
+        assert_valid_manifest(folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_clean_failure, invoke
+from helpers import assert_clean_failure, assert_valid_manifest, invoke
 
 from mtu_export.checkpoint import load_checkpoint
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
@@ -74,7 +74,8 @@ def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(m
     out = tmp_path / "all"
     result = invoke("coreml", mtu_world, "--task", "all", "--out", out)
     assert result.exit_code == 0, result.output
-    manifest = _manifest(out)
+    manifest = assert_valid_manifest(out)
+    assert manifest["kind"] == "multifunction" and manifest["tasks"]["edit"] == {"in_channels": 8, "function": "edit"}
     unet = manifest["packages"]["unet"]
     assert set(unet["functions"]) == {"t2i", "edit", "sr", "inpaint"}
     assert unet["functions"]["edit"]["inputs"]["sample"] == [3, 8, 16, 16]  # two-scale guidance batch, 8 channels
@@ -124,18 +125,18 @@ def test_missing_coremltools_is_a_one_line_error(mtu_world, tmp_path, monkeypatc
 
 
 def test_linux_records_why_numbers_were_not_compared(coreml_t2i):
-    parity = _manifest(coreml_t2i)["agreement"]
+    manifest = _manifest(coreml_t2i)
     if sys.platform == "darwin":
-        assert parity["rows"]
+        assert manifest["graph_agreement"] and manifest["graph_agreement_skipped"] is None
     else:
-        assert "needs macOS" in parity["skipped"]
+        assert manifest["graph_agreement"] == [] and "needs macOS" in manifest["graph_agreement_skipped"]
 
 
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction exists only on macOS")
 def test_coreml_packages_match_torch_on_macos(coreml_t2i):
-    rows = _manifest(coreml_t2i)["agreement"]["rows"]
-    assert {r["package"] for r in rows} >= {"text_encoder", "vae_encoder", "vae_decoder", "unet[t2i]"}
+    rows = _manifest(coreml_t2i)["graph_agreement"]
+    assert {r["component"] for r in rows} >= {"text_encoder", "vae_encoder", "vae_decoder", "unet[t2i]"}
     assert all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in rows), rows
 
 
@@ -202,6 +203,12 @@ def test_split_einsum_is_a_core_ml_option_only():
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction exists only on macOS")
 def test_split_einsum_unet_matches_torch_on_macos(coreml_split_einsum):
-    rows = _manifest(coreml_split_einsum)["agreement"]["rows"]
-    unet = [r for r in rows if r["package"] == "unet[t2i]"]
+    rows = _manifest(coreml_split_einsum)["graph_agreement"]
+    unet = [r for r in rows if r["component"] == "unet[t2i]"]
     assert unet and all(r["psnr_db"] is None or r["psnr_db"] >= COREML_PSNR_MIN_DB for r in unet), unet
+
+
+def test_manifests_validate_against_the_schema(coreml_t2i, coreml_split_einsum) -> None:
+    for folder in (coreml_t2i, coreml_split_einsum):
+        manifest = assert_valid_manifest(folder)
+        assert manifest["tasks"] == {"t2i": {"in_channels": 4, "function": None}}

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import FAST, PROMPT, assert_clean_failure, invoke, unet_inputs
+from helpers import FAST, PROMPT, assert_clean_failure, assert_valid_manifest, invoke, unet_inputs
 from PIL import Image
 
 from mtu_export.bundle import bundle_tasks
@@ -393,3 +393,27 @@ def test_layer_sensitivity_ranks_the_layer_int8_hurts_most_first(tmp_path):
     assert set(errors) == {"(all)", "first", "second"}
     assert all(0 < e < 1 for e in errors.values())
     assert errors["first"] > 10 * errors["second"]
+
+
+def test_manifests_validate_against_the_schema(exports) -> None:
+    for folder in exports.values():  # a task, the all-task bundle
+        assert_valid_manifest(folder)
+
+
+def test_the_schema_refuses_what_readers_could_not_use(exports) -> None:
+    """The check can fail: a Core ML-style task list, a missing agreement, a row without its PSNR."""
+    import jsonschema
+    from helpers import MANIFEST_SCHEMA
+
+    validator = jsonschema.Draft202012Validator(json.loads(MANIFEST_SCHEMA.read_text()))
+    jsonschema.Draft202012Validator.check_schema(validator.schema)
+    good = _manifest(exports["all"])
+    assert validator.is_valid(good) and good["kind"] == "bundle"
+    broken = [
+        good | {"tasks": list(good["tasks"])},
+        {k: v for k, v in good.items() if k != "graph_agreement"},
+        good | {"graph_agreement": [{k: v for k, v in good["graph_agreement"][0].items() if k != "psnr_db"}]},
+        good | {"format": "mtu-export-onnx/0"},
+        good | {"kind": "multifunction"},
+    ]
+    assert not any(validator.is_valid(m) for m in broken)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PROMPT, assert_clean_failure, invoke
+from helpers import PROMPT, assert_clean_failure, assert_valid_manifest, invoke
 from PIL import Image
 
 from mtu_export.world import make_example
@@ -127,3 +127,8 @@ def test_runtime_only_bench_refuses_folders_without_a_shared_task(exports, tmp_p
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "share no task" in lines[0], done.stderr[-2000:]
     assert not (tmp_path / "bench").exists()
+
+
+def test_manifests_validate_against_the_schema(exports) -> None:
+    for folder in exports.values():  # .ort folders
+        assert_valid_manifest(folder)

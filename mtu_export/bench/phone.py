@@ -217,6 +217,7 @@ def generate_rows(work: Path, folders: dict[str, Path], threads: int, steps: int
             rows[name] = run_child(ONDEVICE_CHILD, [
                 str(folder), "--task", "t2i", "--prompt", PROMPT, "--steps", str(steps), "--seed", str(SEED),
                 "--guidance", str(GUIDANCE), "--threads", str(threads), "--out", str(work / f"{slug(name)}.png"),
+                "--overwrite",  # an earlier run's image in a kept --work folder
                 *(["--low-memory"] if low_memory else [])], log)  # fmt: skip
     for name, row in rows.items():
         if name not in ("optimum fp32", "on-device fp32"):

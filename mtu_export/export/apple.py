@@ -38,9 +38,8 @@ from torch import nn
 from mtu_export import __version__
 from mtu_export.checkpoint import file_sha256
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
-from mtu_export.errors import ConfigError, DriftError, MtuError
+from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import (
-    COREML_PSNR_FLOOR_DB,
     MANIFEST,
     Log,
     _attention_census,
@@ -48,8 +47,11 @@ from mtu_export.export.coreml import (
     _quiet_tqdm,
     _row,
     _set_attention,
+    agreement_fields,
     convert_module,
     describe_package,
+    manifest_tasks,
+    raise_on_drift,
     require_coremltools,
     resolve_target,
 )
@@ -345,10 +347,10 @@ def export_apple(
         described = {name: describe_package(ct, tmp / path) | {"path": path} for name, path in packages.items()}
         agreement = _mac_agreement(ct, tmp, packages, modules, feeds)
         manifest = {
-            "format": "mtu-export-coreml-apple/1",
+            "format": "mtu-export-coreml-apple/2",
             "layout": "apple",
             "kind": "multifunction" if bundled else "task",
-            "tasks": list(tasks),
+            "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
             "export": config.to_dict() | {"target": target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
@@ -360,15 +362,11 @@ def export_apple(
             "resources": resources,
             "packages": described,
             "multifunction": multifunction,
-            "agreement": agreement,
+            **agreement,
             "attention": attention | {"ops": {t: _attention_census(described[f"{t}/Unet"])["main"] for t in tasks}},
-            "agreement_floor_db": COREML_PSNR_FLOOR_DB,
         }
         write_json(tmp / MANIFEST, manifest)
-        failed = [r for r in agreement.get("rows", []) if not r["ok"]]
-        if failed and not config.allow_drift:
-            listed = "; ".join(f"{r['package']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
-            raise DriftError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
+        raise_on_drift(manifest["graph_agreement"], config.allow_drift)
     return manifest
 
 
@@ -494,7 +492,7 @@ def _check_conventions(ct, tmp: Path, tasks, sizes: dict, multifunction: dict | 
 def _mac_agreement(ct, tmp: Path, packages: dict, modules: dict, feeds: dict) -> dict:
     """Run every package on its recorded inputs and compare with its torch module (macOS only: Core ML prediction)."""
     if sys.platform != "darwin":
-        return {"skipped": "Core ML prediction needs macOS; every package's spec was checked against Apple's instead"}
+        return agreement_fields([], "Core ML prediction needs macOS; every package's spec was checked against Apple's")
     rows = []
     for key, path in packages.items():
         model = ct.models.MLModel(str(tmp / path))
@@ -509,7 +507,7 @@ def _mac_agreement(ct, tmp: Path, packages: dict, modules: dict, feeds: dict) ->
             for name, ref in zip(outputs, reference, strict=True):
                 pairs[name].append((ref.numpy(), got[name]))
         rows += [_row(key, name, value) for name, value in pairs.items()]
-    return {"rows": rows}
+    return agreement_fields(rows, None)
 
 
 # ------------------------------------------------------------------------------------------------- what Swift needs

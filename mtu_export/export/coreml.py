@@ -125,25 +125,38 @@ def export_coreml(
         checks = {name: describe_package(ct, tmp / path) for name, path in _package_files(packages).items()}
         agreement = _mac_agreement(ct, tmp, packages, unets, probes, (vae, text_encoder))
         manifest = {
-            "format": "mtu-export-coreml/1",
+            "format": "mtu-export-coreml/2",
             "kind": "multifunction" if bundled else "task",
-            "tasks": list(tasks),
+            "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
             "export": config.to_dict() | {"target": target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "packages": checks,
             "sizes": converter.sizes,
-            "agreement": agreement,
+            **agreement,
             "attention": attention | {"ops": _attention_census(checks["unet"])},
-            "agreement_floor_db": COREML_PSNR_FLOOR_DB,
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
         }
         write_json(tmp / MANIFEST, manifest)
-        failed = [r for r in agreement.get("rows", []) if not r["ok"]]
-        if failed and not config.allow_drift:
-            listed = "; ".join(f"{r['package']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
-            raise DriftError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
+        raise_on_drift(manifest["graph_agreement"], config.allow_drift)
     return manifest
+
+
+def manifest_tasks(ckpt, tasks: list[str], bundled: bool) -> dict[str, dict]:
+    """The manifest's `tasks`, keyed by name as the ONNX manifest's: each task's UNet input channels and, in a
+    multifunction package, the function that runs it (Core ML selects a task by function name, not by a task_id)."""
+    return {
+        task: {"in_channels": ckpt.model.config.task(task).in_channels, "function": task if bundled else None}
+        for task in tasks
+    }
+
+
+def raise_on_drift(rows: list[dict], allow_drift: bool) -> None:
+    """A DriftError naming every package output under the floor (the output folder is then not written)."""
+    failed = [r for r in rows if not r["ok"]]
+    if failed and not allow_drift:
+        listed = "; ".join(f"{r['component']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
+        raise DriftError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
 
 
 def _set_attention(config: ExportConfig, unets: dict, probes: dict, log: Log) -> dict:
@@ -320,7 +333,7 @@ def _count_ops(block, census: Counter) -> None:
 def _mac_agreement(ct, tmp: Path, packages: dict, unets: dict, probes: dict, modules) -> dict:
     """Run every package on the recorded inputs and compare with torch (macOS only: Core ML prediction)."""
     if sys.platform != "darwin":
-        return {"skipped": "Core ML prediction needs macOS; structure was checked instead"}
+        return agreement_fields([], "Core ML prediction needs macOS; structure was checked instead")
     vae, text_encoder = modules
     rows = []
     shared = {
@@ -358,15 +371,21 @@ def _mac_agreement(ct, tmp: Path, packages: dict, unets: dict, probes: dict, mod
                 reference = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample.numpy()
             pairs.append((reference, model.predict(inputs)["out_sample"]))
         rows.append(_row(f"unet[{task}]", "out_sample", pairs))
-    return {"rows": rows}
+    return agreement_fields(rows, None)
 
 
-def _row(package: str, output: str, pairs: list) -> dict:
+def agreement_fields(rows: list[dict], skipped: str | None) -> dict:
+    """The manifest's graph checks: each package output against torch (`graph_agreement`, as the ONNX manifest's),
+    or why none ran (`graph_agreement_skipped`), and the floor they are held to."""
+    return {"graph_agreement": rows, "graph_agreement_skipped": skipped, "graph_floor_db": COREML_PSNR_FLOOR_DB}
+
+
+def _row(component: str, output: str, pairs: list) -> dict:
     ref = np.concatenate([r.ravel() for r, _ in pairs])
     got = np.concatenate([np.asarray(g, np.float32).ravel() for _, g in pairs])
     value = psnr_db(ref, got)
     return {
-        "package": package,
+        "component": component,
         "output": output,
         "psnr_db": value,
         "max_abs_diff": float(np.abs(ref - got).max()),
