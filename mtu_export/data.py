@@ -24,7 +24,7 @@ from PIL import Image
 
 from mtu_export.config import DataSpec, TaskSpec
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.image_processor import prepare_image
+from mtu_export.image_processor import prepare_image, vae_factor
 from mtu_export.tasks import BUILTIN, SR_SCALE, TaskDef
 from mtu_export.world import SIZE, Example, make_example
 
@@ -119,7 +119,7 @@ def pipeline_geometry(pipeline_dir: Path, unet: dict | None = None) -> tuple[int
 
     vae = read_json(Path(pipeline_dir) / "vae" / "config.json")
     unet = unet if unet is not None else read_json(Path(pipeline_dir) / "unet" / "config.json")
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    factor = vae_factor(vae["block_out_channels"])
     sample = unet.get("sample_size") or 64
     sample = sample[0] if isinstance(sample, list) else sample
     return int(vae.get("latent_channels", 4)), factor, int(sample) * factor

@@ -30,13 +30,12 @@ import torch
 from mtu_export.config import TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
-from mtu_export.image_processor import POLICIES, max_pixels, prepare_image, size_multiple
+from mtu_export.image_processor import POLICIES, max_pixels, prepare_image, save_image, size_multiple, vae_factor
 from mtu_export.ondevice.graphs import graph_path
 from mtu_export.sample import Components, SamplerConfig, sample_examples
-from mtu_export.storage import check_output, check_separate, read_json
+from mtu_export.storage import check_output, check_separate, image_format, read_json
 from mtu_export.tasks import TaskDef, resolve
 from mtu_export.world import Example
-from mtu_export.world_grid import image_format, save_image
 
 Progress = Callable[[int, int], None]
 Log = Callable[[str], None]
@@ -101,7 +100,7 @@ def generate(
         image = _own(export_dir, manifest, task, request, example, geometry.vae_config, progress)
         runner = "mtu-export ORT sampler"
     check_output(out, overwrite)  # again: something may have appeared there while sampling
-    save_image(out, image)
+    save_image(out, image, image_format(out))
     return runner
 
 
@@ -138,7 +137,7 @@ class _Geometry:
 
 def _geometry(export_dir: Path, unet_config: dict) -> _Geometry:
     vae_config = read_json(export_dir / "vae_decoder" / "config.json")
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    factor = vae_factor(vae_config["block_out_channels"])
     size = unet_config.get("sample_size") or 64
     pixels = (size[0] if isinstance(size, list) else size) * factor
     multiple = size_multiple(factor, len(unet_config["block_out_channels"]) - 1)

@@ -22,13 +22,22 @@ folder beside `pipeline_mtu.py`, and the on-device pipeline runs without torch.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 POLICIES = ("fit", "crop")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix -> PIL format
 MAX_AREA = 4  # `fit`: at most this many times the model's own image area (SD1.5: 1024x1024 for 512x512)
+
+
+def vae_factor(block_out_channels) -> int:
+    """How much a VAE with these `block_out_channels` (its config's) downsamples: 2 ** (levels - 1)."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def size_multiple(vae_factor: int, down_samplings: int) -> int:
@@ -133,3 +142,22 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """The inverse of `to_model_input`: float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded half to even
     as torch's `round` does."""
     return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def save_image(out: Path, picture: np.ndarray, image_format: str, overwrite: bool = True) -> Path:
+    """Write a uint8 picture atomically in `image_format` (a value of IMAGE_FORMATS): a temporary file beside `out`,
+    then a rename, so `out` is never half-written. With `overwrite=False`, a file that appeared at `out` meanwhile
+    is kept and FileExistsError raised."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    try:
+        options = {"quality": 95} if image_format in ("JPEG", "WEBP") else {}
+        Image.fromarray(picture).save(temporary, format=image_format, **options)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} appeared while the image was made")
+        os.replace(temporary, out)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return out

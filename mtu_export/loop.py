@@ -33,13 +33,6 @@ def _cpu_only() -> bool:
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty where there is none: macOS, Windows)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-
-
 def process_state():
     """accelerate's process state (the process group under `accelerate launch`; one process otherwise)."""
     from accelerate import PartialState

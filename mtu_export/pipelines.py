@@ -35,7 +35,15 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .image_processor import POLICIES, fit_size, max_pixels, prepare_image, size_multiple, to_model_input
+from .image_processor import (
+    POLICIES,
+    fit_size,
+    max_pixels,
+    prepare_image,
+    size_multiple,
+    to_model_input,
+    vae_factor,
+)
 
 MODULE = "pipeline_mtu"  # the file's name (without .py) in every folder it labels
 IMAGE_PROCESSOR = "image_processor.py"  # its sibling, copied beside it
@@ -225,7 +233,7 @@ class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae.config.block_out_channels)
 
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         ids = _token_ids(self.tokenizer, prompts).to(self.text_encoder.device)

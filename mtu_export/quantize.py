@@ -53,7 +53,7 @@ def saturating_int8_cpu() -> bool:
     weights. ARM CPUs (sdot / udot) and VNNI accumulate in 32 bits."""
     import platform
 
-    from mtu_export.loop import cpu_flags
+    from mtu_export.machine import cpu_flags
 
     flags = cpu_flags()
     return platform.machine() in ("x86_64", "AMD64") and bool(flags) and not VNNI_FLAGS & flags

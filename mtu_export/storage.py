@@ -46,6 +46,17 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def image_format(out: Path) -> str:
+    """The PIL format an output image's suffix asks for (image_processor.IMAGE_FORMATS); other suffixes refused."""
+    from mtu_export.image_processor import IMAGE_FORMATS
+
+    found = IMAGE_FORMATS.get(Path(out).suffix.lower())
+    if found is None:
+        known = ", ".join(IMAGE_FORMATS)
+        raise ConfigError(f"--out must name an image file ending in {known}, got {Path(out).name!r}; add one")
+    return found
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write by replacing the file, never through it: `path` may be a hard link into a user's model folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

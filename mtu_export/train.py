@@ -37,7 +37,8 @@ from mtu_export.conditioning import drop_image, target_latents, task_condition
 from mtu_export.config import TrainConfig
 from mtu_export.data import Source, open_source, pipeline_geometry
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.loop import cpu_flags, process_state, run_stage
+from mtu_export.loop import process_state, run_stage
+from mtu_export.machine import cpu_flags
 from mtu_export.moe import MTUUNet, routed_checkpointing
 from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.storage import check_output, check_separate, locate_unet, write_json

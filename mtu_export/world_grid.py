@@ -1,16 +1,14 @@
-"""PNG grids of shapes-world examples (the `mtu-export world` command), and atomic image writes in the format a file
-name's suffix names (PNG, JPEG, WebP)."""
+"""PNG grids of shapes-world examples (the `mtu-export world` command) and `make demo`'s input files."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mtu_export.config import did_you_mean
 from mtu_export.errors import ConfigError
+from mtu_export.image_processor import save_image
 from mtu_export.storage import check_output
 from mtu_export.world import SPLITS, TASKS, example_grid
 
@@ -49,40 +47,9 @@ def write_images(out: Path, images: list[np.ndarray], columns: int = 8, zoom: in
     return save_png(out, canvas.repeat(zoom, axis=0).repeat(zoom, axis=1))
 
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # suffix -> PIL format
-
-
-def image_format(out: Path) -> str:
-    """The PIL format an image file name's suffix asks for; other suffixes are refused."""
-    found = IMAGE_FORMATS.get(Path(out).suffix.lower())
-    if found is None:
-        known = ", ".join(IMAGE_FORMATS)
-        raise ConfigError(f"--out must name an image file ending in {known}, got {Path(out).name!r}; add one")
-    return found
-
-
 def save_png(out: Path, picture: np.ndarray) -> Path:
     """Write a uint8 picture as PNG atomically (temp file, then rename)."""
     return save_image(out, picture, "PNG")
-
-
-def save_image(out: Path, picture: np.ndarray, format: str | None = None) -> Path:
-    """Write a uint8 picture atomically (temp file, then rename) in `format`, by default the one `out`'s suffix
-    asks for (`image_format`)."""
-    from PIL import Image
-
-    out = Path(out)
-    format = format or image_format(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
-        options = {"quality": 95} if format in ("JPEG", "WEBP") else {}
-        Image.fromarray(picture).save(tmp, format=format, **options)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out
 
 
 def write_demo_inputs(folder: Path, index: int = 0) -> Path:

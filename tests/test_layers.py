@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtu_export"
 
 # Lowest first. Every module of the package is listed once; a new module must be placed here.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "foundation": ("errors", "config", "metrics", "storage", "image_processor", "ondevice"),  # the last two: torch-free
+    # the last two import no torch (image_processor is copied into exported folders; ondevice runs without torch)
+    "foundation": ("errors", "config", "machine", "metrics", "storage", "image_processor", "ondevice"),
     "tasks and data": ("tasks", "world", "vocab", "reader", "world_grid", "data", "conditioning", "cache"),
     "model": ("moe", "upcycle", "checkpoint", "fold", "bundle", "pipelines", "objective", "sample"),
     "train and evaluate": ("loop", "pretrain", "train", "evaluate", "parity", "curves", "tiny"),

@@ -229,7 +229,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 from mtu_export.config import TrainConfig
 from mtu_export.loop import process_state
-from mtu_export.loop import process_state
 from mtu_export.train import fit
 
 base, work = Path(sys.argv[1]), Path(sys.argv[2])

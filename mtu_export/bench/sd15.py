@@ -43,7 +43,7 @@ def machine() -> dict:
 
     import onnxruntime
 
-    from mtu_export.loop import cpu_flags
+    from mtu_export.machine import cpu_flags
 
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""

@@ -56,10 +56,9 @@ from mtu_export.export.coreml import (
     resolve_target,
 )
 from mtu_export.export.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import prepare_export
-from mtu_export.export.probes import Probes, trajectory_probes
+from mtu_export.export.prepare import prepare_export, record_probes
+from mtu_export.export.probes import Probes
 from mtu_export.quantize import quantize_coreml
-from mtu_export.sample import SamplerConfig
 from mtu_export.storage import atomic_output_dir, write_json
 from mtu_export.tasks import TaskDef
 
@@ -330,10 +329,7 @@ def export_apple(
     out, ckpt, tasks, components = Path(out), job.ckpt, job.tasks, job.components
     sources, unets = job.sources, job.unets
     height, _, factor = job.size
-    sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
-    probes = {
-        t: trajectory_probes(unets[t], sources.tasks[t], sources.validation(t, 1), components, sampler) for t in tasks
-    }
+    probes = record_probes(config, unets, sources, components)
     attention = _set_attention(config, unets, probes, log)
     modules, feeds = apple_modules(components, unets), apple_feeds(probes, components.scheduler)
     sizes = {t: apple_sizes(components, sources.tasks[t], unets[t], height, factor) for t in tasks}

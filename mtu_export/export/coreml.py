@@ -36,12 +36,10 @@ from mtu_export.checkpoint import file_sha256
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export
-from mtu_export.export.probes import trajectory_probes
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export, record_probes
 from mtu_export.export.split_einsum import split_einsum_attention_
 from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_coreml
-from mtu_export.sample import SamplerConfig
 from mtu_export.storage import atomic_output_dir, tree_bytes, write_json
 
 MANIFEST = "manifest.json"
@@ -104,12 +102,8 @@ def export_coreml(
         job.sources,
         job.unets,
     )
-    sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
-    probes = {}
-    for task in tasks:
-        examples = sources.validation(task, 1)
-        probes[task] = trajectory_probes(unets[task], sources.tasks[task], examples, components, sampler)
-    log(f"recorded heldout trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
+    probes = record_probes(config, unets, sources, components)
+    log(f"recorded validation trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
     attention = _set_attention(config, unets, probes, log)
     vae, text_encoder = components.vae, components.text_encoder
     first = probes[tasks[0]].feeds

@@ -47,8 +47,8 @@ from mtu_export.export.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export
-from mtu_export.export.probes import Probes, trajectory_probes
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export, record_probes
+from mtu_export.export.probes import Probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
 from mtu_export.image_processor import size_multiple
 from mtu_export.metrics import UINT8_PEAK, psnr_db
@@ -170,15 +170,12 @@ class _Exporter:
     def _probes(self, tasks, unets, bundle, purpose: str, count: int) -> dict[str, Probes]:
         """Per task, the graph inputs recorded along the sampling trajectories of `count` of its validation or
         calibration examples (`purpose`); '*' merges the shared graphs'."""
-        sampler = SamplerConfig(
-            self.config.probe_steps, self.config.guidance, self.config.image_guidance, self.config.seed
+        ids = {} if bundle is None else {"bundle": tuple(bundle.tasks), "bundle_channels": bundle.in_channels}
+        per_task = record_probes(
+            self.config, {t: unets[t] for t in tasks}, self.sources, self.components, purpose, count, **ids
         )
-        merged, per_task = Probes(), {}
+        merged = Probes()
         for task in tasks:
-            examples = getattr(self.sources, purpose)(task, count)
-            ids = None if bundle is None else (bundle.tasks.index(task), bundle.in_channels)
-            definition = self.sources.tasks[task]
-            per_task[task] = trajectory_probes(unets[task], definition, examples, self.components, sampler, ids)
             merged.extend(per_task[task])
         self.log(f"recorded {purpose} trajectories ({self.config.probe_steps} steps) for {', '.join(tasks)}")
         return {"*": merged, **per_task}

@@ -13,9 +13,10 @@ import torch
 from mtu_export.checkpoint import Checkpoint, load_checkpoint, load_components
 from mtu_export.config import ExportConfig
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.export.probes import ExampleSources
+from mtu_export.export.probes import ExampleSources, Probes, trajectory_probes
 from mtu_export.fold import fold_task, verify_fold
-from mtu_export.sample import Components
+from mtu_export.image_processor import vae_factor
+from mtu_export.sample import Components, SamplerConfig
 from mtu_export.storage import check_output, check_separate
 from mtu_export.tasks import model_tasks
 
@@ -66,7 +67,7 @@ def fold_tasks(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, 
 
 def image_size(ckpt: Checkpoint, vae, config: ExportConfig) -> tuple[int, int, int]:
     """(height, width, VAE factor) of the export; the default is the UNet's sample size times the VAE's factor."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae.config.block_out_channels)
     sample = ckpt.model.unet.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else (sample or 64)
     height, width = config.height or sample * factor, config.width or sample * factor
@@ -115,3 +116,26 @@ def prepare_export(
     size = image_size(ckpt, components.vae, config)
     sources = example_sources(ckpt, tasks, data or {}, size)
     return Prepared(ckpt, tasks, components, size, sources, fold_tasks(ckpt, tasks, log))
+
+
+def record_probes(
+    config: ExportConfig,
+    unets: dict[str, torch.nn.Module],
+    sources: ExampleSources,
+    components: Components,
+    purpose: str = "validation",
+    count: int = 1,
+    bundle: tuple[str, ...] | None = None,
+    bundle_channels: int = 0,
+) -> dict[str, Probes]:
+    """What every exporter checks (or calibrates) its graphs on: per task, every graph input along the guided
+    sampling trajectories (`config.probe_steps` steps) of `count` of its `purpose` examples ("validation" or
+    "calibration"), sampled with its folded UNet. `bundle`: the tasks of an all-task UNet, whose inputs then carry
+    each task's index and are padded to `bundle_channels`."""
+    sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
+    probes = {}
+    for task, unet in unets.items():
+        ids = None if bundle is None else (bundle.index(task), bundle_channels)
+        examples = getattr(sources, purpose)(task, count)
+        probes[task] = trajectory_probes(unet, sources.tasks[task], examples, components, sampler, ids)
+    return probes

@@ -10,20 +10,16 @@ Must not import torch, transformers or diffusers, even indirectly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mtu_export.image_processor import POLICIES
+from mtu_export.image_processor import IMAGE_FORMATS, POLICIES, save_image
 
 BAD_INPUT = 2  # exit code of every refusal (argparse's own)
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # as `generate` writes them
 
 
 class BadInput(Exception):
@@ -100,21 +96,6 @@ def check_out(out: Path, export: Path, inputs: Sequence[Path | None], overwrite:
     return image_format
 
 
-def save_atomically(out: Path, picture: np.ndarray, image_format: str, overwrite: bool) -> None:
-    """Write to a temporary file beside `out`, then rename it into place (checking `out` again first)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
-        options = {"quality": 95} if image_format in ("JPEG", "WEBP") else {}
-        Image.fromarray(picture).save(temporary, format=image_format, **options)
-        if out.exists() and not overwrite:  # something appeared there while sampling
-            raise BadInput(f"--out {out} appeared while sampling; pass --overwrite to replace it")
-        os.replace(temporary, out)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
 def run(args: argparse.Namespace) -> Path:
     from mtu_export.ondevice.pipeline import OnDevicePipeline
 
@@ -142,7 +123,10 @@ def run(args: argparse.Namespace) -> Path:
         optimum=args.optimum,
         log=lambda message: print(message, file=sys.stderr),
     )
-    save_atomically(args.out, picture, image_format, args.overwrite)
+    try:
+        save_image(args.out, picture, image_format, overwrite=args.overwrite)
+    except FileExistsError:
+        raise BadInput(f"--out {args.out} appeared while sampling; pass --overwrite to replace it") from None
     return args.out
 
 

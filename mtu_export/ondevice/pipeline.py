@@ -39,6 +39,7 @@ from mtu_export.image_processor import (
     size_multiple,
     to_model_input,
     to_uint8,
+    vae_factor,
 )
 from mtu_export.ondevice.graphs import graph_path, trim_heap
 from mtu_export.ondevice.noise import TorchCompatibleGenerator
@@ -323,7 +324,7 @@ class OnDevicePipeline:
         self.manifest = _read_json(self.folder / "manifest.json")
         unet_config = _read_json(self.folder / "unet" / "config.json")
         vae_config = _read_json(self.folder / "vae_decoder" / "config.json")
-        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        factor = vae_factor(vae_config["block_out_channels"])
         sample_size = unet_config.get("sample_size") or 64
         sample_size = sample_size[0] if isinstance(sample_size, list) else sample_size
         self.geometry = Geometry(
