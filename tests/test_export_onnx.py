@@ -226,10 +226,11 @@ def test_reduce_range_is_refused_outside_int8(mtu_world, tmp_path):
 def test_which_cpus_get_7_bit_static_int8_weights(monkeypatch, machine, flags, saturates):
     import platform
 
-    from mtu_export import loop, quantize
+    from mtu_export import machine as machine_facts
+    from mtu_export import quantize
 
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    monkeypatch.setattr(loop, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(machine_facts, "cpu_flags", lambda: set(flags))
     assert quantize.saturating_int8_cpu() is saturates
 
 
