@@ -556,6 +556,9 @@ def validate_graph(spec: GraphSpec, module, path: Path, feeds: list[dict], task:
 def _save(model, path: Path, external: bool) -> None:
     import onnx
 
+    # onnx appends external weights to a data file already there: a graph saved again into its folder would carry
+    # the old weights as dead bytes (a 3.4 GB UNet file grown to 6.9 GB)
+    (path.parent / EXTERNAL_DATA).unlink(missing_ok=True)
     if external:
         onnx.save_model(
             model,
