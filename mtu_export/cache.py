@@ -24,7 +24,7 @@ from mtu_export.data import Source
 from mtu_export.errors import CheckpointError
 from mtu_export.vocab import tokenize
 
-CACHE_FORMAT = "mtu-export-cache/1"
+CACHE_FORMAT = "mtu-export-cache/2"  # 2: condition inputs keyed by their part (tasks.PARTS)
 SHARD_ROWS = 512
 META = "meta.json"
 PIXELS_PER_BATCH = 256 * 64 * 64  # VAE encode batch: 256 images of 64x64, 4 of 512x512
@@ -88,6 +88,11 @@ def build_cache(
     wanted = {"format": CACHE_FORMAT, "source": source.describe(), "rows": len(source), "shard_rows": shard_rows}
     if (folder / META).is_file():
         found = json.loads((folder / META).read_text())
+        if found.get("format") != CACHE_FORMAT:
+            raise CheckpointError(
+                f"{folder} holds a {found.get('format')} cache, this version writes {CACHE_FORMAT}; "
+                "delete that folder or use another --work"
+            )
         if {k: found.get(k) for k in wanted} != json.loads(json.dumps(wanted)):
             raise CheckpointError(
                 f"{folder} caches another dataset or resolution ({found.get('source')}); "

@@ -1,13 +1,14 @@
 """What each task feeds its UNet besides the noisy latent, built exactly as the diffusers pipelines build it, so a
-folded task runs in the stock pipeline it mirrors. The task's definition (`tasks.TaskDef.condition`) says which:
+folded task runs in the stock pipeline it mirrors. The task's condition (`tasks.Condition`) lists its parts, each
+built here by one recipe (tasks.PARTS):
 
-- `none`            nothing                                  (StableDiffusionPipeline)
-- `source_latent`   source-image latent, posterior mode, *unscaled*; zeros when the image is dropped
-                                                             (StableDiffusionInstructPix2PixPipeline)
-- `low_res_rgb`     the low-res RGB image in [-1, 1] at latent resolution (as SD's x4 upscaler)
-- `low_res_latent`  the latent (mode, unscaled) of the low-res image bicubic-upsampled to full size
-- `masked_latent`   [mask (1 = hole) resized to the latent, latent of the image with the hole set to 0 in [-1, 1],
-                    posterior sample × scaling factor]      (StableDiffusionInpaintPipeline)
+- `image`          the input image in [-1, 1] at latent resolution (as SD's x4 upscaler)
+- `image_latent`   the latent (posterior mode, *unscaled*) of the input image, bicubic-upsampled first when it is
+                   smaller than the output (StableDiffusionInstructPix2PixPipeline's source latent); zeros when the
+                   image is dropped
+- `mask`           the mask (1 = hole) resized to the latent (nearest)
+- `masked_latent`  the latent of the image with the hole set to 0 in [-1, 1], posterior sample × scaling factor
+                   (StableDiffusionInpaintPipeline's)
 """
 
 from __future__ import annotations
@@ -44,33 +45,47 @@ def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_batch(task: TaskDef, vae, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Everything random-free the task needs from the VAE for a batch (cacheable): target posterior mean / std and
-    the task's image inputs (`source`: a source latent's mode; `low_res`: the low-res RGB; inpainting: the mask at
-    latent size and the masked image's posterior mean / std)."""
+    """Everything random-free the task needs from the VAE for a batch (cacheable): the target's posterior mean /
+    std and, per part of its condition, what the part is built from (`image`: the input; `image_latent`: its
+    latent's mode; `mask`: the mask at latent size; `masked_latent`: the masked image's posterior mean / std)."""
     device, dtype = vae.device, vae.dtype
     target = vae.encode(image_tensor([e.target for e in examples]).to(device, dtype)).latent_dist
     out = {"target_mean": target.mean, "target_std": target.std}  # (B, 4, h, w)
-    if task.condition == "source_latent":
-        out["source"] = vae.encode(image_tensor([e.source for e in examples]).to(device, dtype)).latent_dist.mode()
-    elif task.condition == "low_res_rgb":
-        out["low_res"] = image_tensor([e.source for e in examples]).to(device, dtype)  # (B, 3, h, w)
-        if out["low_res"].shape[-2:] != target.mean.shape[-2:]:
-            raise ConfigError(
-                f"{task.name} feeds the {tuple(out['low_res'].shape[-2:])} low-res image at latent resolution, but "
-                f"this VAE makes {tuple(target.mean.shape[-2:])} latents; upcycle {task.name} with the latent "
-                f"convention ({2 * target.mean.shape[1]} channels)"
-            )
-    elif task.condition == "low_res_latent":
-        low_res = image_tensor([e.source for e in examples]).to(device, dtype)
-        upsampled = F.interpolate(low_res, size=examples[0].target.shape[:2], mode="bicubic", align_corners=False)
-        out["source"] = vae.encode(upsampled.clamp(-1, 1)).latent_dist.mode()
-    elif task.condition == "masked_latent":
-        image = image_tensor([e.target for e in examples]).to(device, dtype)
-        mask = mask_tensor([e.mask for e in examples]).to(device, dtype)
-        hole = vae.encode(masked_image(image, mask)).latent_dist
-        out["mask"] = F.interpolate(mask, size=hole.mean.shape[-2:])  # (B, 1, h, w), nearest as the pipeline does
-        out["masked_mean"], out["masked_std"] = hole.mean, hole.std
+    inputs = [e.target if task.condition.masked else e.source for e in examples]
+    for part in task.condition.parts:
+        out |= _ENCODERS[part](task, vae, image_tensor(inputs).to(device, dtype), examples, target.mean.shape)
     return out
+
+
+def _image(task: TaskDef, vae, image: torch.Tensor, examples: list[Example], latent_shape) -> dict:
+    if image.shape[-2:] != latent_shape[-2:]:
+        raise ConfigError(
+            f"{task.name} feeds the {tuple(image.shape[-2:])} input image at latent resolution, but this VAE makes "
+            f"{tuple(latent_shape[-2:])} latents; upcycle {task.name} with the latent convention "
+            f"({2 * latent_shape[1]} channels)"
+        )
+    return {"image": image}  # (B, 3, h, w)
+
+
+def _image_latent(task: TaskDef, vae, image: torch.Tensor, examples: list[Example], latent_shape) -> dict:
+    size = examples[0].target.shape[:2]
+    if tuple(image.shape[-2:]) != tuple(size):  # a low-res input: upsampled to the output's size first
+        image = F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+    return {"image_latent": vae.encode(image).latent_dist.mode()}
+
+
+def _mask(task: TaskDef, vae, image: torch.Tensor, examples: list[Example], latent_shape) -> dict:
+    mask = mask_tensor([e.mask for e in examples]).to(image.device, image.dtype)
+    return {"mask": F.interpolate(mask, size=latent_shape[-2:])}  # (B, 1, h, w), nearest as the pipeline does
+
+
+def _masked_latent(task: TaskDef, vae, image: torch.Tensor, examples: list[Example], latent_shape) -> dict:
+    mask = mask_tensor([e.mask for e in examples]).to(image.device, image.dtype)
+    hole = vae.encode(masked_image(image, mask)).latent_dist
+    return {"masked_mean": hole.mean, "masked_std": hole.std}
+
+
+_ENCODERS = {"image": _image, "image_latent": _image_latent, "mask": _mask, "masked_latent": _masked_latent}
 
 
 def _sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -87,14 +102,18 @@ def task_condition(
     task: TaskDef, encoded: dict, scaling: float, generator: torch.Generator | None = None
 ) -> torch.Tensor | None:
     """The extra input channels of `task`, (B, extra channels, h, w), or None without an image input."""
-    if task.condition in ("source_latent", "low_res_latent"):
-        return encoded["source"].float()  # unscaled posterior mode, as InstructPix2Pix
-    if task.condition == "low_res_rgb":
-        return encoded["low_res"].float()
-    if task.condition == "masked_latent":
-        hole = _sample(encoded["masked_mean"], encoded["masked_std"], generator) * scaling
-        return torch.cat([encoded["mask"].float(), hole], dim=1)
-    return None
+    parts = [_PARTS[part](encoded, scaling, generator) for part in task.condition.parts]
+    return torch.cat(parts, dim=1) if parts else None
+
+
+_PARTS = {
+    "image": lambda encoded, scaling, generator: encoded["image"].float(),
+    "image_latent": lambda encoded, scaling, generator: encoded["image_latent"].float(),  # unscaled mode
+    "mask": lambda encoded, scaling, generator: encoded["mask"].float(),
+    "masked_latent": lambda encoded, scaling, generator: (
+        _sample(encoded["masked_mean"], encoded["masked_std"], generator) * scaling
+    ),
+}
 
 
 def drop_image(task: TaskDef, condition: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:

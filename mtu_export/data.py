@@ -26,7 +26,7 @@ from mtu_export.config import DataSpec, TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.image_processor import prepare_image, vae_factor
 from mtu_export.tasks import BUILTIN, SR_SCALE, TaskDef
-from mtu_export.world import SIZE, Example, make_example
+from mtu_export.world import SIZE, Example, downsample, make_example
 
 TABLE_FILES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -85,7 +85,7 @@ def open_source(
     """The user's dataset for `task` when `spec` is given, else the shapes world's `split` (built-in tasks only)."""
     if spec is not None:
         return DatasetSource(task, spec, size, low_res_size(task, size, vae_factor))
-    if task.name not in BUILTIN:
+    if task.world is None:
         raise ConfigError(f"task {task.name!r} has no built-in examples; pass --data {task.name}=DATASET")
     return WorldSource(task, split, size, low_res_size(task, size, vae_factor), count)
 
@@ -140,13 +140,16 @@ class WorldSource:
         return {"source": "shapes-world", "task": self.task.name, "split": self.split, "size": self.size}
 
     def example(self, index: int) -> Example:
-        example = make_example(self.task.name, self.split, index)
-        if example.task == "sr" and example.source.shape[0] != self.low_res:
-            example = replace(example, source=_resize(example.source, self.low_res))
+        example = replace(make_example(self.task.world, self.split, index), task=self.task.name)
+        if self.task.super_resolution and example.source.shape[0] != self.low_res:
+            # another scale (sr2) or size: the target's box downsample when the sides divide, as the world makes its own
+            whole = example.target.shape[0] % self.low_res == 0
+            low_res = downsample(example.target, self.low_res) if whole else _resize(example.source, self.low_res)
+            example = replace(example, source=low_res)
         if self.size == SIZE:
             return example
         source = example.source
-        if source is not None and example.task != "sr":
+        if source is not None and not self.task.super_resolution:
             source = _resize(source, self.size)
         mask = None if example.mask is None else _resize_mask(example.mask, self.size)
         return replace(example, target=_resize(example.target, self.size), source=source, mask=mask)
@@ -388,15 +391,14 @@ def _world_rows(
     task: str, split: str, count: int, start: int = 0
 ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     """Per example: metadata (text columns) and images by column name, in the task's default columns."""
-    columns = BUILTIN[task].columns
+    columns, world = BUILTIN[task].columns, BUILTIN[task].world
     for index in range(start, start + count):
-        ex = make_example(task, split, index)
+        ex = make_example(world, split, index)
         images = {columns["image"]: ex.target}
-        if task == "edit":
-            images[columns["source"]] = ex.source
-        elif task == "sr":
-            images[columns["low_res"]] = ex.source
-        elif task == "inpaint":
+        for role in ("source", "low_res"):  # the task's input image, under the role its columns name
+            if role in columns:
+                images[columns[role]] = ex.source
+        if "mask" in columns:
             images[columns["mask"]] = ex.mask.astype(np.uint8) * 255
         yield {columns["prompt"]: ex.prompt}, images
 
@@ -406,8 +408,9 @@ def export_world_dataset(out: Path, task: str, split: str, count: int, overwrite
     `metadata.jsonl`, one `<column>_file_name` per image column) that `--data` reads back into the same examples."""
     from mtu_export.storage import atomic_output_dir, check_output
 
-    if task not in BUILTIN:
-        raise ConfigError(f"the shapes world has no task {task!r}; choose one of {', '.join(BUILTIN)}")
+    if task not in BUILTIN or BUILTIN[task].world is None:
+        known = ", ".join(name for name, defined in BUILTIN.items() if defined.world is not None)
+        raise ConfigError(f"the shapes world has no task {task!r}; choose one of {known}")
     if count < 1 or start < 0:
         raise ConfigError(f"--count must be positive and --start >= 0, got {count} and {start}")
     check_output(out, overwrite)

@@ -163,7 +163,8 @@ def fold_checkpoint(checkpoint: Path, task: str, out: Path, overwrite: bool = Fa
         else:
             link_or_copy_tree(ckpt.pipeline_dir, tmp)
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            _retarget_pipeline(tmp / PIPELINE_INDEX, label)
+            definition = resolve(spec, ckpt.model.unet.config.out_channels)
+            _retarget_pipeline(tmp / PIPELINE_INDEX, label, definition.condition.describe())
         write_json(
             (tmp / "unet" if ckpt.pipeline_dir else tmp) / "mtu_fold.json",
             {
@@ -188,11 +189,11 @@ def folded_label(pipeline_dir: Path, spec, model) -> str:
     return pipeline_class(resolve(spec, model.unet.config.out_channels), index.get("_class_name", ""))
 
 
-def _retarget_pipeline(index_path: Path, label: str) -> None:
+def _retarget_pipeline(index_path: Path, label: str, condition: dict) -> None:
     """Label the folded folder with its task's pipeline class; a class diffusers lacks (`sr`) is shipped in the
-    folder as diffusers' custom pipeline code (pipelines.py)."""
+    folder as diffusers' custom pipeline code (pipelines.py), with the task's condition in its config."""
     index = read_json(index_path)
     index["_class_name"] = label
     if label in pipelines.SHIPPED:
-        index = pipelines.ship(index_path.parent, index, label)
+        index = pipelines.ship(index_path.parent, index, label, condition=condition)
     write_json(index_path, index)

@@ -173,7 +173,7 @@ def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: L
         return Example(request.task, request.prompt, np.zeros((geometry.pixels,) * 2 + (3,), np.uint8), None)
     scale = task.input_scale(geometry.factor)  # output pixels per input pixel
     picture = _open(request.image)
-    mask = _mask_for(request, picture) if task.condition == "masked_latent" else None
+    mask = _mask_for(request, picture) if task.condition.masked else None
     side = geometry.pixels // scale
     size = (side, side) if request.resize == "crop" else None
     cap = max_pixels((geometry.pixels, geometry.pixels), scale)
@@ -240,7 +240,7 @@ def _optimum(export_dir, task: TaskDef, request, example: Example, progress) -> 
     )
     if progress:
         kwargs["callback_on_step_end"] = lambda p, i, t, kw: (progress(i + 1, request.steps), kw)[1]
-    if task.condition == "masked_latent":  # already at a size the UNet takes: optimum's processor keeps it
+    if task.condition.masked:  # already at a size the UNet takes: optimum's processor keeps it
         kwargs["image"] = PIL.Image.fromarray(example.target)
         kwargs["mask_image"] = PIL.Image.fromarray(example.mask.astype(np.uint8) * 255)
     images = pipe(request.prompt, **kwargs).images  # (1, H, W, 3) floats in [0, 1]

@@ -104,35 +104,42 @@ def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def _condition(
-    kind: str,
+    parts: list[str],
     encode: Callable[[torch.Tensor], DiagonalGaussianDistribution],
     images: list[np.ndarray],
     masks: list[np.ndarray],
     size: tuple[int, int],  # (H, W) of the output image
+    factor: int,  # the VAE's: output pixels per latent pixel
     scaling: float,
     generator: torch.Generator | None,
 ) -> torch.Tensor | None:
-    """The task's extra UNet channels, (B, C, h, w), as conditioning.py builds them (see the module docstring)."""
-    if kind == "none":
-        return None
-    image = _image_tensor(images)
-    if kind == "source_latent":
-        return encode(image).mode()  # unscaled posterior mode, as InstructPix2Pix
-    if kind == "low_res_rgb":
-        return image
-    if kind == "low_res_latent":
-        upsampled = F.interpolate(image, size=size, mode="bicubic", align_corners=False)
-        return encode(upsampled.clamp(-1, 1)).mode()
-    mask = torch.from_numpy(np.stack(masks)).float()[:, None]  # (B, 1, H, W), 1 = hole
-    hole = encode(image * (mask < 0.5))  # the masked image: the hole is 0 (mid-gray) in [-1, 1]
-    noise = torch.randn(hole.mean.shape, generator=generator, dtype=torch.float32)
-    latent = (hole.mean.float() + hole.std.float() * noise) * scaling
-    return torch.cat([F.interpolate(mask, size=latent.shape[-2:]), latent], dim=1)
+    """The task's extra UNet channels, (B, C, h, w): its condition's parts in order, each built as conditioning.py
+    builds it (mtu_export.tasks.PARTS); None for a task without an image input."""
+    built = []
+    for part in parts:
+        image = _image_tensor(images)
+        if part == "image":  # the input itself, at latent resolution
+            built.append(image)
+        elif part == "image_latent":  # the input's latent, posterior mode, unscaled (as InstructPix2Pix)
+            if tuple(image.shape[-2:]) != tuple(size):
+                image = F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+            built.append(encode(image).mode())
+        elif part == "mask":  # (B, 1, h, w), 1 = hole, nearest-resized to the latent
+            mask = torch.from_numpy(np.stack(masks)).float()[:, None]
+            built.append(F.interpolate(mask, size=(size[0] // factor, size[1] // factor)))
+        elif part == "masked_latent":  # the masked image (the hole is 0, mid-gray) as a scaled posterior sample
+            mask = torch.from_numpy(np.stack(masks)).float()[:, None]
+            hole = encode(image * (mask < 0.5))
+            noise = torch.randn(hole.mean.shape, generator=generator, dtype=torch.float32)
+            built.append((hole.mean.float() + hole.std.float() * noise) * scaling)
+        else:
+            raise ValueError(f"this pipeline cannot build a condition part {part!r}; update pipeline_mtu.py")
+    return torch.cat(built, dim=1) if built else None
 
 
-def _input_scale(kind: str, factor: int) -> int:
-    """Output pixels per input-image pixel (tasks.TaskDef.input_scale): sr's low-res image is smaller."""
-    return {"low_res_rgb": factor, "low_res_latent": SR_SCALE}.get(kind, 1)
+def _input_scale(scale: int | None, factor: int) -> int:
+    """Output pixels per input-image pixel (tasks.Condition.input_scale): None means the VAE's factor."""
+    return factor if scale is None else scale
 
 
 def _condition_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -218,17 +225,26 @@ class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler,
+        condition: dict | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_to_config(condition=condition)
 
     @property
-    def condition(self) -> str:
+    def condition(self) -> tuple[list[str], int | None]:
+        """The condition's parts and input scale: as the folder's config records them (mtu_export.tasks.Condition),
+        else `sr`'s two conventions told apart by the UNet's channels."""
+        recorded = self.config.get("condition")
+        if recorded:
+            return recorded["parts"], recorded["input_scale"]
         latent, channels = self.unet.config.out_channels, self.unet.config.in_channels
         if channels == latent + 3:
-            return "low_res_rgb"
+            return ["image"], None
         if channels == 2 * latent:
-            return "low_res_latent"
+            return ["image_latent"], SR_SCALE
         raise ValueError(f"this UNet takes {channels} input channels; an sr UNet takes {latent + 3} or {2 * latent}")
 
     @property
@@ -261,8 +277,8 @@ class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
     ):
         """`image`: the low-res image(s) (PIL); the output has 4x its sides. `resize_mode`: see the module."""
         _check_output_type(output_type)
-        kind, factor = self.condition, self.vae_scale_factor
-        scale = _input_scale(kind, factor)
+        (parts, input_scale), factor = self.condition, self.vae_scale_factor
+        scale = _input_scale(input_scale, factor)
         multiple = size_multiple(factor, self.unet.num_upsamplers) // scale
         model = self.unet.config.sample_size * factor
         side, cap = model // scale, max_pixels((model, model), scale)
@@ -276,7 +292,7 @@ class MTUSuperResolutionPipeline(_GuidedSampling, DiffusionPipeline):
         latent_size = (size[0] // factor, size[1] // factor)
         scaling = self.vae.config.scaling_factor
         device = self._execution_device
-        condition = _condition(kind, self._encode, images, [], size, scaling, None).float().to(device)
+        condition = _condition(parts, self._encode, images, [], size, factor, scaling, None).float().to(device)
         shape = (len(prompts), self.unet.config.out_channels, *latent_size)
         latents = self._sample(
             self._denoise, prompts, condition, shape, True, num_inference_steps, guidance_scale, image_guidance_scale,
@@ -316,7 +332,8 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
     """The tasks of an mtu-export ONNX folder on onnxruntime: `pipe(prompt, task="edit", image=source).images[0]`.
 
     `tasks` (model_index.json) holds, per task, its `task_id` in an all-task bundle's UNet (None in a single-task
-    export), its `condition` (tasks.py) and whether it is guided on the image too (`image_guidance`, as
+    export), its condition (mtu_export.tasks.Condition: its `condition` name, the `parts` built from the inputs in
+    channel order and its `input_scale`) and whether it is guided on the image too (`image_guidance`, as
     InstructPix2Pix); a bundle's UNet reads every task's sample zero-padded to its own input channels. Inputs by
     condition: `image` (edit: the source; sr: the low-res image, the output has 4x its sides; inpaint: the image to
     repaint) and `mask_image` (inpaint; white = repaint); t2i takes `height` / `width` (default: the export's size).
@@ -417,15 +434,17 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
     ):
         _check_output_type(output_type)
         task, spec = self._task(task)
-        kind = spec["condition"]
-        needed = {"image": kind != "none", "mask_image": kind == "masked_latent"}
+        parts = spec["parts"]
+        needed = {"image": bool(parts), "mask_image": "mask" in parts}
         for name, given in (("image", image), ("mask_image", mask_image)):
             if (given is not None) != needed[name]:
                 raise ValueError(f"task {task!r} {'needs' if needed[name] else 'takes no'} `{name}`")
-        if kind != "none" and (height is not None or width is not None):
-            raise ValueError(f"height and width are for text-to-image; a {kind} task takes its size from `image`")
+        if parts and (height is not None or width is not None):
+            raise ValueError(
+                f"height and width are for text-to-image; a {spec['condition']} task takes its size from `image`"
+            )
         factor = self.config.vae_scale_factor
-        scale = _input_scale(kind, factor)
+        scale = _input_scale(spec["input_scale"], factor)
         model = self.config.sample_size * factor
         side, cap = model // scale, max_pixels((model, model), scale)
         crop = (side, side) if resize_mode == "crop" else None
@@ -438,7 +457,9 @@ class MTUOnnxPipeline(_GuidedSampling, DiffusionPipeline):
             size = self._t2i_size(height, width)
         latent_size = (size[0] // factor, size[1] // factor)
         scaling = self.config.scaling_factor
-        condition = _condition(kind, self._encode, images, masks, size, scaling, _condition_generator(generator))
+        condition = _condition(
+            parts, self._encode, images, masks, size, factor, scaling, _condition_generator(generator)
+        )
         channels = self.unet.model.get_outputs()[0].shape[1]
         latents = self._sample(
             self._denoiser(spec["task_id"]), prompts, condition, (len(prompts), channels, *latent_size),

@@ -246,29 +246,45 @@ def _inpaint_mask(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     return mask
 
 
-def make_example(task: str, split: str, index: int) -> Example:
-    """The deterministic example `index` of `task` in `split` (same arguments, same bytes)."""
-    rng = _rng(split, task, index)
-    if task == "edit":
-        while True:
-            source_scene = sample_scene(rng, split)
-            edit = _edit(rng, source_scene, split)
-            if edit is not None:
-                break
-        text, scene = edit
-        return Example(task, text, render(scene), scene, render(source_scene), None, source_scene)
+def _edit_example(task: str, rng: np.random.Generator, split: str) -> Example:
+    while True:
+        source_scene = sample_scene(rng, split)
+        edit = _edit(rng, source_scene, split)
+        if edit is not None:
+            break
+    text, scene = edit
+    return Example(task, text, render(scene), scene, render(source_scene), None, source_scene)
+
+
+def _t2i_example(task: str, rng: np.random.Generator, split: str) -> Example:
+    scene = sample_scene(rng, split)
+    return Example(task, scene.caption(), render(scene), scene)
+
+
+def _sr_example(task: str, rng: np.random.Generator, split: str) -> Example:
     scene = sample_scene(rng, split)
     image = render(scene)
-    if task == "t2i":
-        return Example(task, scene.caption(), image, scene)
-    if task == "sr":
-        return Example(task, scene.caption(), image, scene, downsample(image))
-    if task == "inpaint":
-        mask = _inpaint_mask(rng, scene)
-        masked = image.copy()
-        masked[mask] = 0
-        return Example(task, scene.caption(), image, scene, masked, mask)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return Example(task, scene.caption(), image, scene, downsample(image))
+
+
+def _inpaint_example(task: str, rng: np.random.Generator, split: str) -> Example:
+    scene = sample_scene(rng, split)
+    image = render(scene)
+    mask = _inpaint_mask(rng, scene)
+    masked = image.copy()
+    masked[mask] = 0
+    return Example(task, scene.caption(), image, scene, masked, mask)
+
+
+# the world's example families, one per built-in task (tasks.TaskDef.world names the one a task uses)
+FAMILIES = {"t2i": _t2i_example, "edit": _edit_example, "sr": _sr_example, "inpaint": _inpaint_example}
+
+
+def make_example(task: str, split: str, index: int) -> Example:
+    """The deterministic example `index` of the family `task` in `split` (same arguments, same bytes)."""
+    if task not in FAMILIES:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[task](task, _rng(split, task, index), split)
 
 
 # ------------------------------------------------------------------------------------------------------------ grid
@@ -282,13 +298,9 @@ def example_grid(task: str, split: str = "train", count: int = 8, start: int = 0
     gap = np.full((SIZE * zoom, 4, 3), 255, np.uint8)
     for index in range(start, start + count):
         ex = make_example(task, split, index)
-        cells = []
-        if ex.task == "sr":
-            cells.append(_upscale(ex.source, SIZE // LOW_RES))
-        elif ex.task == "inpaint":
-            cells += [ex.source, np.repeat(ex.mask[..., None].astype(np.uint8) * 255, 3, axis=2)]
-        elif ex.task == "edit":
-            cells.append(ex.source)
+        cells = [] if ex.source is None else [_upscale(ex.source, SIZE // ex.source.shape[0])]  # a low-res one too
+        if ex.mask is not None:
+            cells.append(np.repeat(ex.mask[..., None].astype(np.uint8) * 255, 3, axis=2))
         cells.append(ex.target)
         row = [x for cell in cells for x in (_upscale(cell, zoom), gap)][:-1]
         rows.append(np.concatenate(row, axis=1))

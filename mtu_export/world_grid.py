@@ -61,7 +61,7 @@ def write_demo_inputs(folder: Path, index: int = 0) -> Path:
     for task in TASKS:
         example = make_example(task, "heldout", index)
         picture = example.target if example.source is None else example.source
-        if task == "inpaint":
+        if example.mask is not None:
             picture = example.target  # generate masks it itself, as the diffusers inpainting pipeline does
             save_png(folder / "mask.png", example.mask.astype(np.uint8) * 255)
         save_png(folder / f"{task}.png", picture)

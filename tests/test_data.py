@@ -35,10 +35,10 @@ def test_built_in_tasks_take_their_conventions_channels_and_sr_follows_the_vae()
     }
     sd15 = {s.name: s.in_channels for s in parse_tasks("sr,colorize:8", latent_channels=4, vae_factor=8)}
     assert sd15 == {"sr": 8, "colorize": 8}  # x4 SR through the latent of the upsampled image, not x8 RGB
-    assert resolve(TaskSpec("sr", 8)).condition == "low_res_latent"
-    assert resolve(TaskSpec("sr", 7)).condition == "low_res_rgb"
+    assert resolve(TaskSpec("sr", 8)).condition.name == "low_res_latent"
+    assert resolve(TaskSpec("sr", 7)).condition.name == "low_res_rgb"
     colorize = resolve(TaskSpec("colorize", 8))
-    assert (colorize.condition, colorize.image_guidance, colorize.pipeline) == (
+    assert (colorize.condition.name, colorize.image_guidance, colorize.pipeline) == (
         "source_latent",
         True,
         "StableDiffusionInstructPix2PixPipeline",
@@ -161,6 +161,11 @@ def test_cache_shards_match_a_direct_encoding_and_a_resumed_build_reuses_finishe
     other = WorldSource(BUILTIN["inpaint"], "train", 64, 16, count=11)
     with pytest.raises(Exception, match="caches another dataset"):
         build_cache(tmp_path / "c", other, vae, tokenizer, log=lambda m: None, shard_rows=4)
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta | {"format": "mtu-export-cache/1"}))
+    with pytest.raises(Exception, match="holds a mtu-export-cache/1 cache, this version writes"):
+        build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None, shard_rows=4)
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
     assert isinstance(LatentCache(tmp_path / "c").gather(torch.tensor([1]))["input_ids"], torch.Tensor)
 
 

@@ -12,9 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtu_export"
 
 # Lowest first. Every module of the package is listed once; a new module must be placed here.
 LAYERS: dict[str, tuple[str, ...]] = {
-    # the last two import no torch (image_processor is copied into exported folders; ondevice runs without torch)
-    "foundation": ("errors", "config", "machine", "metrics", "storage", "image_processor", "ondevice"),
-    "tasks and data": ("tasks", "world", "vocab", "reader", "world_grid", "data", "conditioning", "cache"),
+    # image_processor imports no torch (it is copied into exported folders)
+    "foundation": ("errors", "config", "machine", "metrics", "storage", "image_processor"),
+    # tasks and ondevice import no torch (ondevice runs without it, on the task registry)
+    "tasks and data": ("tasks", "ondevice", "world", "vocab", "reader", "world_grid", "data", "conditioning", "cache"),
     "model": ("moe", "upcycle", "checkpoint", "fold", "bundle", "pipelines", "objective", "sample"),
     "train and evaluate": ("loop", "pretrain", "train", "evaluate", "parity", "curves", "tiny"),
     "quantize": ("quantize",),
@@ -106,6 +107,46 @@ def heavy_top_level_imports(package: Path) -> list[str]:
                 f"{module_name(path, package)} imports {n} at module level" for n in names if n.split(".")[0] in HEAVY
             ]
     return found
+
+
+def task_name_tests(package: Path) -> list[str]:
+    """Comparisons with a built-in task's or condition's name outside the task registry (tasks.py): what a task does
+    belongs in its definition (the world's example families are the shapes world's own names, not tasks)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "tasks.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                named = set().union(*(_strings(x) for x in (node.left, *node.comparators))) & REGISTRY_NAMES
+                if named:
+                    found.append(f"{module_name(path, package)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+# the built-in tasks and the conditions that are not also part names ("none" is also a quantize mode)
+REGISTRY_NAMES = {"t2i", "edit", "sr", "inpaint", "source_latent", "low_res_rgb", "low_res_latent"}
+
+
+def _strings(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return set().union(set(), *(_strings(e) for e in node.elts))
+    return set()
+
+
+def test_task_behaviour_lives_in_the_registry():
+    assert task_name_tests(PACKAGE) == []
+
+
+def test_a_task_name_test_outside_the_registry_is_caught(tmp_path: Path):
+    copy = tmp_path / "mtu_export"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "sample.py").write_text(
+        (copy / "sample.py").read_text() + '\n\ndef _late(task):\n    return task.name in ("sr", "x")\n'
+    )
+    assert [line.split(" ", 1)[1] for line in task_name_tests(copy)] == ["task.name in ('sr', 'x')"]
 
 
 def test_package_respects_its_layers():

@@ -23,7 +23,7 @@ from mtu_export.export.runtime import OrtVae
 from mtu_export.ondevice.__main__ import main
 from mtu_export.ondevice.noise import TorchCompatibleGenerator
 from mtu_export.ondevice.pipeline import Inputs, OnDevicePipeline, TaskPlan, resize_bicubic, resize_nearest
-from mtu_export.tasks import BUILTIN, TaskSpec, resolve
+from mtu_export.tasks import TaskSpec, resolve
 from mtu_export.world import Example
 
 GREY_LEVELS_MAX = 1  # |on-device - generate| on uint8 images: float32 rounding may flip a pixel by one level
@@ -164,7 +164,7 @@ def test_tasks_resolve_as_the_registry(folders) -> None:
     for name, plan in pipeline.tasks.items():
         task = resolve(TaskSpec(name, pipeline.manifest["tasks"][name]["in_channels"]), 4)
         assert (plan.condition, plan.image_guidance, plan.needs) == (task.condition, task.image_guidance, task.needs)
-    assert set(pipeline.tasks) == set(BUILTIN)
+    assert set(pipeline.tasks) == {"t2i", "edit", "sr", "inpaint"}  # the bundle's
 
 
 # ----------------------------------------------------------------------------------------------------------- noise
@@ -201,14 +201,14 @@ def test_low_res_latent_condition_matches_conditioning(folders) -> None:
     pipeline = OnDevicePipeline.from_folder(folders["bundle"])
     low_res = (np.random.default_rng(1).integers(0, 256, (9, 13, 3))).astype(np.uint8)
     inputs = Inputs((36, 52), low_res)
-    ours = pipeline._condition(TaskPlan("sr", "low_res_latent", None), inputs, TorchCompatibleGenerator(0))
+    task = resolve(TaskSpec("sr", 8), 4)  # the latent convention
+    ours = pipeline._condition(TaskPlan(task, None), inputs, TorchCompatibleGenerator(0))
     folder = folders["bundle"]
     config = json.loads((folder / "vae_decoder" / "config.json").read_text())
     vae = OrtVae(folder / "vae_encoder" / "model.onnx", folder / "vae_decoder" / "model.onnx", config)
-    task = resolve(TaskSpec("sr", 8), 4)
     example = Example("sr", PROMPT, np.zeros((36, 52, 3), np.uint8), None, low_res)
     expected = task_condition(task, encode_batch(task, vae, [example]), config["scaling_factor"]).numpy()
-    assert task.condition == "low_res_latent" and ours.shape == expected.shape
+    assert task.condition.name == "low_res_latent" and ours.shape == expected.shape
     assert np.abs(ours - expected).max() <= CONDITION_ATOL
 
 

@@ -189,8 +189,10 @@ def test_folded_sr_is_labelled_with_the_class_shipped_beside_it(folders, trained
     assert index["_class_name"] == LABEL["sr"]
     assert (folder / "pipeline_mtu.py").read_bytes() == Path(pipelines.__file__).read_bytes()
     # only the components the class takes: no stale `safety_checker` / `feature_extractor` entries to warn about
-    assert {k for k in index if not k.startswith("_")} == {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}
-    assert model_tasks(load_checkpoint(trained[convention]).model)["sr"].condition == convention
+    components = {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}
+    assert {k for k in index if not k.startswith("_")} == components | {"condition"}
+    task = model_tasks(load_checkpoint(trained[convention]).model)["sr"]
+    assert task.condition.name == convention and index["condition"] == task.condition.describe()
 
 
 @pytest.mark.parametrize("convention", ["low_res_rgb", "low_res_latent"])

@@ -82,7 +82,7 @@ class _Models:
     mtu: torch.nn.Module
     single: torch.nn.Module
     single_kind: str  # "trained baseline <path>" or "architecture stand-in (base UNet + task conv_in)"
-    base: torch.nn.Module | None = None  # t2i: the untouched base UNet
+    base: torch.nn.Module | None = None  # a task without an image condition (t2i): the untouched base UNet
 
 
 def bench(
@@ -169,7 +169,8 @@ def _models(ckpt, task: str, base_unet, baseline: Path | None) -> _Models:
     else:
         single = _stand_in(base_unet, ckpt.model.config.task(task))
         kind = "architecture stand-in (base UNet with the task's conv_in, untrained)"
-    return _Models(mtu, single, kind, base_unet if task == "t2i" else None)
+    takes_base = ckpt.model.config.task(task).in_channels == base_unet.config.in_channels  # no image condition
+    return _Models(mtu, single, kind, base_unet if takes_base else None)
 
 
 def _stand_in(base_unet, spec):

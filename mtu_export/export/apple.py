@@ -60,7 +60,7 @@ from mtu_export.export.prepare import prepare_export, record_probes
 from mtu_export.export.probes import Probes
 from mtu_export.quantize import quantize_coreml
 from mtu_export.storage import atomic_output_dir, write_json
-from mtu_export.tasks import TaskDef
+from mtu_export.tasks import Condition, TaskDef, part_channels
 
 APPLE_SOURCE = "apple/ml-stable-diffusion@e12202c1f6405b83918b58a5d097cd61e3e1f702"
 SWIFT = "swift/StableDiffusion/pipeline/"  # paths below are relative to the repository, Swift ones to this folder
@@ -526,27 +526,42 @@ def _swift_settings(components) -> dict:
     }
 
 
-# How each condition's channels are built, for the Swift side (conditioning.py is the reference implementation).
-CONDITION_STEPS = {
-    "source_latent": (
-        "the source image in [-1, 1], (1, 3, {image}, {image}), through VAEEncoder; take the posterior *mode*: "
-        "channels 0..<4 of `latent` (the mean), *unscaled* and not sampled (Encoder.swift samples and scales: skip "
-        "both)"
-    ),
-    "low_res_latent": (
-        "the low-res image upsampled bicubically to {image}x{image}, clamped to [-1, 1], through VAEEncoder; "
-        "the posterior mode (channels 0..<4 of `latent`), unscaled and not sampled"
-    ),
-    "low_res_rgb": (
+# How each part of a condition (tasks.PARTS) is built, for the Swift side (conditioning.py is the reference
+# implementation); `{input}` is the image the VAE encodes
+PART_STEPS = {
+    "image": (
         "the low-res RGB image itself in [-1, 1] at latent resolution, (1, 3, {latent}, {latent}) "
         "(`planarRGBShapedArray(minValue: -1, maxValue: 1)`); no VAE"
     ),
+    "image_latent": (
+        "{input}, (1, 3, {image}, {image}), through VAEEncoder; take the posterior *mode*: channels "
+        "0..<{latent_channels} of `latent` (the mean), *unscaled* and not sampled (Encoder.swift samples and scales: "
+        "skip both)"
+    ),
+    "mask": "the mask (1 = repaint) resized to {latent}x{latent} (nearest)",
     "masked_latent": (
-        "channel 4: the mask (1 = repaint) resized to {latent}x{latent} (nearest); channels 5..<9: the image with the "
-        "hole set to 0 in [-1, 1] through VAEEncoder, a posterior *sample* times the scaling factor {scaling:.6g} "
-        "(exactly what Encoder.encode(_:scaleFactor:random:) returns)"
+        "the image with the hole set to 0 in [-1, 1] through VAEEncoder, a posterior *sample* times the scaling "
+        "factor {scaling:.6g} (exactly what Encoder.encode(_:scaleFactor:random:) returns)"
     ),
 }
+
+
+def condition_steps(condition: Condition, sizes: dict[str, int], scaling: float) -> str:
+    """The UNet's condition channels, part by part with their channel ranges, as the Swift side builds them."""
+    latent_channels = sizes["latent_channels"]
+    side = sizes["image"]
+    upsampled = f"the low-res image upsampled bicubically to {side}x{side}, clamped to [-1, 1]"
+    source = "the source image in [-1, 1]" if condition.scale == 1 else upsampled
+    steps, start = [], latent_channels
+    for part in condition.parts:
+        end = start + part_channels(part, latent_channels)
+        text = PART_STEPS[part].format(
+            input=source, image=sizes["image"], latent=sizes["latent"], latent_channels=latent_channels,
+            scaling=scaling,
+        )  # fmt: skip
+        steps.append(f"channels {start}..<{end}: {text}")
+        start = end
+    return "; ".join(steps)
 
 
 def task_readme(task: TaskDef, sizes: dict[str, int], scaling: float) -> str:
@@ -566,7 +581,7 @@ def task_readme(task: TaskDef, sizes: dict[str, int], scaling: float) -> str:
             "Apple's stock pipeline loads `Resources/` as it is: `StableDiffusionPipeline(resourcesAt: resources, "
             "controlNet: [], configuration: config, disableSafety: true)` (there is no safety checker).\n"
         )
-    steps = CONDITION_STEPS[task.condition].format(image=sizes["image"], latent=sizes["latent"], scaling=scaling)
+    steps = condition_steps(task.condition, sizes, scaling)
     batch = sizes["batch"]
     if task.image_guidance:
         guidance = (

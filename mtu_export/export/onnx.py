@@ -195,7 +195,7 @@ class _Exporter:
             table = {
                 t: {
                     "task_id": ids.index(t) if bundled else None,
-                    "condition": defs[t].condition,
+                    **defs[t].condition.describe(),
                     "image_guidance": defs[t].image_guidance,
                 }
                 for t in tasks

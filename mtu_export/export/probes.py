@@ -98,8 +98,8 @@ def trajectory_probes(
 
 def _encoder_image(task: TaskDef, example: Example) -> torch.Tensor:
     """What the VAE encoder sees for `task`: the source image, the masked image, or the target."""
-    image = image_tensor([example.source if task.condition == "source_latent" else example.target])  # (1, 3, H, W)
-    return masked_image(image, mask_tensor([example.mask])) if task.condition == "masked_latent" else image
+    image = image_tensor([example.source if task.condition.encodes_input else example.target])  # (1, 3, H, W)
+    return masked_image(image, mask_tensor([example.mask])) if task.condition.masked else image
 
 
 def _recorder(unet, probes: Probes, bundle: tuple[int, int] | None):

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mtu_export.config import TaskSpec
+from mtu_export.errors import ConfigError
 from mtu_export.image_processor import (
     POLICIES,
     Prepared,
@@ -45,19 +47,9 @@ from mtu_export.ondevice.graphs import graph_path, trim_heap
 from mtu_export.ondevice.noise import TorchCompatibleGenerator
 from mtu_export.ondevice.schedulers import scheduler_from_config
 from mtu_export.ondevice.tokenizer import ClipTokenizer
+from mtu_export.tasks import Condition, TaskDef, resolve
 
-SR_SCALE = 4  # `low_res_latent` super-resolution factor (mtu_export.tasks.SR_SCALE)
 CUBIC_A = -0.75  # torch's bicubic kernel coefficient
-OPTIMUM_TASKS = ("t2i", "inpaint")  # single-task exports `generate` runs in optimum's ORT pipelines
-# extra UNet input channels of each condition, for L latent channels (mtu_export.tasks.TaskDef.extra_channels)
-EXTRA_CHANNELS: dict[str, Callable[[int], int]] = {
-    "none": lambda latent: 0,
-    "source_latent": lambda latent: latent,
-    "low_res_rgb": lambda latent: 3,
-    "low_res_latent": lambda latent: latent,
-    "masked_latent": lambda latent: latent + 1,
-}
-BUILTIN_CONDITIONS = {"t2i": "none", "edit": "source_latent", "sr": "low_res_rgb", "inpaint": "masked_latent"}
 Log = Callable[[str], None]
 
 
@@ -70,43 +62,39 @@ def _stderr(message: str) -> None:
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """One task of the folder as the sampler needs it (mtu_export.tasks.resolve, restated without torch)."""
+    """One task of the folder as the sampler needs it: its definition (mtu_export.tasks, torch-free) and its id."""
 
-    name: str
-    condition: str  # none | source_latent | low_res_rgb | low_res_latent | masked_latent
+    task: TaskDef
     task_id: int | None  # the bundle UNet's task index; None in a single-task export
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def condition(self) -> Condition:
+        return self.task.condition
 
     @property
     def image_guidance(self) -> bool:
         """InstructPix2Pix's two-scale guidance (edit, sr, declared tasks); t2i and inpaint guide on text only."""
-        return self.condition in ("source_latent", "low_res_rgb", "low_res_latent")
+        return self.task.image_guidance
 
     @property
     def needs(self) -> tuple[str, ...]:
-        return {"none": (), "masked_latent": ("image", "mask")}.get(self.condition, ("image",))
+        return self.task.needs
 
     def input_scale(self, vae_factor: int) -> int:
-        """Output pixels per input-image pixel: sr's low-res input is smaller by the VAE factor or by SR_SCALE."""
-        return {"low_res_rgb": vae_factor, "low_res_latent": SR_SCALE}.get(self.condition, 1)
+        return self.task.input_scale(vae_factor)
 
 
 def task_plan(name: str, info: dict[str, Any], latent_channels: int) -> TaskPlan:
     """The plan of a manifest task `{task_id, in_channels}`; a ValueError for channels no sampler takes."""
-    channels = info["in_channels"]
-    if name in BUILTIN_CONDITIONS:
-        condition = BUILTIN_CONDITIONS[name]
-        if name == "sr" and channels == 2 * latent_channels:
-            condition = "low_res_latent"
-    elif channels == 2 * latent_channels:
-        condition = "source_latent"  # a declared image-conditioned task, InstructPix2Pix's recipe
-    else:
-        raise ValueError(
-            f"task {name!r} takes {channels} UNet channels; declared tasks must take {2 * latent_channels}"
-        )
-    expected = latent_channels + EXTRA_CHANNELS[condition](latent_channels)
-    if channels != expected:
-        raise ValueError(f"task {name!r} has {channels} input channels, its convention needs {expected}")
-    return TaskPlan(name, condition, info.get("task_id"))
+    try:
+        task = resolve(TaskSpec(name, info["in_channels"]), latent_channels)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return TaskPlan(task, info.get("task_id"))
 
 
 # --- graphs ----------------------------------------------------------------------------------------------------
@@ -255,9 +243,9 @@ def prepare_inputs(
 ) -> Inputs:
     """generate._inputs: the input at its own size fitted to what the UNet takes (within image_processor's area
     cap) or cropped to the export's size; sr's low-res input at 1/scale of that; a mask at its image's size."""
-    if plan.condition == "none":
+    if not plan.needs:
         return Inputs((geometry.pixels, geometry.pixels))
-    if plan.condition == "masked_latent" and mask.size != image.size:  # refused before any note on the image
+    if plan.condition.masked and mask.size != image.size:  # refused before any note on the image
         raise ValueError(
             f"the mask is {mask.size[0]}x{mask.size[1]}, the image {image.size[0]}x{image.size[1]}; "
             "pass a mask of its image's size"
@@ -268,7 +256,7 @@ def prepare_inputs(
     crop_to = (side, side) if resize == "crop" else None
     prepared = _prepare(image, resize, geometry.multiple // scale, crop_to, log, cap=cap)
     width, height = prepared.size
-    if plan.condition != "masked_latent":
+    if not plan.condition.masked:
         return Inputs((height * scale, width * scale), prepared.array)
     hole = _prepare(mask, resize, geometry.multiple, prepared.size, None, mask=True)
     return Inputs((height, width), prepared.array, hole.array)
@@ -367,7 +355,7 @@ class OnDevicePipeline:
     def runs_optimum(self, plan: TaskPlan) -> bool:
         """Whether `generate` runs this task in optimum's pipelines, which load .onnx graphs (not .ort) and call them
         with whole batches (not the one-row graphs of `--batch 1`)."""
-        single = self.manifest.get("kind") == "task" and plan.name in OPTIMUM_TASKS
+        single = self.manifest.get("kind") == "task" and plan.task.optimum_pipeline is not None
         batch_one = self.manifest.get("export", {}).get("batch") is not None
         return single and not batch_one and (self.folder / "unet" / "model.onnx").is_file()
 
@@ -469,20 +457,29 @@ class OnDevicePipeline:
     # --- this project's sampler (sample.py) ---
 
     def _condition(self, plan: TaskPlan, inputs: Inputs, generator: TorchCompatibleGenerator) -> np.ndarray | None:
-        """conditioning.encode_batch + task_condition: the task's extra channels, (1, C, h, w), or None."""
-        if plan.condition == "none":
-            return None
-        image = to_model_input([inputs.image])  # (1, 3, h, w) in [-1, 1]
-        if plan.condition == "source_latent":
-            return self._posterior(image).mean
-        if plan.condition == "low_res_rgb":
-            return image
-        if plan.condition == "low_res_latent":
-            return self._posterior(np.clip(resize_bicubic(image, inputs.size), -1, 1)).mean
+        """conditioning.encode_batch + task_condition: the parts of the task's condition in order, (1, C, h, w), or
+        None for a task without an image input."""
+        built = [getattr(self, f"_part_{part}")(inputs, generator) for part in plan.condition.parts]
+        return np.concatenate(built, axis=1) if built else None
+
+    def _part_image(self, inputs: Inputs, generator: TorchCompatibleGenerator) -> np.ndarray:
+        return to_model_input([inputs.image])  # (1, 3, h, w) in [-1, 1], at latent resolution
+
+    def _part_image_latent(self, inputs: Inputs, generator: TorchCompatibleGenerator) -> np.ndarray:
+        image = to_model_input([inputs.image])
+        if image.shape[-2:] != tuple(inputs.size):  # a low-res input: upsampled to the output's size first
+            image = np.clip(resize_bicubic(image, inputs.size), -1, 1)
+        return self._posterior(image).mean  # the mode, unscaled
+
+    def _part_mask(self, inputs: Inputs, generator: TorchCompatibleGenerator) -> np.ndarray:
         mask = inputs.mask[None, None].astype(np.float32)  # (1, 1, H, W), 1 = hole
-        posterior = self._posterior(image * (mask < 0.5))  # the hole is 0 (mid-grey)
-        hole = posterior.sample(generator) * self._scaling
-        return np.concatenate([resize_nearest(mask, hole.shape[-2:]), hole], axis=1)
+        latent = (inputs.size[0] // self.geometry.factor, inputs.size[1] // self.geometry.factor)
+        return resize_nearest(mask, latent)
+
+    def _part_masked_latent(self, inputs: Inputs, generator: TorchCompatibleGenerator) -> np.ndarray:
+        mask = inputs.mask[None, None].astype(np.float32)
+        posterior = self._posterior(to_model_input([inputs.image]) * (mask < 0.5))  # the hole is 0 (mid-grey)
+        return posterior.sample(generator) * self._scaling
 
     def _own(self, plan, inputs: Inputs, prompt: str, steps: int, guidance: float, image_guidance: float, seed: int):
         condition = self._condition(plan, inputs, TorchCompatibleGenerator(seed + 1))
@@ -518,7 +515,7 @@ class OnDevicePipeline:
         scheduler.set_timesteps(steps)
         latents = generator.randn(self._latent_shape(inputs)) * np.float32(scheduler.init_noise_sigma)
         condition = None
-        if plan.condition == "masked_latent":
+        if plan.condition.masked:
             image = (inputs.image.astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1)[None]  # (1, 3, H, W)
             image = np.float32(2.0) * image - np.float32(1.0)  # VaeImageProcessor.normalize
             mask = inputs.mask[None, None].astype(np.float32)  # binarised already: {0, 1}
