@@ -174,8 +174,9 @@ def test_only_tasks_without_a_stock_class_ship_one():
     import optimum.onnxruntime
 
     labels = {name: pipeline_class(task, "StableDiffusionPipeline") for name, task in BUILTIN.items()}
-    assert {name for name, label in labels.items() if label in pipelines.SHIPPED} == {"sr"}
-    assert all(hasattr(diffusers, label) for name, label in labels.items() if name != "sr")
+    shipping = {name for name, label in labels.items() if label in pipelines.SHIPPED}
+    assert "sr" in shipping and shipping == {name for name, task in BUILTIN.items() if task.super_resolution}
+    assert all(hasattr(diffusers, label) for name, label in labels.items() if name not in shipping)
     # a folded edit keeps InstructPix2Pix's name (diffusers runs it); its ONNX export ships MTUOnnxPipeline instead,
     # as optimum has no ORT pipeline of that name
     assert labels["edit"] == "StableDiffusionInstructPix2PixPipeline"
