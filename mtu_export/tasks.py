@@ -14,9 +14,10 @@ A new condition made of these parts is one entry of CONDITIONS (L = the UNet's l
 - `source_latent`     VAE latent (posterior mode, unscaled) of a source image, as InstructPix2Pix                     2L
 - `low_res_rgb`       the low-res RGB image at latent resolution, as SD's x4 upscaler (factor-4 VAE)               L + 3
 - `low_res_latent`    VAE latent of the low-res image bicubic-upsampled to full size (x4, any VAE)                    2L
+- `low_res_latent_x2` the same at x2 (the built-in `sr2`)                                                             2L
 - `masked_latent`     mask + latent of the masked image, as SD inpainting                                         2L + 1
 
-Besides the built-in `t2i`, `edit`, `sr` and `inpaint`, any other task name declared with 2L channels
+Besides the built-in `t2i`, `edit`, `sr`, `sr2` and `inpaint`, any other task name declared with 2L channels
 (`colorize:8`) is an image-conditioned task like `edit`: source image in, target image out.
 """
 
@@ -100,6 +101,7 @@ CONDITIONS: dict[str, Condition] = {
         Condition("source_latent", ("image_latent",)),
         Condition("low_res_rgb", ("image",), scale=None),
         Condition("low_res_latent", ("image_latent",), scale=SR_SCALE),
+        Condition("low_res_latent_x2", ("image_latent",), scale=2),
         Condition("masked_latent", ("mask", "masked_latent")),
     )
 }
@@ -178,6 +180,17 @@ BUILTIN: dict[str, TaskDef] = {
         columns={"image": _IMAGE, "prompt": _PROMPT, "low_res": "low_res_image"},
         floor="bicubic",
         world="sr",
+    ),
+    "sr2": TaskDef(
+        "sr2",
+        CONDITIONS["low_res_latent_x2"],
+        image_guidance=True,
+        drop_image=True,
+        pipeline="MTUSuperResolutionPipeline",
+        optimum_pipeline=None,
+        columns={"image": _IMAGE, "prompt": _PROMPT, "low_res": "low_res_image"},
+        floor="bicubic",
+        world="sr",  # the world's sr scenes, the low-res input made at half the output's side
     ),
     "inpaint": TaskDef(
         "inpaint",
