@@ -62,8 +62,8 @@ def _generate(sr2: dict[str, Path]) -> np.ndarray:
 
 def test_sr2_trains_on_the_shapes_world(world_pipeline, tmp_path):
     result = invoke(
-        "train", world_pipeline, "--tasks", "t2i,sr2", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "trained",
-        "--work", tmp_path / "work",
+        "train", world_pipeline, "--tasks", "t2i,sr2", "--steps", "1", "--batch-size", "4",
+        "--out", tmp_path / "trained", "--work", tmp_path / "work",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "loss_sr2" in json.loads((tmp_path / "work" / "train-log.jsonl").read_text().splitlines()[-1])
