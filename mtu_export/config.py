@@ -384,6 +384,11 @@ REDUCE_RANGE_MODES = ("dynamic-int8", "static-int8")
 ONNX_FORMATS = ("onnx", "ort", "both")
 
 
+# ExportConfig's fields only one exporter reads
+ONNX_ONLY = ("opset", "dynamo", "fixed_shapes", "external_data", "optimize", "format", "batch", "reduce_range")
+COREML_ONLY = ("target", "compute_precision", "layout")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """`mtu-export onnx` / `mtu-export coreml`: which tasks, graph options, quantization and validation.
@@ -485,3 +490,9 @@ class ExportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def options_for(self, exporter: str) -> dict[str, Any]:
+        """The options an `exporter` ("onnx" or "coreml") reads, as its manifest records them: without the other
+        exporter's (an ONNX manifest names no iOS target, a Core ML one no opset)."""
+        other = {"onnx": COREML_ONLY, "coreml": ONNX_ONLY}[exporter]
+        return {k: v for k, v in self.to_dict().items() if k not in other}

@@ -13,7 +13,7 @@ import torch
 from helpers import assert_clean_failure, assert_valid_manifest, invoke
 
 from mtu_export.checkpoint import load_checkpoint
-from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.config import ONNX_ONLY, ONNX_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError
 from mtu_export.export.coreml import convert_module, describe_package, require_coremltools
 from mtu_export.export.graphs import UNetGraph
@@ -80,6 +80,7 @@ def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(m
     assert set(unet["functions"]) == {"t2i", "edit", "sr", "inpaint"}
     assert unet["functions"]["edit"]["inputs"]["sample"] == [3, 8, 16, 16]  # two-scale guidance batch, 8 channels
     assert manifest["export"]["target"] == "iOS18"
+    assert not set(ONNX_ONLY) & manifest["export"].keys()  # only the options Core ML reads
     sizes = manifest["sizes"]
     assert sizes["ratio_to_separate"] <= MULTIFUNCTION_MAX_RATIO, sizes
 

@@ -16,6 +16,7 @@ from helpers import FAST, PROMPT, assert_clean_failure, assert_valid_manifest, i
 from PIL import Image
 
 from mtu_export.bundle import bundle_tasks
+from mtu_export.config import COREML_ONLY
 from mtu_export.export import onnx as onnx_export
 from mtu_export.fold import fold_checkpoint, fold_task
 from mtu_export.metrics import psnr_db
@@ -402,7 +403,8 @@ def test_layer_sensitivity_ranks_the_layer_int8_hurts_most_first(tmp_path):
 
 def test_manifests_validate_against_the_schema(exports) -> None:
     for folder in exports.values():  # a task, the all-task bundle
-        assert_valid_manifest(folder)
+        export = assert_valid_manifest(folder)["export"]
+        assert not set(COREML_ONLY) & export.keys() and export["opset"] == 18  # only the options ONNX reads
 
 
 def test_the_schema_refuses_what_readers_could_not_use(exports) -> None:

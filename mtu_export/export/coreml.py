@@ -123,7 +123,7 @@ def export_coreml(
             "kind": "multifunction" if bundled else "task",
             "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
-            "export": config.to_dict() | {"target": target},
+            "export": config.options_for("coreml") | {"target": target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "packages": checks,
             "sizes": converter.sizes,

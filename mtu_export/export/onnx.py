@@ -369,7 +369,7 @@ class _Exporter:
                 "checkpoint": str(self.ckpt.path),
                 "sha256": file_sha256(self.ckpt.path / "mtu_unet.safetensors"),
             },
-            "export": self.config.to_dict(),
+            "export": self.config.options_for("onnx"),
             "optimized": {
                 "level": OPTIMIZE_LEVEL,
                 "by": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
