@@ -1,5 +1,7 @@
 """Export of folded MTU tasks to on-device formats.
 
+- `skeleton.py` the one export run (prepare, convert, validate, manifest, drift refusal, atomic write) that the
+                ONNX, Core ML and Apple converters are handed to;
 - `graphs.py`   the declarative I/O spec of every pipeline component (names, dynamic axes) and the thin
                 modules that give each component the tensor-in / tensor-out signature the runtimes expect;
 - `probes.py`   real inputs for validation: every graph input recorded along the task's own sampling trajectory;

@@ -36,11 +36,10 @@ import torch
 from torch import nn
 
 from mtu_export import __version__
-from mtu_export.checkpoint import file_sha256
+from mtu_export.checkpoint import Checkpoint, file_sha256
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import (
-    MANIFEST,
     Log,
     _attention_census,
     _Converter,
@@ -51,15 +50,15 @@ from mtu_export.export.coreml import (
     convert_module,
     describe_package,
     manifest_tasks,
-    raise_on_drift,
     require_coremltools,
     resolve_target,
 )
 from mtu_export.export.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import prepare_export, record_probes
+from mtu_export.export.prepare import Prepared, record_probes
 from mtu_export.export.probes import Probes
+from mtu_export.export.skeleton import run_export
 from mtu_export.quantize import quantize_coreml
-from mtu_export.storage import atomic_output_dir, write_json
+from mtu_export.sample import Components
 from mtu_export.tasks import Condition, TaskDef, part_channels
 
 APPLE_SOURCE = "apple/ml-stable-diffusion@e12202c1f6405b83918b58a5d097cd61e3e1f702"
@@ -307,10 +306,6 @@ def _tokenizer_problems(folder: Path) -> list[str]:
     return problems + ([f"merges.txt lines {bad[:3]} are not `a b` pairs"] if bad else [])
 
 
-def _fits_apple(ckpt, components) -> None:
-    check_fits_apple(ckpt.pipeline_dir, components)
-
-
 # ---------------------------------------------------------------------------------------------------- the export
 def export_apple(
     checkpoint: Path,
@@ -322,19 +317,32 @@ def export_apple(
 ) -> dict:
     """Write Apple's resource folder per task (and the multifunction UNet for all tasks); check every package's
     spec against Apple's conventions (and, on macOS, its numbers against torch); returns the manifest."""
-    ct = require_coremltools()
-    bundled = not config.tasks
-    target = resolve_target(config, bundled)
-    job = prepare_export(checkpoint, config, out, overwrite, data, log, (COREML_QUANTIZE, "coreml"), _fits_apple)
-    out, ckpt, tasks, components = Path(out), job.ckpt, job.tasks, job.components
-    sources, unets = job.sources, job.unets
-    height, _, factor = job.size
-    probes = record_probes(config, unets, sources, components)
-    attention = _set_attention(config, unets, probes, log)
-    modules, feeds = apple_modules(components, unets), apple_feeds(probes, components.scheduler)
-    sizes = {t: apple_sizes(components, sources.tasks[t], unets[t], height, factor) for t in tasks}
-    with atomic_output_dir(out, overwrite) as tmp:
-        converter = _Converter(ct, config, target, tmp, log)
+    return run_export(AppleConverter(config, log), checkpoint, config, out, overwrite, data, log)
+
+
+class AppleConverter:
+    """Apple's Swift-package layout as the export skeleton (skeleton.py) runs it."""
+
+    command, quantize_modes = "coreml", COREML_QUANTIZE
+
+    def __init__(self, config: ExportConfig, log: Log):
+        self.ct = require_coremltools()
+        self.config, self.log = config, log
+        self.target = resolve_target(config, bundled=not config.tasks)
+
+    def fits(self, ckpt: Checkpoint, components: Components) -> None:
+        check_fits_apple(ckpt.pipeline_dir, components)
+
+    def write(self, job: Prepared, tmp: Path, scratch: Path) -> dict:
+        ct, config, log = self.ct, self.config, self.log
+        ckpt, tasks, components, sources, unets = job.ckpt, job.tasks, job.components, job.sources, job.unets
+        bundled = not config.tasks
+        height, _, factor = job.size
+        probes = record_probes(config, unets, sources, components)
+        attention = _set_attention(config, unets, probes, log)
+        modules, feeds = apple_modules(components, unets), apple_feeds(probes, components.scheduler)
+        sizes = {t: apple_sizes(components, sources.tasks[t], unets[t], height, factor) for t in tasks}
+        converter = _Converter(ct, config, self.target, tmp, log)
         packages = _write_packages(converter, tasks, modules, feeds, tmp)
         scaling = float(components.vae.config.scaling_factor)
         resources = {t: _write_task_files(tmp, ckpt.pipeline_dir, sources.tasks[t], sizes[t], scaling) for t in tasks}
@@ -342,13 +350,13 @@ def export_apple(
         _check_conventions(ct, tmp, tasks, sizes, multifunction)
         described = {name: describe_package(ct, tmp / path) | {"path": path} for name, path in packages.items()}
         agreement = _mac_agreement(ct, tmp, packages, modules, feeds)
-        manifest = {
+        return {
             "format": "mtu-export-coreml-apple/2",
             "layout": "apple",
             "kind": "multifunction" if bundled else "task",
             "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
-            "export": config.options_for("coreml") | {"target": target},
+            "export": config.options_for("coreml") | {"target": self.target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "conventions": {
                 "source": APPLE_SOURCE,
@@ -361,9 +369,9 @@ def export_apple(
             **agreement,
             "attention": attention | {"ops": {t: _attention_census(described[f"{t}/Unet"])["main"] for t in tasks}},
         }
-        write_json(tmp / MANIFEST, manifest)
-        raise_on_drift(manifest["graph_agreement"], config.allow_drift)
-    return manifest
+
+    def after_validation(self, job: Prepared, tmp: Path, manifest: dict) -> dict:
+        return manifest
 
 
 def _write_packages(converter: _Converter, tasks, modules: dict, feeds: dict, tmp: Path) -> dict[str, str]:

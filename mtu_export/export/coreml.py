@@ -22,7 +22,6 @@ import contextlib
 import io
 import logging
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -32,17 +31,18 @@ import numpy as np
 import torch
 
 from mtu_export import __version__
-from mtu_export.checkpoint import file_sha256
+from mtu_export.checkpoint import Checkpoint, file_sha256
 from mtu_export.config import COREML_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export, record_probes
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, Prepared, record_probes
+from mtu_export.export.skeleton import run_export
 from mtu_export.export.split_einsum import split_einsum_attention_
 from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_coreml
-from mtu_export.storage import atomic_output_dir, tree_bytes, write_json
+from mtu_export.sample import Components
+from mtu_export.storage import tree_bytes
 
-MANIFEST = "manifest.json"
 PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_decoder": "VAEDecoder", "unet": "Unet"}
 COREML_PSNR_FLOOR_DB = 35.0  # Apple's own converter refuses a Stable Diffusion component under 35 dB
 SPLIT_EINSUM_PSNR_FLOOR_DB = 60.0  # the split-einsum UNet against the original, both torch fp32: same math
@@ -86,29 +86,37 @@ def export_coreml(
 ) -> dict:
     """Convert, check and describe; returns the manifest. `data` (task -> DataSpec) gives tasks their validation
     examples (default: the shapes world)."""
-    ct = require_coremltools()
     if config.layout == "apple":  # per task, the resource folder of Apple's Swift package (apple.py)
         from mtu_export.export.apple import export_apple
 
         return export_apple(checkpoint, config, out, overwrite=overwrite, log=log, data=data)
-    bundled = not config.tasks
-    target = resolve_target(config, bundled)
-    job = prepare_export(checkpoint, config, out, overwrite, data, log, (COREML_QUANTIZE, "coreml"))
-    out, ckpt, tasks, components, sources, unets = (
-        Path(out),
-        job.ckpt,
-        job.tasks,
-        job.components,
-        job.sources,
-        job.unets,
-    )
-    probes = record_probes(config, unets, sources, components)
-    log(f"recorded validation trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
-    attention = _set_attention(config, unets, probes, log)
-    vae, text_encoder = components.vae, components.text_encoder
-    first = probes[tasks[0]].feeds
-    with tempfile.TemporaryDirectory(prefix="mtu-coreml-") as scratch, atomic_output_dir(out, overwrite) as tmp:
-        converter = _Converter(ct, config, target, Path(scratch), log)
+    return run_export(CoreMLConverter(config, log), checkpoint, config, out, overwrite, data, log)
+
+
+class CoreMLConverter:
+    """Core ML as the export skeleton (skeleton.py) runs it: a package per component, one multifunction UNet for
+    all tasks."""
+
+    command, quantize_modes = "coreml", COREML_QUANTIZE
+
+    def __init__(self, config: ExportConfig, log: Log):
+        self.ct = require_coremltools()
+        self.config, self.log = config, log
+        self.target = resolve_target(config, bundled=not config.tasks)
+
+    def fits(self, ckpt: Checkpoint, components: Components) -> None:
+        """Every checkpoint the toolchain loads converts to Core ML."""
+
+    def write(self, job: Prepared, tmp: Path, scratch: Path) -> dict:
+        ct, config, log = self.ct, self.config, self.log
+        ckpt, tasks, components, unets = job.ckpt, job.tasks, job.components, job.unets
+        bundled = not config.tasks
+        probes = record_probes(config, unets, job.sources, components)
+        log(f"recorded validation trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
+        attention = _set_attention(config, unets, probes, log)
+        vae, text_encoder = components.vae, components.text_encoder
+        first = probes[tasks[0]].feeds
+        converter = _Converter(ct, config, self.target, scratch, log)
         packages = {
             "text_encoder": converter.convert(TextEncoderGraph(text_encoder), first["text_encoder"][0], tmp),
             "vae_encoder": converter.convert(VaeEncoderGraph(vae), first["vae_encoder"][0], tmp, "vae_encoder"),
@@ -118,12 +126,12 @@ def export_coreml(
         packages["unet"] = unet
         checks = {name: describe_package(ct, tmp / path) for name, path in _package_files(packages).items()}
         agreement = _mac_agreement(ct, tmp, packages, unets, probes, (vae, text_encoder))
-        manifest = {
+        return {
             "format": "mtu-export-coreml/2",
             "kind": "multifunction" if bundled else "task",
             "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
-            "export": config.options_for("coreml") | {"target": target},
+            "export": config.options_for("coreml") | {"target": self.target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "packages": checks,
             "sizes": converter.sizes,
@@ -131,9 +139,9 @@ def export_coreml(
             "attention": attention | {"ops": _attention_census(checks["unet"])},
             "image_psnr_goal_db": IMAGE_PSNR_GOAL_DB,
         }
-        write_json(tmp / MANIFEST, manifest)
-        raise_on_drift(manifest["graph_agreement"], config.allow_drift)
-    return manifest
+
+    def after_validation(self, job: Prepared, tmp: Path, manifest: dict) -> dict:
+        return manifest
 
 
 def manifest_tasks(ckpt, tasks: list[str], bundled: bool) -> dict[str, dict]:
@@ -143,14 +151,6 @@ def manifest_tasks(ckpt, tasks: list[str], bundled: bool) -> dict[str, dict]:
         task: {"in_channels": ckpt.model.config.task(task).in_channels, "function": task if bundled else None}
         for task in tasks
     }
-
-
-def raise_on_drift(rows: list[dict], allow_drift: bool) -> None:
-    """A DriftError naming every package output under the floor (the output folder is then not written)."""
-    failed = [r for r in rows if not r["ok"]]
-    if failed and not allow_drift:
-        listed = "; ".join(f"{r['component']}.{r['output']}: {r['psnr_db']:.1f} dB" for r in failed)
-        raise DriftError(f"Core ML drifts from torch: {listed}; nothing was written (--allow-drift keeps it)")
 
 
 def _set_attention(config: ExportConfig, unets: dict, probes: dict, log: Log) -> dict:

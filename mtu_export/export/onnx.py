@@ -47,23 +47,22 @@ from mtu_export.export.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, prepare_export, record_probes
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, Prepared, record_probes
 from mtu_export.export.probes import Probes
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae, run, session
+from mtu_export.export.skeleton import run_export
 from mtu_export.image_processor import size_multiple
 from mtu_export.metrics import UINT8_PEAK, psnr_db
 from mtu_export.quantize import quantize_onnx, saturating_int8_cpu
 from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
 from mtu_export.storage import (
     PIPELINE_INDEX,
-    atomic_output_dir,
     read_json,
     tree_bytes,
     write_json,
 )
 from mtu_export.tasks import pipeline_class
 
-MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 EXTERNAL_DATA = "model.onnx_data"
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger graphs must keep their weights in external data
@@ -91,11 +90,6 @@ class GraphAgreement:
     def ok(self) -> bool:
         return self.psnr_db is None or self.psnr_db >= self.floor_db
 
-    def describe(self) -> str:
-        where = f"{self.component}[{self.task}]" if self.task else self.component
-        psnr = "exact" if self.psnr_db is None else f"{self.psnr_db:.1f} dB"
-        return f"{where}.{self.output}: {psnr} (floor {self.floor_db:.0f} dB), max |diff| {self.max_abs_diff:.3g}"
-
 
 # ------------------------------------------------------------------------------------------------------ the command
 def export_onnx(
@@ -108,11 +102,30 @@ def export_onnx(
 ) -> dict:
     """Export, validate and describe; returns the manifest. Raises DriftError listing every drifting graph.
     `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
-    job = prepare_export(checkpoint, config, out, overwrite, data, log, (ONNX_QUANTIZE, "onnx"))
-    with tempfile.TemporaryDirectory(prefix="mtu-export-") as scratch, atomic_output_dir(Path(out), overwrite) as tmp:
-        exporter = _Exporter(job.ckpt, config, job.components, Path(scratch), tmp, log, job.sources)
-        manifest = exporter.run(job.tasks, job.unets, job.size)
-    return manifest
+    return run_export(OnnxConverter(config, log), checkpoint, config, out, overwrite, data, log)
+
+
+class OnnxConverter:
+    """ONNX as the export skeleton (skeleton.py) runs it: optimum's layout, then the .ort files of validated graphs."""
+
+    command, quantize_modes = "onnx", ONNX_QUANTIZE
+
+    def __init__(self, config: ExportConfig, log: Log):
+        self.config, self.log = config, log
+        self.exporter: _Exporter | None = None
+
+    def fits(self, ckpt: Checkpoint, components: Components) -> None:
+        """Every checkpoint the toolchain loads exports to ONNX."""
+
+    def write(self, job: Prepared, tmp: Path, scratch: Path) -> dict:
+        self.exporter = _Exporter(job.ckpt, self.config, job.components, scratch, tmp, self.log, job.sources)
+        return self.exporter.run(job.tasks, job.unets, job.size)
+
+    def after_validation(self, job: Prepared, tmp: Path, manifest: dict) -> dict:
+        if self.config.format == "onnx":
+            return manifest
+        # the validated graphs, metadata stamped, as ONNX Runtime Mobile files
+        return manifest | {"ort": self.exporter.convert_to_ort(job.tasks)}
 
 
 class _Exporter:
@@ -160,11 +173,7 @@ class _Exporter:
         images = self._image_check(tasks, unets, bundle)
         manifest = self._manifest(tasks, bundle, images, sizes)
         self._stamp_metadata(manifest)
-        write_json(self.tmp / MANIFEST, manifest)
-        self._raise_on_drift()
-        if self.config.format != "onnx":  # the validated graphs, metadata stamped, as ONNX Runtime Mobile files
-            manifest["ort"] = self._convert_to_ort(probes, tasks)
-            write_json(self.tmp / MANIFEST, manifest)
+        self.probes = probes
         return manifest
 
     def _probes(self, tasks, unets, bundle, purpose: str, count: int) -> dict[str, Probes]:
@@ -259,11 +268,12 @@ class _Exporter:
             rows = validate_graph(spec, module, self.tmp / "unet" / MODEL, feeds, task, GRAPH_PSNR_FLOOR[mode])
             self.agreement += [replace(r, component=f"unet[{mode}]") for r in rows]
 
-    def _convert_to_ort(self, probes: dict[str, Probes], tasks: tuple[str, ...]) -> dict:
+    def convert_to_ort(self, tasks: tuple[str, ...]) -> dict:
         """Every graph as `model.ort` (ort_format.py), each checked against its .onnx on the validation probes (the
         UNet on every task's); the .onnx files removed for `--format ort`. Raises DriftError under ORT_PSNR_FLOOR."""
         from mtu_export.export.ort_format import convert_folder
 
+        probes = self.probes
         feeds = {c: [_numpy(f) for f in probes["*"].feeds[c]] for c in ("text_encoder", "vae_encoder", "vae_decoder")}
         unet_inputs = (UNET if self.config.tasks else BUNDLE).inputs
         feeds["unet"] = [_numpy({k: f[k] for k in unet_inputs}) for t in tasks for f in probes[t].feeds["unet"]]
@@ -433,17 +443,6 @@ class _Exporter:
             for key, value in props.items():
                 model.metadata_props.add(key=key, value=value)
             onnx.save_model(model, str(folder / MODEL))
-
-    def _raise_on_drift(self) -> None:
-        failed = [r for r in self.agreement if not r.ok]
-        if failed and not self.config.allow_drift:
-            listed = "; ".join(r.describe() for r in failed)
-            raise DriftError(
-                f"{len(failed)} exported output(s) drift from torch: {listed}; nothing was written "
-                "(pass --allow-drift to keep such an export)"
-            )
-        for row in failed:
-            self.log(f"warning: drift kept (--allow-drift): {row.describe()}")
 
 
 # ------------------------------------------------------------------------------------------------------- writing

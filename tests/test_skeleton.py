@@ -1,0 +1,65 @@
+"""The one export skeleton (export/skeleton.py) every format runs: a converter's drifting output refuses the export
+and leaves nothing on disk, before the step that needs validated graphs; `--allow-drift` keeps it with a warning;
+the ONNX, Core ML and Apple exporters are converters of that skeleton."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mtu_export.config import ExportConfig
+from mtu_export.errors import DriftError
+from mtu_export.export import skeleton
+from mtu_export.export.onnx import OnnxConverter
+
+
+class _Recording:
+    """A converter that writes one file and reports one output at `psnr_db` against a 40 dB floor."""
+
+    command, quantize_modes = "onnx", ("none",)
+
+    def __init__(self, psnr_db: float):
+        self.psnr_db, self.calls = psnr_db, []
+
+    def fits(self, ckpt, components) -> None:
+        self.calls.append("fits")
+
+    def write(self, job, tmp: Path, scratch: Path) -> dict:
+        self.calls.append(("write", job.tasks))
+        (tmp / "graph.bin").write_bytes(b"weights")
+        row = {"component": "unet", "task": job.tasks[0], "output": "out_sample", "psnr_db": self.psnr_db}
+        row |= {"floor_db": 40.0, "max_abs_diff": 0.5, "ok": self.psnr_db >= 40.0}
+        return {"graph_agreement": [row]}
+
+    def after_validation(self, job, tmp: Path, manifest: dict) -> dict:
+        self.calls.append("after_validation")
+        return manifest | {"after": True}
+
+
+def test_a_drifting_output_refuses_the_export_and_writes_nothing(mtu_world, tmp_path):
+    converter, out = _Recording(psnr_db=12.0), tmp_path / "out"
+    with pytest.raises(DriftError, match=r"1 exported output\(s\) drift from torch: unet\[edit\]\.out_sample: 12\.0"):
+        skeleton.run_export(converter, mtu_world, ExportConfig(tasks="edit"), out, log=lambda m: None)
+    assert converter.calls == ["fits", ("write", ("edit",))]  # nothing made of unvalidated graphs
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_allow_drift_keeps_the_export_with_a_warning(mtu_world, tmp_path):
+    converter, out, logged = _Recording(psnr_db=12.0), tmp_path / "out", []
+    manifest = skeleton.run_export(
+        converter, mtu_world, ExportConfig(tasks="edit", allow_drift=True), out, log=logged.append
+    )
+    assert converter.calls[-1] == "after_validation" and manifest["after"] is True
+    assert json.loads((out / "manifest.json").read_text()) == manifest and (out / "graph.bin").is_file()
+    assert any(m.startswith("warning: drift kept (--allow-drift): unet[edit].out_sample: 12.0 dB") for m in logged)
+
+
+def test_the_exporters_are_converters_of_the_skeleton():
+    from mtu_export.export.apple import AppleConverter
+    from mtu_export.export.coreml import CoreMLConverter
+
+    for converter in (OnnxConverter, CoreMLConverter, AppleConverter):
+        assert {"fits", "write", "after_validation"} <= set(vars(converter)), converter
+        assert converter.command in ("onnx", "coreml") and converter.quantize_modes
