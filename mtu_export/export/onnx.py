@@ -129,7 +129,7 @@ class OnnxConverter:
 
 
 class _Exporter:
-    """One export run: writes graphs into `tmp`, validates them, writes the manifest."""
+    """One export run: writes graphs into `tmp`, validates them, returns the manifest."""
 
     def __init__(
         self,
@@ -144,6 +144,7 @@ class _Exporter:
         self.ckpt, self.config, self.components, self.sources = ckpt, config, components, sources
         self.scratch, self.tmp, self.log = scratch, tmp, log
         self.agreement: list[GraphAgreement] = []
+        self.probes: dict[str, Probes] = {}  # the validation probes, which also check the .ort files
         self.calibration: dict[str, dict] | None = None  # static int8, w8a16: what each task was calibrated on
         self.size = (0, 0, 1)  # (height, width, VAE factor), set by run
         # int8's 7-bit weights: as asked, else where this CPU's int8 kernels saturate 8-bit ones
