@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtu_export.conditioning import encode_batch
+from mtu_export.conditioning import encode_batch, tokenize
 from mtu_export.data import Source
 from mtu_export.errors import CheckpointError
-from mtu_export.vocab import tokenize
 
 CACHE_FORMAT = "mtu-export-cache/2"  # 2: condition inputs keyed by their part (tasks.PARTS)
 SHARD_ROWS = 512

@@ -38,6 +38,13 @@ def mask_tensor(masks: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks)).float()[:, None]
 
 
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids exactly as StableDiffusionPipeline makes them: padded to the model's length, no attention mask."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids  # (B, L)
+
+
 def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The inpainting pipeline's masked image: the hole is 0 (mid-gray) in [-1, 1] space."""
     return image * (mask < 0.5)

@@ -33,7 +33,7 @@ from torch import nn
 
 from mtu_export.cache import LatentCache, build_cache
 from mtu_export.checkpoint import load_components, save_checkpoint
-from mtu_export.conditioning import drop_image, target_latents, task_condition
+from mtu_export.conditioning import drop_image, target_latents, task_condition, tokenize
 from mtu_export.config import TrainConfig
 from mtu_export.data import Source, open_source, pipeline_geometry
 from mtu_export.errors import ConfigError, InputError
@@ -44,7 +44,6 @@ from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_
 from mtu_export.storage import check_output, check_separate, locate_unet, write_json
 from mtu_export.tasks import resolve
 from mtu_export.upcycle import load_unet, upcycle_unet
-from mtu_export.vocab import tokenize
 
 
 def cache_folder(workdir: Path, task: str) -> Path:

@@ -12,12 +12,8 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .world import TASKS, make_example
-
-if TYPE_CHECKING:
-    import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 40  # the longest prompt of any task (3 objects, two-tone background) is 34 tokens with BOS/EOS
@@ -86,13 +82,6 @@ def write_tokenizer_files(path: Path) -> tuple[Path, Path]:
     vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return vocab_file, merges_file
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids exactly as StableDiffusionPipeline makes them: padded to the model's length, no attention mask."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids  # (B, L)
 
 
 def world_tokenizer(path: Path):

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
 from helpers import assert_clean_failure, assert_valid_manifest, invoke
 
 from mtu_export.checkpoint import load_checkpoint, load_components
+from mtu_export.conditioning import tokenize
 from mtu_export.config import ONNX_QUANTIZE, ExportConfig
 from mtu_export.errors import ConfigError
 from mtu_export.export.apple import (
@@ -37,7 +38,6 @@ from mtu_export.metrics import psnr_db
 from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
 from mtu_export.tasks import BUILTIN
 from mtu_export.tiny import tiny_unet
-from mtu_export.vocab import tokenize
 from mtu_export.world import make_example
 
 ADAPTER_ATOL = 1e-5  # an adapter against the module it wraps, both torch fp32

@@ -14,12 +14,12 @@ from helpers import assert_clean_failure, invoke
 from PIL import Image
 
 from mtu_export.cache import LatentCache, build_cache, encode_rows
+from mtu_export.conditioning import tokenize
 from mtu_export.config import DataSpec, TaskSpec, TrainConfig
 from mtu_export.data import DatasetSource, WorldSource, export_world_dataset, open_source, random_mask
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.tasks import BUILTIN, parse_tasks, resolve
 from mtu_export.train import TaskLoss, build_caches, fit, load_base, make_batches, prepare_model, training_sources
-from mtu_export.vocab import tokenize
 
 TINY = dict(steps=3, batch_size=8, cache_size=12, checkpoint_every=3, warmup=1, lr=1e-3)
 TASKS = ("t2i", "edit", "sr", "inpaint")

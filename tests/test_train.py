@@ -17,6 +17,7 @@ from helpers import assert_clean_failure, invoke
 from safetensors.torch import load_file
 
 from mtu_export.checkpoint import CHECKPOINT_WEIGHTS, load_checkpoint
+from mtu_export.conditioning import tokenize
 from mtu_export.config import TrainConfig
 from mtu_export.loop import process_state
 from mtu_export.objective import min_snr_weight
@@ -32,7 +33,6 @@ from mtu_export.train import (
     training_sources,
 )
 from mtu_export.upcycle import load_unet, upcycle_unet
-from mtu_export.vocab import tokenize
 
 TINY = dict(steps=4, batch_size=8, cache_size=16, checkpoint_every=2, warmup=1, lr=1e-3)
 

@@ -23,9 +23,9 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
 
     if batch_size < 4 or repeats < 1 or warmup < 0:  # 4: one row of each built-in task
         raise ConfigError(f"bench-train needs --batch-size >= 4 and --repeats >= 1, got {batch_size} and {repeats}")
+    from mtu_export.conditioning import tokenize
     from mtu_export.loop import process_state
     from mtu_export.train import TaskLoss, build_caches, load_base, make_batches, prepare_model, training_sources
-    from mtu_export.vocab import tokenize
 
     vae, text_encoder, tokenizer, unet, scheduler = load_base(Path(base))
     cache_size = min(200, 4 * batch_size)

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from mtu_export.bundle import pad_to_channels
-from mtu_export.conditioning import image_tensor, mask_tensor, masked_image
+from mtu_export.conditioning import image_tensor, mask_tensor, masked_image, tokenize
 from mtu_export.config import DataSpec
 from mtu_export.data import Source, open_source
 from mtu_export.sample import Components, SamplerConfig, sample_latents
 from mtu_export.tasks import TaskDef
-from mtu_export.vocab import tokenize
 from mtu_export.world import Example
 
 Feeds = dict[str, torch.Tensor]
