@@ -67,7 +67,7 @@ RESULTS := benchmarks/results
 # single-task baselines (quick settings) and print where the report is.
 demo: $(STAMP)
 	$(BIN)/mtu-export onnx $(SHIPPED) --task all --out $(DEMO)/onnx --overwrite
-	$(BIN)/python -m mtu_export.world_grid $(DEMO)/inputs
+	$(BIN)/python -m mtu_export.shapes.world_grid $(DEMO)/inputs
 	for t in $(TASKS); do $(BIN)/mtu-export generate $(DEMO)/onnx --task $$t --prompt "$$(cat $(DEMO)/inputs/$$t.txt)" \
 	  --image $(DEMO)/inputs/$$t.png --mask $(DEMO)/inputs/mask.png --out $(DEMO)/generated/$$t.png --overwrite || exit 1; done
 	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out $(DEMO)/bench --repeats 5 --modes dynamic-int8 --image-count 1 --overwrite

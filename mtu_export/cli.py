@@ -141,7 +141,7 @@ def world(
 
         path = export_world_dataset(export_dataset, task, split, count, overwrite=overwrite, start=start)
         return display.print_world_dataset(path, task, split, count, start)
-    from mtu_export.world_grid import write_grid
+    from mtu_export.shapes.world_grid import write_grid
 
     path = write_grid(out, task, split, count, start, overwrite=overwrite)
     console.print(f"wrote {path}")
@@ -176,7 +176,7 @@ def pretrain(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train the shapes-world base pipeline (VAE, text encoder, UNet) from scratch; re-run to resume."""
-    from mtu_export.pretrain import pretrain as run
+    from mtu_export.shapes.pretrain import pretrain as run
 
     path = run(recipe, work, out, overwrite=overwrite, dtype=dtype)
     console.print(f"wrote {path}")

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from mtu_export.errors import ConfigError
 from mtu_export.image_processor import to_model_input
+from mtu_export.shapes.world import Example
 from mtu_export.tasks import TaskDef
-from mtu_export.world import Example
 
 
 def image_tensor(images: list[np.ndarray]) -> torch.Tensor:

@@ -142,7 +142,7 @@ class StageRecipe:
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """How the shipped text-to-image base model is built and trained (`models/*.toml`; see `mtu_export.pretrain`)."""
+    """How the shipped text-to-image base model is built and trained (`models/*.toml`; see `shapes/pretrain.py`)."""
 
     vae: dict[str, Any]  # AutoencoderKL config
     text_encoder: dict[str, Any]  # CLIPTextConfig fields (vocabulary and special ids are filled in from the tokenizer)

@@ -17,10 +17,10 @@ import torch
 
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.metrics import UINT8_PEAK, psnr_db, set_psnr, ssim
-from mtu_export.reader import accuracy, score
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
+from mtu_export.shapes.reader import accuracy, score
+from mtu_export.shapes.world import SPLITS, make_example
 from mtu_export.tasks import TaskDef, model_tasks
-from mtu_export.world import SPLITS, make_example
 
 
 @dataclass(frozen=True)
@@ -328,8 +328,8 @@ def write_outputs(
 ) -> list[Path]:
     """Write the results JSON and the grid PNG (`images` in rows of `columns`), each atomically; an existing file
     is refused unless `overwrite`."""
+    from mtu_export.shapes.world_grid import write_images
     from mtu_export.storage import check_output, write_json
-    from mtu_export.world_grid import write_images
 
     written = []
     if json_out is not None:

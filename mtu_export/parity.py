@@ -11,9 +11,9 @@ import numpy as np
 
 from mtu_export.errors import ConfigError
 from mtu_export.evaluate import EvalConfig, evaluate_checkpoint, task_input
+from mtu_export.shapes.world_grid import write_images
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
 from mtu_export.tasks import BUILTIN, declared
-from mtu_export.world_grid import write_images
 
 PARITY_GOAL = 0.98
 

@@ -16,7 +16,7 @@ from helpers import perturb_
 
 from mtu_export.checkpoint import save_checkpoint
 from mtu_export.config import MoEConfig
-from mtu_export.tiny import tiny_unet, write_tiny_pipeline, write_world_pipeline
+from mtu_export.shapes.tiny import tiny_unet, write_tiny_pipeline, write_world_pipeline
 from mtu_export.upcycle import load_unet, upcycle_unet
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mtu_export.cli import app
 from mtu_export.moe import MTUUNet
-from mtu_export.tiny import CROSS_DIM
+from mtu_export.shapes.tiny import CROSS_DIM
 
 runner = CliRunner()
 FAST = ("--image-count", "1")  # export options: validate one image per task instead of the default count

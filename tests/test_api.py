@@ -11,8 +11,8 @@ from mtu_export.config import COREML_QUANTIZE, DataSpec, ExportConfig, TrainConf
 from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import export_coreml
 from mtu_export.export.onnx import export_onnx
+from mtu_export.shapes.tiny import tiny_unet
 from mtu_export.storage import write_json
-from mtu_export.tiny import tiny_unet
 from mtu_export.train import prepare_model, train
 
 torch.set_num_threads(1)  # tiny models: one thread is many times faster than two on a loaded machine
@@ -137,7 +137,7 @@ def test_task_channels_follow_the_base_as_upcycle_chooses_them(tmp_path, factor)
     import json
 
     from mtu_export.data import model_tasks_for
-    from mtu_export.tiny import write_tiny_pipeline
+    from mtu_export.shapes.tiny import write_tiny_pipeline
 
     base = write_tiny_pipeline(tmp_path / "base")
     vae_config = base / "vae" / "config.json"

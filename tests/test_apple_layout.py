@@ -36,9 +36,9 @@ from mtu_export.export.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncod
 from mtu_export.fold import fold_task
 from mtu_export.metrics import psnr_db
 from mtu_export.sample import Components, SamplerConfig, denoiser_for, sample_examples
+from mtu_export.shapes.tiny import tiny_unet
+from mtu_export.shapes.world import make_example
 from mtu_export.tasks import BUILTIN
-from mtu_export.tiny import tiny_unet
-from mtu_export.world import make_example
 
 ADAPTER_ATOL = 1e-5  # an adapter against the module it wraps, both torch fp32
 ALPHA_ATOL = 1e-6  # ᾱ of the model timestep the UNet maps an Apple timestep to, against Apple's ᾱ

@@ -13,7 +13,7 @@ import pytest
 from helpers import PROMPT, assert_clean_failure, assert_valid_manifest, invoke
 from PIL import Image
 
-from mtu_export.world import make_example
+from mtu_export.shapes.world import make_example
 
 IMAGE_MAX_DIFF = 1  # uint8 levels: one row per call against whole batches, same graphs otherwise
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")

@@ -18,7 +18,7 @@ from mtu_export.bench.gate import check, enforce
 from mtu_export.bench.graphs import export_fixed, graph_signature, unet_feed
 from mtu_export.bench.timing import interleaved, interleaved_rounds
 from mtu_export.errors import BenchGateError, ConfigError
-from mtu_export.tiny import tiny_unet
+from mtu_export.shapes.tiny import tiny_unet
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 OPTIMIZED_PSNR_MIN_DB = 60.0  # the fused-attention graph against torch, as any fp32 export

@@ -15,7 +15,7 @@ from helpers import invoke
 from PIL import Image
 
 from mtu_export.data import export_world_dataset
-from mtu_export.world import make_example
+from mtu_export.shapes.world import make_example
 
 TASKS = ("t2i", "edit", "sr", "inpaint")
 ROWS = 8

@@ -20,7 +20,7 @@ from mtu_export.export.graphs import UNetGraph
 from mtu_export.export.split_einsum import split_einsum_attention_
 from mtu_export.fold import fold_task
 from mtu_export.metrics import psnr_db
-from mtu_export.tiny import tiny_unet
+from mtu_export.shapes.tiny import tiny_unet
 from mtu_export.upcycle import load_unet
 
 MULTIFUNCTION_MAX_RATIO = 0.5  # four tasks in one package vs four separate packages

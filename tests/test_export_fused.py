@@ -16,7 +16,7 @@ from helpers import FAST, PROMPT, assert_clean_failure, invoke, unet_inputs
 from mtu_export.checkpoint import load_checkpoint
 from mtu_export.config import COREML_QUANTIZE, ONNX_QUANTIZE
 from mtu_export.export.attention import fuse_attention_
-from mtu_export.tiny import tiny_unet
+from mtu_export.shapes.tiny import tiny_unet
 
 GRAPH_PSNR_MIN_DB = 60.0
 PIPELINE_PSNR_MIN_DB = 40.0

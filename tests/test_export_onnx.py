@@ -20,7 +20,7 @@ from mtu_export.config import COREML_ONLY
 from mtu_export.export import onnx as onnx_export
 from mtu_export.fold import fold_checkpoint, fold_task
 from mtu_export.metrics import psnr_db
-from mtu_export.world import make_example
+from mtu_export.shapes.world import make_example
 
 GRAPH_PSNR_MIN_DB = 60.0  # fp32 graphs vs torch on trajectory inputs
 PIPELINE_PSNR_MIN_DB = 40.0  # optimum's ORT pipeline vs diffusers' torch pipeline, same seed, uint8 images

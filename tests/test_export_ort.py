@@ -15,7 +15,7 @@ import pytest
 from helpers import PROMPT, assert_clean_failure, assert_valid_manifest, invoke
 from PIL import Image
 
-from mtu_export.world import make_example
+from mtu_export.shapes.world import make_example
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 IMAGE_MAX_DIFF = 1  # uint8 levels: the .ort folder's image against the .onnx folder's (onnxruntime's fusions only)

@@ -11,7 +11,7 @@ from mtu_export.config import MoEConfig
 from mtu_export.errors import DriftError
 from mtu_export.fold import fold_task, verify_fold
 from mtu_export.moe import MTUUNet
-from mtu_export.tiny import tiny_unet
+from mtu_export.shapes.tiny import tiny_unet
 from mtu_export.upcycle import upcycle_unet
 
 FOLD_ATOL_FP32 = 1e-5

@@ -26,8 +26,8 @@ from mtu_export.image_processor import (
     to_uint8,
 )
 from mtu_export.metrics import set_psnr
+from mtu_export.shapes.world import Example
 from mtu_export.tasks import BUILTIN, declared
-from mtu_export.world import Example
 
 NORMALISE_ATOL = 1e-6  # x / 127.5 - 1 here, 2 * (x / 255) - 1 in diffusers: float32 rounding only
 ODD_SIZES = [(150, 100), (148, 100), (37, 61), (1, 1), (4000, 30), (64, 64)]  # (width, height)

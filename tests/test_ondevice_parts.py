@@ -20,8 +20,8 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from mtu_export.ondevice.schedulers import SCHEDULERS, scheduler_from_config
 from mtu_export.ondevice.tokenizer import ClipTokenizer
-from mtu_export.tiny import char_tokenizer
-from mtu_export.vocab import learn_merges
+from mtu_export.shapes.tiny import char_tokenizer
+from mtu_export.shapes.vocab import learn_merges
 
 # One step from the same sample and model output: |ours - diffusers| <= STEP_RTOL x the step's largest magnitude
 # (sample in or out). A step subtracts numbers of that size, so diffusers' own float32 result is only that precise:

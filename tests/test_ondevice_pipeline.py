@@ -23,8 +23,8 @@ from mtu_export.export.runtime import OrtVae
 from mtu_export.ondevice.__main__ import main
 from mtu_export.ondevice.noise import TorchCompatibleGenerator
 from mtu_export.ondevice.pipeline import Inputs, OnDevicePipeline, TaskPlan, resize_bicubic, resize_nearest
+from mtu_export.shapes.world import Example
 from mtu_export.tasks import TaskSpec, resolve
-from mtu_export.world import Example
 
 GREY_LEVELS_MAX = 1  # |on-device - generate| on uint8 images: float32 rounding may flip a pixel by one level
 NOISE_ATOL = 1e-6  # numpy vs torch randn: the same uniforms, transcendental functions a few ulps apart

@@ -23,7 +23,7 @@ from mtu_export.export.graphs import TEXT_ENCODER, UNET, GraphSpec, TextEncoderG
 from mtu_export.export.ort_format import OPERATORS_CONFIG, compare, convert_folder, describe_graph
 from mtu_export.metrics import psnr_db
 from mtu_export.quantize import quantize_onnx
-from mtu_export.tiny import CROSS_DIM, tiny_unet
+from mtu_export.shapes.tiny import CROSS_DIM, tiny_unet
 
 ORT_PSNR_MIN_DB = 60.0  # .ort against its .onnx, both on onnxruntime's CPU EP (tiny UNet: 130 dB)
 LOWERED_LIMIT = 2_000_000  # bytes: under the tiny fp32 UNet (3.4 MB), over its static-int8 estimate (1.1 MB)

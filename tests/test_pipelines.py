@@ -27,8 +27,8 @@ from mtu_export.config import ExportConfig
 from mtu_export.export.onnx import export_onnx
 from mtu_export.fold import fold_task
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
+from mtu_export.shapes.world import make_example
 from mtu_export.tasks import BUILTIN, SR_SCALE, model_tasks, pipeline_class
-from mtu_export.world import make_example
 
 STEPS, GUIDANCE, IMAGE_GUIDANCE, SEED = 2, 3.0, 1.5, 3
 IMAGE_MAX_DIFF = 1  # uint8 levels: plain diffusers vs mtu-export's sampler, same weights, inputs and seed

@@ -12,10 +12,10 @@ from diffusers import StableDiffusionPipeline
 from helpers import assert_clean_failure, invoke
 
 from mtu_export.config import BaseRecipe
-from mtu_export.pretrain import load_recipe, train_vae
-from mtu_export.tiny import TINY_RECIPE
-from mtu_export.vocab import MAX_LENGTH, world_tokenizer, world_words
-from mtu_export.world import TASKS, make_example
+from mtu_export.shapes.pretrain import load_recipe, train_vae
+from mtu_export.shapes.tiny import TINY_RECIPE
+from mtu_export.shapes.vocab import MAX_LENGTH, world_tokenizer, world_words
+from mtu_export.shapes.world import TASKS, make_example
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from mtu_export.reader import accuracy, score
-from mtu_export.world import make_example
+from mtu_export.shapes.reader import accuracy, score
+from mtu_export.shapes.world import make_example
 
 MODEL = Path(__file__).parents[1] / "models" / "shapes-base"
 SIZE_BUDGET_MB = 30

@@ -205,7 +205,7 @@ def test_an_identical_image_is_counted_not_averaged_as_infinite():
 
     from mtu_export.evaluate import summarise
     from mtu_export.metrics import UINT8_PEAK, psnr_db
-    from mtu_export.world import make_example
+    from mtu_export.shapes.world import make_example
 
     examples = [make_example("edit", "heldout", i) for i in range(2)]
     scores = summarise(BUILTIN["edit"], examples, [examples[0].target, examples[1].source])
@@ -309,7 +309,7 @@ def test_parity_report_end_to_end(world_pipeline, tmp_path):
 def test_edit_floor_is_the_unchanged_source():
     from mtu_export.evaluate import example_metrics
     from mtu_export.metrics import UINT8_PEAK, psnr_db
-    from mtu_export.world import make_example
+    from mtu_export.shapes.world import make_example
 
     example = make_example("edit", "heldout", 3)
     unchanged = example_metrics(BUILTIN["edit"], example, example.source)

@@ -11,7 +11,7 @@ from mtu_export.config import DEFAULT_TASK_CHANNELS, MoEConfig, TaskSpec
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.fold import fold_task, verify_fold
 from mtu_export.moe import MoEFeedForward
-from mtu_export.tiny import CROSS_DIM, tiny_unet
+from mtu_export.shapes.tiny import CROSS_DIM, tiny_unet
 from mtu_export.upcycle import load_unet, split_feed_forward, upcycle_unet
 
 INIT_ATOL_FP32 = 1e-5

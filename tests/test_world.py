@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mtu_export import world
-from mtu_export.reader import accuracy, parse_caption, score
-from mtu_export.world import TASKS, UNSEEN_PAIRS, downsample, make_example, render
+from mtu_export.shapes import world
+from mtu_export.shapes.reader import accuracy, parse_caption, score
+from mtu_export.shapes.world import TASKS, UNSEEN_PAIRS, downsample, make_example, render
 
 READER_MIN_ACCURACY = 0.95  # the floor on ground-truth images
 READER_MAX_WRONG_CAPTION = 0.6  # a caption of another scene must score clearly lower

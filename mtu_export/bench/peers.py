@@ -71,7 +71,7 @@ def write_pipeline(unet, folder: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mtu_export.tiny import char_tokenizer
+    from mtu_export.shapes.tiny import char_tokenizer
 
     tokenizer = char_tokenizer()
     tokenizer.model_max_length = TOKENS

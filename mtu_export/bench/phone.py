@@ -105,7 +105,7 @@ def write_pipeline(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mtu_export.config import SD15_UNET_CONFIG
-    from mtu_export.tiny import char_tokenizer
+    from mtu_export.shapes.tiny import char_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = char_tokenizer()

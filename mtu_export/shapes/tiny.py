@@ -146,7 +146,7 @@ checkpoint_every = 2
 
 def write_world_pipeline(path: Path) -> Path:
     """Run the base-model recipe at toy size into `path` (a few seconds); its work folder is removed."""
-    from mtu_export.pretrain import pretrain
+    from mtu_export.shapes.pretrain import pretrain
 
     work = Path(tempfile.mkdtemp(prefix="mtu-world-"))
     try:

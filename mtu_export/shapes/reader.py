@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from mtu_export.world import BACKGROUNDS, COLOURS, POSITIONS, SIZE, Obj, Scene
+from mtu_export.shapes.world import BACKGROUNDS, COLOURS, POSITIONS, SIZE, Obj, Scene
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "background")
 _PALETTE_NAMES = list(COLOURS) + list(BACKGROUNDS)

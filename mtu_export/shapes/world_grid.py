@@ -9,8 +9,8 @@ import numpy as np
 from mtu_export.config import did_you_mean
 from mtu_export.errors import ConfigError
 from mtu_export.image_processor import save_image
+from mtu_export.shapes.world import SPLITS, TASKS, example_grid
 from mtu_export.storage import check_output
-from mtu_export.world import SPLITS, TASKS, example_grid
 
 
 def write_grid(out: Path, task: str, split: str, count: int, start: int = 0, overwrite: bool = False) -> Path:
@@ -55,7 +55,7 @@ def save_png(out: Path, picture: np.ndarray) -> Path:
 def write_demo_inputs(folder: Path, index: int = 0) -> Path:
     """One held-out example per task as files `generate` takes: `<task>.png` (the task's input image; t2i: its
     ground truth, for reference), `<task>.txt` (prompt or instruction) and `mask.png` (inpainting, white = hole)."""
-    from mtu_export.world import make_example
+    from mtu_export.shapes.world import make_example
 
     folder = Path(folder)
     for task in TASKS:

@@ -30,9 +30,9 @@ from mtu_export.config import BaseRecipe
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.loop import process_state, run_stage
 from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
+from mtu_export.shapes.vocab import world_tokenizer
+from mtu_export.shapes.world import make_example
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
-from mtu_export.vocab import world_tokenizer
-from mtu_export.world import make_example
 
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's
 ENCODE_BATCH = 250
