@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mtu_export.errors import ConfigError
+from mtu_export.example import Example
 from mtu_export.image_processor import to_model_input
-from mtu_export.shapes.world import Example
 from mtu_export.tasks import TaskDef
 
 

@@ -24,8 +24,9 @@ from PIL import Image
 
 from mtu_export.config import DataSpec, TaskSpec
 from mtu_export.errors import ConfigError, InputError
+from mtu_export.example import Example
 from mtu_export.image_processor import prepare_image, vae_factor
-from mtu_export.shapes.world import SIZE, Example, downsample, make_example
+from mtu_export.shapes.world import SIZE, downsample, make_example
 from mtu_export.tasks import BUILTIN, SR_SCALE, TaskDef
 
 TABLE_FILES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}

@@ -29,11 +29,11 @@ import torch
 
 from mtu_export.config import TaskSpec
 from mtu_export.errors import ConfigError, InputError
+from mtu_export.example import Example
 from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
 from mtu_export.image_processor import POLICIES, max_pixels, prepare_image, save_image, size_multiple, vae_factor
 from mtu_export.ondevice.graphs import graph_path
 from mtu_export.sample import Components, SamplerConfig, sample_examples
-from mtu_export.shapes.world import Example
 from mtu_export.storage import check_output, check_separate, image_format, read_json
 from mtu_export.tasks import TaskDef, resolve
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mtu_export.conditioning import encode_batch, task_condition, to_uint8, tokenize
-from mtu_export.shapes.world import Example
+from mtu_export.example import Example
 from mtu_export.tasks import TaskDef
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -17,6 +17,7 @@ from skimage import data as photos
 from mtu_export.config import DataSpec
 from mtu_export.data import open_source
 from mtu_export.evaluate import summarise
+from mtu_export.example import Example
 from mtu_export.image_processor import (
     fit_size,
     max_pixels,
@@ -26,7 +27,6 @@ from mtu_export.image_processor import (
     to_uint8,
 )
 from mtu_export.metrics import set_psnr
-from mtu_export.shapes.world import Example
 from mtu_export.tasks import BUILTIN, declared
 
 NORMALISE_ATOL = 1e-6  # x / 127.5 - 1 here, 2 * (x / 255) - 1 in diffusers: float32 rounding only

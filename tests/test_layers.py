@@ -18,6 +18,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the shapes world (shapes/) is placed module by module: its recipes sit with training
     "tasks and data": (
         "tasks",
+        "example",
         "ondevice",
         "shapes",
         "shapes.world",

@@ -19,11 +19,11 @@ from helpers import PROMPT, invoke
 from PIL import Image
 
 from mtu_export.conditioning import encode_batch, task_condition
+from mtu_export.example import Example
 from mtu_export.export.runtime import OrtVae
 from mtu_export.ondevice.__main__ import main
 from mtu_export.ondevice.noise import TorchCompatibleGenerator
 from mtu_export.ondevice.pipeline import Inputs, OnDevicePipeline, TaskPlan, resize_bicubic, resize_nearest
-from mtu_export.shapes.world import Example
 from mtu_export.tasks import TaskSpec, resolve
 
 GREY_LEVELS_MAX = 1  # |on-device - generate| on uint8 images: float32 rounding may flip a pixel by one level

@@ -16,8 +16,8 @@ from mtu_export.bundle import pad_to_channels
 from mtu_export.conditioning import image_tensor, mask_tensor, masked_image, tokenize
 from mtu_export.config import DataSpec
 from mtu_export.data import Source, open_source
+from mtu_export.example import Example
 from mtu_export.sample import Components, SamplerConfig, sample_latents
-from mtu_export.shapes.world import Example
 from mtu_export.tasks import TaskDef
 
 Feeds = dict[str, torch.Tensor]

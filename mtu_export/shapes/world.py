@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from mtu_export.example import Example
+
 SIZE = 64
 LOW_RES = 16
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -83,19 +85,6 @@ class Scene:
         phrases = [o.phrase() for o in self.objects]
         things = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
         return f"{things} on a {' and '.join(self.background)} background"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training or evaluation example. Images are uint8 (64, 64, 3); `mask` is bool (64, 64), True = hole."""
-
-    task: str
-    prompt: str
-    target: np.ndarray
-    scene: Scene
-    source: np.ndarray | None = None  # edit: source image; sr: (16, 16, 3) low-res; inpaint: masked image
-    mask: np.ndarray | None = None
-    source_scene: Scene | None = None
 
 
 # ------------------------------------------------------------------------------------------------------- rendering
