@@ -37,9 +37,10 @@ from torch import nn
 
 from mtu_export import __version__
 from mtu_export.checkpoint import Checkpoint, file_sha256
-from mtu_export.config import COREML_QUANTIZE, ExportConfig
+from mtu_export.config import ExportConfig
 from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import (
+    CoreMLConverter,
     Log,
     _attention_census,
     _Converter,
@@ -50,8 +51,6 @@ from mtu_export.export.coreml import (
     convert_module,
     describe_package,
     manifest_tasks,
-    require_coremltools,
-    resolve_target,
 )
 from mtu_export.export.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from mtu_export.export.prepare import Prepared, record_probes
@@ -320,15 +319,9 @@ def export_apple(
     return run_export(AppleConverter(config, log), checkpoint, config, out, overwrite, data, log)
 
 
-class AppleConverter:
-    """Apple's Swift-package layout as the export skeleton (skeleton.py) runs it."""
-
-    command, quantize_modes = "coreml", COREML_QUANTIZE
-
-    def __init__(self, config: ExportConfig, log: Log):
-        self.ct = require_coremltools()
-        self.config, self.log = config, log
-        self.target = resolve_target(config, bundled=not config.tasks)
+class AppleConverter(CoreMLConverter):
+    """Apple's Swift-package layout as the export skeleton (skeleton.py) runs it: Core ML's options and target,
+    Apple's packages."""
 
     def fits(self, ckpt: Checkpoint, components: Components) -> None:
         check_fits_apple(ckpt.pipeline_dir, components)
@@ -369,9 +362,6 @@ class AppleConverter:
             **agreement,
             "attention": attention | {"ops": {t: _attention_census(described[f"{t}/Unet"])["main"] for t in tasks}},
         }
-
-    def after_validation(self, job: Prepared, tmp: Path, manifest: dict) -> dict:
-        return manifest
 
 
 def _write_packages(converter: _Converter, tasks, modules: dict, feeds: dict, tmp: Path) -> dict[str, str]:
