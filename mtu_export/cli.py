@@ -190,6 +190,9 @@ def train(
     work: Annotated[Path, typer.Option(help="Work folder: caches, resumable checkpoints, the JSON-lines log.")],
     tasks: Annotated[str, typer.Option(help="Tasks, optionally with channels (sr:7).")] = "t2i,edit,sr,inpaint",
     experts: Annotated[int, typer.Option(help="Experts per FFN (N).")] = 4,
+    route: Annotated[
+        str, typer.Option(help="dense (soft mixture) or top-k: each task uses its k heaviest experts.")
+    ] = ("dense"),
     single_task: Annotated[str | None, typer.Option(help="Train the single-task baseline of this task.")] = None,
     trainable: Annotated[str | None, typer.Option(help="mtu (the paper's split) or full (baselines).")] = None,
     task_weights: Annotated[str | None, typer.Option(help="Sampling weights, e.g. t2i=1,edit=2,sr=1.")] = None,
@@ -226,6 +229,7 @@ def train(
     config = TrainConfig(
         tasks=specs,
         num_experts=experts,
+        route=route,
         single_task=single_task,
         trainable=trainable,
         task_weights=parse_task_weights(task_weights, [t.name for t in specs]) if task_weights else None,

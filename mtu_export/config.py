@@ -49,6 +49,7 @@ class MoEConfig:
     num_experts: int = 4
     task_embed_dim: int = 64
     router_hidden_dim: int = 64
+    top_k: int | None = None  # None: the paper's dense mixture; k: each task routes through its k heaviest experts
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -65,6 +66,16 @@ class MoEConfig:
         for key, option in options.items():
             if getattr(self, key) < 1:
                 raise ConfigError(f"{option} must be a positive integer, got {getattr(self, key)}")
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"--route top-{self.top_k} needs 1 <= k <= the number of experts ({self.num_experts}); "
+                f"pick k in 1..{self.num_experts}, or --route dense"
+            )
+
+    @property
+    def route(self) -> str:
+        """The routing as `--route` spells it: `dense` or `top-k`."""
+        return "dense" if self.top_k is None else f"top-{self.top_k}"
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -89,6 +100,7 @@ class MoEConfig:
                 num_experts=_integer(data["num_experts"], "num_experts"),
                 task_embed_dim=_integer(data["task_embed_dim"], "task_embed_dim"),
                 router_hidden_dim=_integer(data["router_hidden_dim"], "router_hidden_dim"),
+                top_k=None if data.get("top_k") is None else _integer(data["top_k"], "top_k"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"MoE config is malformed ({type(exc).__name__}: {exc}); re-run upcycle") from None
@@ -223,6 +235,7 @@ class TrainConfig:
         default_factory=lambda: tuple(TaskSpec(n, c) for n, c in DEFAULT_TASK_CHANNELS.items())
     )
     num_experts: int = 4
+    route: str = "dense"  # "dense" (the paper's soft mixture) or "top-k": each task uses its k heaviest experts
     single_task: str | None = None
     trainable: str | None = None  # "mtu": the paper's split; "full": every UNet parameter; None: by the run's kind
     task_weights: tuple[float, ...] | Mapping[str, float] | None = None  # per task, in `tasks` order; None = uniform
@@ -263,6 +276,10 @@ class TrainConfig:
                     f"unknown task {self.single_task!r} for --single-task; known: {', '.join(names)}"
                     f"{did_you_mean(self.single_task, names)}"
                 )
+        if self.single_task is not None and self.route != "dense":
+            raise ConfigError(
+                f"--route {self.route} routes experts, and a --single-task baseline has none; drop --route"
+            )
         if self.trainable is None:  # a baseline fine-tunes the whole UNet, as the paper's baselines do
             object.__setattr__(self, "trainable", "full" if self.single_task is not None else "mtu")
         if self.trainable not in ("mtu", "full"):
@@ -328,7 +345,7 @@ class TrainConfig:
         if self.single_task is not None:
             spec = next(t for t in self.tasks if t.name == self.single_task)
             return MoEConfig(tasks=(spec,), num_experts=1)
-        return MoEConfig(tasks=self.tasks, num_experts=self.num_experts)
+        return MoEConfig(tasks=self.tasks, num_experts=self.num_experts, top_k=parse_route(self.route))
 
     def stage(self) -> StageRecipe:
         return StageRecipe(
@@ -342,6 +359,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def parse_route(text: str) -> int | None:
+    """`--route`: `dense` -> None, `top-k` (k a positive integer) -> k."""
+    if text == "dense":
+        return None
+    head, _, k = text.partition("-")
+    if head != "top" or not k.isdigit() or int(k) < 1:
+        raise ConfigError(f"--route must be 'dense' or 'top-k' with k a positive integer (e.g. top-2), got {text!r}")
+    return int(k)
 
 
 def parse_task_weights(text: str, names: list[str]) -> tuple[float, ...]:

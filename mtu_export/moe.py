@@ -56,21 +56,33 @@ def routed_checkpointing(mtu: MTUUNet):
 
 
 class TaskRouter(nn.Module):
-    """Task embedding -> 2-layer MLP -> N·softmax over experts.
+    """Task embedding -> 2-layer MLP -> N·softmax over experts (dense), or over the task's k heaviest experts (top-k).
 
-    The last layer starts at zero, so every expert weighs exactly 1 at initialisation and the partitioned experts
-    sum to the pretrained FFN (docs/concepts.md, *What upcycling does*).
+    The last layer starts at zero, so in the dense mixture every expert weighs exactly 1 at initialisation and the
+    partitioned experts sum to the pretrained FFN (docs/concepts.md, *What upcycling does*).
+
+    Top-k keeps the k largest logits, takes the softmax over those k alone and gives every other expert a weight of
+    exactly 0, so folding the task drops them without changing its output. The choice is trained straight-through:
+    the forward pass is the top-k mixture, the backward pass is the dense softmax's, so an expert outside the top k
+    still learns whether it should be in (its output is computed in training, weighted by 0).
     """
 
-    def __init__(self, embed_dim: int, hidden_dim: int, num_experts: int) -> None:
+    def __init__(self, embed_dim: int, hidden_dim: int, num_experts: int, top_k: int | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.top_k = top_k
         self.net = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, num_experts))
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
 
     def probabilities(self, task_embedding: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(task_embedding), dim=-1)  # (N,)
+        logits = self.net(task_embedding)
+        dense = torch.softmax(logits, dim=-1)  # (N,)
+        if self.top_k is None or self.top_k >= self.num_experts:
+            return dense
+        chosen = torch.topk(logits.detach(), self.top_k, dim=-1).indices
+        sparse = torch.zeros_like(dense).scatter(-1, chosen, torch.softmax(logits.gather(-1, chosen), dim=-1))
+        return sparse.detach() + (dense - dense.detach())  # forward: exactly `sparse`; backward: the dense softmax's
 
     def forward(self, task_embedding: torch.Tensor) -> torch.Tensor:
         return self.num_experts * self.probabilities(task_embedding)  # (N,) mixture weights, mean 1

@@ -116,7 +116,8 @@ def upcycle_unet(unet: UNet2DConditionModel, config: MoEConfig) -> MTUUNet:
     for name, block in blocks:
         _check_block(name, block)
         experts = split_feed_forward(block.ff, config.num_experts, where=f"{name}.ff")
-        router = TaskRouter(config.task_embed_dim, config.router_hidden_dim, config.num_experts).to(device, dtype)
+        router = TaskRouter(config.task_embed_dim, config.router_hidden_dim, config.num_experts, config.top_k)
+        router = router.to(device, dtype)
         block.ff = MoEFeedForward(experts, router, routing)
         block.norm3 = TaskLayerNorm({t: copy.deepcopy(block.norm3) for t in config.task_names}, routing)
     unet.conv_in = TaskConvIn({t.name: task_conv_in(unet.conv_in, t) for t in config.tasks}, routing)
