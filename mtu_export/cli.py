@@ -43,6 +43,16 @@ DataOption = Annotated[
         "or a save_to_disk folder); repeat per task. Tasks without one use the shapes world.",
     ),
 ]
+PruneBelowOption = Annotated[
+    float,
+    typer.Option(help="Sparse fold: drop experts whose routing probability is under this (0: only weight-0 experts)."),
+]
+FfnBudgetOption = Annotated[
+    float, typer.Option(help="Sparse fold: keep each FFN's heaviest experts, at most this fraction of its width.")
+]
+RenormalizeOption = Annotated[
+    bool, typer.Option(help="Sparse fold: rescale the kept experts' weights to the full mixture's sum.")
+]
 ColumnOption = Annotated[
     list[str] | None,
     typer.Option("--column", help="TASK.ROLE=NAME: read ROLE (image, prompt, source, mask, low_res) from column NAME."),
@@ -96,13 +106,19 @@ def fold(
     checkpoint: Annotated[Path, typer.Argument(help="MTU checkpoint folder (from `mtu-export upcycle` or train).")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task to fold.")],
     out: OutOption,
+    prune_below: PruneBelowOption = 0.0,
+    ffn_budget: FfnBudgetOption = 1.0,
+    renormalize: RenormalizeOption = False,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Fold one task into a vanilla diffusers UNet (or a full pipeline folder when the checkpoint has one)."""
+    """Fold one task into a vanilla diffusers UNet (or a full pipeline folder when the checkpoint has one); with
+    --prune-below / --ffn-budget, or a --route top-k model, into one with narrower FFNs."""
+    from mtu_export.config import SparseFold
     from mtu_export.fold import fold_checkpoint
 
+    sparse = SparseFold(prune_below, ffn_budget, renormalize)
     with console.status(f"folding task {task!r} of {checkpoint} ..."):
-        result = fold_checkpoint(checkpoint, task, out, overwrite=overwrite)
+        result = fold_checkpoint(checkpoint, task, out, overwrite=overwrite, sparse=sparse)
     display.print_folded(result, task)
 
 
@@ -396,13 +412,16 @@ def onnx_command(
         typer.Option(help="1: every graph at fixed shapes, one row per call, as NPUs take them (default: dynamic)."),
     ] = None,
     allow_drift: Annotated[bool, typer.Option(help="Keep an export whose graphs drift from torch.")] = False,
+    prune_below: PruneBelowOption = 0.0,
+    ffn_budget: FfnBudgetOption = 1.0,
+    renormalize: RenormalizeOption = False,
     image_count: Annotated[int, typer.Option(min=0, help="Images per task in the end-to-end check (0: skip).")] = 2,
     data: DataOption = None,
     column: ColumnOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold and export to ONNX in optimum's folder layout, validating every graph against torch."""
-    from mtu_export.config import ExportConfig
+    from mtu_export.config import ExportConfig, SparseFold
     from mtu_export.export.onnx import export_onnx
 
     config = ExportConfig(
@@ -421,6 +440,7 @@ def onnx_command(
         batch=batch,
         allow_drift=allow_drift,
         image_count=image_count,
+        sparse=SparseFold(prune_below, ffn_budget, renormalize),
     )
     manifest = export_onnx(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
     display.print_onnx_report(manifest)
@@ -447,13 +467,16 @@ def coreml_command(
             "package: its file names and I/O)."
         ),
     ] = "default",
+    prune_below: PruneBelowOption = 0.0,
+    ffn_budget: FfnBudgetOption = 1.0,
+    renormalize: RenormalizeOption = False,
     data: DataOption = None,
     column: ColumnOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold and convert to Core ML .mlpackages (a multifunction UNet for all tasks); structure checked here,
     numbers compared with torch on macOS."""
-    from mtu_export.config import ExportConfig
+    from mtu_export.config import ExportConfig, SparseFold
     from mtu_export.export.coreml import export_coreml
 
     config = ExportConfig(
@@ -466,6 +489,7 @@ def coreml_command(
         attention=attention,
         allow_drift=allow_drift,
         layout=layout,
+        sparse=SparseFold(prune_below, ffn_budget, renormalize),
     )
     manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
     display.print_coreml_report(manifest)

@@ -134,6 +134,32 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names for
 
 
 @dataclass(frozen=True)
+class SparseFold:
+    """Which experts a task's fold keeps (`--prune-below`, `--ffn-budget`, `--renormalize`), layer by layer.
+
+    An expert of routing weight exactly 0 (every expert outside a top-k model's k) is always dropped: that fold is
+    exact. `prune_below` drops experts whose routing probability is under it; `ffn_budget` keeps only the heaviest
+    experts, at most that fraction of them (of the FFN's width); at least the heaviest expert always stays.
+    `renormalize` rescales the kept weights to the full mixture's sum. Dropping a nonzero weight approximates the
+    routed model: the fold records by how much, and the task's metric must be measured."""
+
+    prune_below: float = 0.0
+    ffn_budget: float = 1.0
+    renormalize: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune_below < 1.0:
+            raise ConfigError(f"--prune-below is a routing probability in [0, 1), got {self.prune_below}")
+        if not 0.0 < self.ffn_budget <= 1.0:
+            raise ConfigError(f"--ffn-budget is a fraction of the FFN width in (0, 1], got {self.ffn_budget}")
+
+    @property
+    def drops_weight(self) -> bool:
+        """Whether experts of nonzero weight may be dropped (the fold then approximates the routed model)."""
+        return self.prune_below > 0.0 or self.ffn_budget < 1.0
+
+
+@dataclass(frozen=True)
 class StageRecipe:
     """One training stage of the base model: optimiser schedule and batch (AdamW, linear warm-up, cosine decay)."""
 
@@ -449,6 +475,7 @@ class ExportConfig:
     target: str | None = None  # None: iOS18 for all tasks (a multifunction UNet needs it), else iOS17
     compute_precision: str = "fp16"
     layout: str = "default"  # COREML_LAYOUTS
+    sparse: SparseFold = field(default_factory=SparseFold)  # which experts each task's fold keeps
 
     def __post_init__(self) -> None:
         given = self.tasks if isinstance(self.tasks, str) else ",".join(self.tasks)
@@ -484,6 +511,11 @@ class ExportConfig:
             raise ConfigError(f"--compute-precision must be fp16 or fp32, got {self.compute_precision!r}")
         if self.layout not in COREML_LAYOUTS:
             raise ConfigError(f"--layout must be one of {', '.join(COREML_LAYOUTS)}, got {self.layout!r}")
+        if self.sparse.drops_weight and not self.tasks:
+            raise ConfigError(
+                "--prune-below / --ffn-budget narrow one task's folded FFNs, and --task all exports one UNet shared by "
+                "every task; export each task alone (--task t2i, ...)"
+            )
 
     def check_for(self, choices: tuple[str, ...], command: str) -> None:
         """The options whose choices depend on the exporter (`command`): the quantization mode (`choices`), the

@@ -113,10 +113,15 @@ def print_upcycled(ckpt, summary: dict) -> None:
 
 
 def print_folded(result, task: str) -> None:
-    console.print(
-        f"wrote {result.path}: task {task!r} as a plain diffusers UNet2DConditionModel "
-        f"(max |folded - routed| = {result.max_abs_diff:.2e})"
-    )
+    kind = "a plain diffusers UNet2DConditionModel"
+    if result.ffn_kept < 1.0:
+        kind = f"a diffusers UNet with narrowed FFNs ({result.ffn_kept:.0%} of the FFN width kept)"
+    console.print(f"wrote {result.path}: task {task!r} as {kind} (max |folded - routed| = {result.max_abs_diff:.2e})")
+    if result.dense_deviation is not None:
+        console.print(
+            f"the dropped experts change the output by {result.dense_deviation:.2e} of its largest value on a random "
+            "input: measure the task's metric (mtu-export eval) before shipping it"
+        )
 
 
 def print_info(checkpoint: Path, summary: dict, as_json: bool = False) -> None:

@@ -8,6 +8,7 @@ pretrained one lives in `upcycle.py`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from mtu_export.config import MoEConfig
+from mtu_export.config import MoEConfig, SparseFold
 from mtu_export.errors import ConfigError
 
 
@@ -25,6 +26,7 @@ class TaskRouting:
     def __init__(self) -> None:
         self.task: str | None = None
         self.embedding: torch.Tensor | None = None  # (task_embed_dim,)
+        self.sparse: SparseFold | None = None  # experts dropped from every mixture (a sparse fold's reference)
 
     def require(self) -> tuple[str, torch.Tensor]:
         if self.task is None or self.embedding is None:
@@ -103,7 +105,8 @@ class MoEFeedForward(nn.Module):
 
     def mixture_weights(self) -> torch.Tensor:
         _, embedding = self._routing.require()
-        return self.router(embedding)  # (N,)
+        weights = self.router(embedding)  # (N,)
+        return weights if self._routing.sparse is None else sparsify(weights, self._routing.sparse)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weights = self.mixture_weights().to(hidden_states.dtype)
@@ -111,6 +114,26 @@ class MoEFeedForward(nn.Module):
         for weight, expert in zip(weights[1:], self.experts[1:], strict=True):
             output = output + weight * expert(hidden_states)
         return output  # (B, L, C)
+
+
+def sparsify(weights: torch.Tensor, sparse: SparseFold) -> torch.Tensor:
+    """The mixture `weights` (N,) with the experts `sparse` drops set to 0: those of weight 0 already, those whose
+    probability is under `prune_below`, and all but the `ffn_budget` heaviest; the heaviest expert always stays."""
+    n = weights.numel()
+    keep = weights > 0
+    if sparse.prune_below > 0:
+        keep &= weights / n >= sparse.prune_below
+    budget = max(1, math.floor(sparse.ffn_budget * n + 1e-9))
+    if budget < n:
+        heaviest = torch.zeros_like(keep)
+        heaviest[torch.argsort(weights, descending=True, stable=True)[:budget]] = True
+        keep &= heaviest
+    if not keep.any():
+        keep[torch.argmax(weights)] = True
+    kept = torch.where(keep, weights, torch.zeros_like(weights))
+    if sparse.renormalize and not bool(keep.all()):
+        kept = kept * (weights.sum() / kept.sum())
+    return kept
 
 
 class TaskLayerNorm(nn.Module):
@@ -156,16 +179,19 @@ class MTUUNet(nn.Module):
         self._routing = routing
 
     @contextmanager
-    def route(self, task: str) -> Iterator[None]:
-        """Make `task` the active task of every routed submodule for the duration of the block."""
+    def route(self, task: str, sparse: SparseFold | None = None) -> Iterator[None]:
+        """Make `task` the active task of every routed submodule for the duration of the block; `sparse`: drop the
+        experts a sparse fold drops (`sparsify`), so that the routed model is that fold's reference."""
         index = self.config.task_names.index(self.config.task(task).name)
         self._routing.task = task
         self._routing.embedding = self.task_embedding.weight[index]
+        self._routing.sparse = sparse
         try:
             yield
         finally:
             self._routing.task = None
             self._routing.embedding = None
+            self._routing.sparse = None
 
     def forward(
         self,
@@ -173,9 +199,10 @@ class MTUUNet(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,  # (B, tokens, cross_attention_dim)
         task: str,
+        sparse: SparseFold | None = None,
         **unet_kwargs,
     ):
-        with self.route(task):
+        with self.route(task, sparse):
             return self.unet(sample, timestep, encoder_hidden_states, **unet_kwargs)
 
     def moe_layers(self) -> list[tuple[str, MoEFeedForward]]:

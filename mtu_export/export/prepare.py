@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from mtu_export.checkpoint import Checkpoint, load_checkpoint, load_components
-from mtu_export.config import ExportConfig
+from mtu_export.config import ExportConfig, SparseFold
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.probes import ExampleSources, Probes, trajectory_probes
-from mtu_export.fold import fold_task, verify_fold
+from mtu_export.fold import ffn_kept, fold_task, sparse_deviation, verify_fold
 from mtu_export.image_processor import vae_factor
 from mtu_export.sample import Components, SamplerConfig
 from mtu_export.storage import check_output, check_separate
@@ -56,12 +56,18 @@ def checkpoint_components(ckpt: Checkpoint) -> Components:
     return load_components(ckpt.pipeline_dir)
 
 
-def fold_tasks(ckpt: Checkpoint, tasks: tuple[str, ...], log: Log) -> dict[str, torch.nn.Module]:
+def fold_tasks(
+    ckpt: Checkpoint, tasks: tuple[str, ...], log: Log, sparse: SparseFold | None = None
+) -> dict[str, torch.nn.Module]:
     unets = {}
     for task in tasks:
-        unets[task] = fold_task(ckpt.model, task).eval()
-        diff = verify_fold(ckpt.model, unets[task], task)
-        log(f"folded {task} (fold vs routed max |diff| {diff:.2e})")
+        unets[task] = fold_task(ckpt.model, task, sparse).eval()
+        diff = verify_fold(ckpt.model, unets[task], task, sparse)
+        kept = ffn_kept(ckpt.model, unets[task])
+        narrowed = "" if kept == 1.0 else f", FFN width kept {kept:.0%}"
+        if sparse is not None and sparse.drops_weight:
+            narrowed += f", vs every expert {sparse_deviation(ckpt.model, unets[task], task):.2e} relative"
+        log(f"folded {task} (fold vs routed max |diff| {diff:.2e}{narrowed})")
     return unets
 
 
@@ -115,7 +121,7 @@ def prepare_export(
         fits(ckpt, components)
     size = image_size(ckpt, components.vae, config)
     sources = example_sources(ckpt, tasks, data or {}, size)
-    return Prepared(ckpt, tasks, components, size, sources, fold_tasks(ckpt, tasks, log))
+    return Prepared(ckpt, tasks, components, size, sources, fold_tasks(ckpt, tasks, log, config.sparse))
 
 
 def record_probes(
