@@ -8,6 +8,7 @@ option, a missing argument, a value of the wrong type: exit 3, as ConfigError); 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -306,14 +307,21 @@ def evaluate(
     grid: Annotated[Path | None, typer.Option(help="Also write a PNG of generated images.")] = None,
     data: DataOption = None,
     column: ColumnOption = None,
+    prune_below: PruneBelowOption = 0.0,
+    ffn_budget: FfnBudgetOption = 1.0,
+    renormalize: RenormalizeOption = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing --json / --grid files.")] = False,
 ) -> None:
     """Measure a shapes-world pipeline (VAE PSNR, text-to-image scene-reader accuracy) or every task of an MTU
-    checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr)."""
+    checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr); with --prune-below /
+    --ffn-budget, each task as its sparse fold runs."""
+    from mtu_export.config import SparseFold
     from mtu_export.evaluate import EvalConfig, check_outputs, evaluate_base, write_outputs
     from mtu_export.sample import SamplerConfig
 
-    config = EvalConfig(split, count, first, sampler=SamplerConfig(steps, guidance, image_guidance, seed))
+    sparse = SparseFold(prune_below, ffn_budget, renormalize)
+    sampler = SamplerConfig(steps, guidance, image_guidance, seed)
+    config = EvalConfig(split, count, first, sampler=sampler, sparse=sparse if sparse.drops_weight else None)
     specs = _data(data, column)
     check_outputs(pipeline, json_out, grid, overwrite, specs)
     if (pipeline / "mtu_config.json").is_file():
@@ -321,6 +329,8 @@ def evaluate(
         return
     if specs:
         raise ConfigError("--data evaluates a checkpoint's tasks; a base pipeline is scored on the shapes world")
+    if config.sparse is not None:
+        raise ConfigError("--prune-below / --ffn-budget drop an MTU checkpoint's experts; a base pipeline has none")
     result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
     display.print_base_eval(result, split, count, steps, guidance)
     for path in write_outputs(json_out, grid, result, images, overwrite):
@@ -362,6 +372,7 @@ def _evaluate_checkpoint(path: Path, task: str, config, json_out, grid, data, ov
     display.print_checkpoint_eval(path, results, config.split, config.count, config.sampler.steps, data)
     settings = config.base_record() | {"image_guidance": config.sampler.image_guidance}
     settings["data"] = {t: d.path for t, d in data.items()}
+    settings["sparse"] = None if config.sparse is None else asdict(config.sparse)
     report = {"checkpoint": str(path), **settings, "tasks": results}
     rows = grid_rows(images, examples)
     for written in write_outputs(json_out, grid, report, rows, overwrite, columns=3):

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtu_export.config import SparseFold
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.metrics import UINT8_PEAK, psnr_db, set_psnr, ssim
-from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
+from mtu_export.sample import SamplerConfig, sample_examples
 from mtu_export.shapes.reader import accuracy, score
 from mtu_export.shapes.world import SPLITS, make_example
 from mtu_export.tasks import TaskDef, model_tasks
@@ -32,6 +33,7 @@ class EvalConfig:
     first: int = 0  # index of the first example: tune guidance on other indices than the ones reported
     batch_size: int = 50
     sampler: SamplerConfig = SamplerConfig()
+    sparse: SparseFold | None = None  # sample each task as its sparse fold would (the routed model dropping experts)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -237,13 +239,11 @@ def evaluation_sources(
     return {t: evaluation_source(defs[t], data.get(t), config, pipeline_dir, unet_config) for t in tasks}
 
 
-def _denoiser_on_cpu(model, task: str):
-    """The routed denoiser of `task`, fed and read on the CPU (where sampling keeps its latents) wherever `model`
-    lives (a training run's model may sit on a GPU)."""
+def _denoiser_on_cpu(model, task: str, sparse: SparseFold | None = None):
+    """The routed denoiser of `task` (dropping the experts `sparse` drops), fed and read on the CPU (where sampling
+    keeps its latents) wherever `model` lives (a training run's model may sit on a GPU)."""
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        return denoiser_for(model, task)
-    return lambda x, t, h: model(x.to(device), t.to(device), h.to(device), task=task).sample.cpu()
+    return lambda x, t, h: model(x.to(device), t.to(device), h.to(device), task=task, sparse=sparse).sample.cpu()
 
 
 def evaluate_model(
@@ -255,7 +255,7 @@ def evaluate_model(
     results, generated, inputs = {}, {}, {}
     for task, source in sources.items():
         examples, images = [], []
-        denoise = _denoiser_on_cpu(model, task)
+        denoise = _denoiser_on_cpu(model, task, config.sparse)
         start = time.perf_counter()
         for indices in config.batches():
             batch = [source.example(i) for i in indices]
