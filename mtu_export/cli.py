@@ -557,6 +557,12 @@ def bench_command(
     parity: Annotated[
         Path | None, typer.Option(help="parity.json of `mtu-export parity`, quoted in the report.")
     ] = None,
+    sparse: Annotated[
+        Path | None, typer.Option(help="A --route top-k checkpoint: time each task's sparse fold against single-task.")
+    ] = None,
+    sparse_eval: Annotated[
+        Path | None, typer.Option(help="`mtu-export eval --json` of --sparse, set against --parity's dense MTU.")
+    ] = None,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (2: phone-class).")] = 2,
     repeats: Annotated[int, typer.Option(help="Interleaved A/B pairs (end to end, quantization modes).")] = 25,
     rounds: Annotated[int, typer.Option(help="UNet latency: rounds, each opening both graphs afresh.")] = 8,
@@ -611,11 +617,17 @@ def bench_command(
             parity,
             log=lambda m: console.print(escape(m)),
             overwrite=overwrite,
+            sparse=sparse,
+            sparse_eval=sparse_eval,
         )
         console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
         for task, row in report["tasks"].items():
             lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
             shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
+            if "sparse" in row:
+                sparse_row = row["sparse"]
+                shown += f"; sparse / single {sparse_row['latency_vs_single']['ratio']:.3f}"
+                shown += f" at {sparse_row['gflops_ratio']:.3f}x the GFLOPs"
             console.print(f"{task}: UNet latency {shown}")
         console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
     if save_baseline is not None:

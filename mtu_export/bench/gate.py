@@ -21,6 +21,10 @@ DEFAULT_TOLERANCES = {
     "graph_psnr_min_db": 60.0,
 }
 BASELINE_FORMAT = "mtu-export-bench-baseline/1"
+# Optional, per task, when the run benched a sparse (`--route top-k`) checkpoint: the sparse fold's exact FLOPs and
+# bounds on its GFLOPs and latency ratios to the single-task UNet (below 1: a sparse fold that is not cheaper fails).
+SPARSE_KEYS = ("sparse_flops", "sparse_gflops_ratio_max", "sparse_latency_ratio_max")
+SPARSE_LATENCY_MARGIN = 0.03  # over the measured sparse ÷ single latency, within the A/A noise seen here
 
 
 def _is_number(value) -> bool:
@@ -56,6 +60,14 @@ def baseline_problems(baseline: dict) -> list[str]:
             ]
         elif not ok(value):
             problems.append(f"'{key}' should be {expected}, found {_json_type(value)}")
+    for key in SPARSE_KEYS:  # optional: present when the baseline was made with --sparse
+        value = baseline.get(key)
+        if key in baseline and not isinstance(value, dict):
+            problems.append(f"'{key}' should be an object of numbers per task, found {_json_type(value)}")
+        elif key in baseline:
+            problems += [
+                f"'{key}.{k}' should be a number, found {_json_type(v)}" for k, v in value.items() if not _is_number(v)
+            ]
     modes = baseline.get("image_psnr_min_db")
     unknown = [m for m in modes if m not in ONNX_QUANTIZE] if isinstance(modes, dict) else []
     if unknown:
@@ -90,7 +102,7 @@ def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
     """A CI baseline from a run: exact FLOPs per task, the bundle ratio, PSNR floors, ratio tolerances (the
     optimized ÷ plain UNet bound per task)."""
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
-    return {
+    return _sparse_baseline(results) | {
         "format": BASELINE_FORMAT,
         "latency_ratio_max": tol["latency_ratio_max"],
         "flops": {task: row["flops_per_call_batch1"]["mtu"]["torch"] for task, row in results["tasks"].items()},
@@ -104,6 +116,45 @@ def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
             for mode, row in results["bundle"]["modes"].items()
         },
     }
+
+
+def _sparse_baseline(results: dict) -> dict:
+    """The sparse fold's entries: exact FLOPs, its GFLOPs ratio as measured, its latency ratio plus a margin (at
+    most 1.0: never slower than single-task). Empty when the run benched no sparse checkpoint."""
+    rows = {task: row["sparse"] for task, row in results["tasks"].items() if "sparse" in row}
+    if not rows:
+        return {}
+    return {
+        "sparse_flops": {t: results["tasks"][t]["flops_per_call_batch1"]["sparse"]["torch"] for t in rows},
+        "sparse_gflops_ratio_max": {t: round(r["gflops_ratio"], 4) for t, r in rows.items()},
+        "sparse_latency_ratio_max": {
+            t: round(min(1.0, r["latency_vs_single"]["ratio"] + SPARSE_LATENCY_MARGIN), 3) for t, r in rows.items()
+        },
+    }
+
+
+def _sparse_problems(task: str, row: dict, baseline: dict) -> list[str]:
+    if "sparse_latency_ratio_max" not in baseline or task not in baseline["sparse_latency_ratio_max"]:
+        return []
+    sparse = row.get("sparse")
+    if sparse is None:
+        return [f"{task}: the baseline bounds a sparse fold, and this run benched none; add --sparse CHECKPOINT"]
+    problems = []
+    flops = row["flops_per_call_batch1"]["sparse"]
+    want = baseline.get("sparse_flops", {}).get(task)
+    if want is not None and flops["torch"] != want:
+        problems.append(f"{task}: sparse fold GFLOPs changed: {flops['torch'] / 1e9:.6f}, baseline {want / 1e9:.6f}")
+    if flops["torch"] != flops["onnx"]:
+        problems.append(
+            f"{task}: torch counts {flops['torch']} FLOPs of the sparse fold, its ONNX graph {flops['onnx']}"
+        )
+    limit = baseline.get("sparse_gflops_ratio_max", {}).get(task)
+    if limit is not None and sparse["gflops_ratio"] > limit:
+        problems.append(f"{task}: sparse / single-task GFLOPs {sparse['gflops_ratio']:.4f} exceeds {limit:.4f}")
+    ratio, limit = sparse["latency_vs_single"]["ratio"], baseline["sparse_latency_ratio_max"][task]
+    if ratio > limit:
+        problems.append(f"{task}: sparse fold / single-task UNet latency {ratio:.3f} exceeds {limit:.3f}")
+    return problems
 
 
 def check(results: dict, baseline: dict) -> list[str]:
@@ -144,6 +195,7 @@ def _task_problems(task: str, row: dict, baseline: dict) -> list[str]:
     if ratio > limit:
         problems.append(f"{task}: folded / single-task UNet latency {ratio:.3f} exceeds {limit:.3f}")
     problems += _optimized_problems(task, row, baseline)
+    problems += _sparse_problems(task, row, baseline)
     if row.get("same_structure") is not True:
         found = "not recorded (rerun bench)" if "same_structure" not in row else "differ"
         problems.append(f"{task}: folded and single-task graph structures {found}")

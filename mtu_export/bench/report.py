@@ -66,6 +66,7 @@ def render_markdown(results: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _optimized_table(results)
+    lines += _sparse_table(results)
     bundle = results["bundle"]
     sizes = bundle["modes"]["none"]["sizes"]
     lines += [
@@ -125,6 +126,43 @@ def _optimized_table(results: dict) -> list[str]:
             f"**{lat['ratio']:.3f}** ({_spread(lat)})",
             "identical" if psnr is None else f"{psnr:.1f}",
             f"{rss['optimized']:.0f} / {rss['mtu']:.0f}" if "optimized" in rss else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sparse_table(results: dict) -> list[str]:
+    """Each task's sparse fold (of a `--route top-k` checkpoint) against the single-task UNet, and its quality."""
+    rows = {t: r["sparse"] for t, r in results["tasks"].items() if "sparse" in r}
+    if not rows:
+        return []
+    quality = results.get("sparse_quality") or {}
+    lines = [
+        "",
+        "## Sparse fold vs single-task UNet",
+        "",
+        f"`{results.get('sparse_checkpoint')}`, each task folded with its zero-weight experts dropped (exact: the "
+        "fold check holds at 1e-5), so its FFNs are narrower than the base's. Same rounds as above; the metric "
+        "column is the sparse model's primary metric ÷ the dense MTU's on the same held-out examples and settings "
+        "(`--sparse-eval` against `--parity`).",
+        "",
+        "| task | FFN width kept | GFLOPs/call sparse ÷ single | UNet ms sparse / single | ratio (rounds) | "
+        "A/A: single ÷ single | peak RSS MB sparse / single | primary metric ÷ dense MTU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, sparse in rows.items():
+        row = results["tasks"][task]
+        lat, null, rss = sparse["latency_vs_single"], row["unet_latency"]["single_vs_single"], row["peak_rss_mb"]
+        q = quality.get(task)
+        cells = [
+            task,
+            f"{sparse['ffn_kept']:.0%}",
+            f"**{sparse['gflops_ratio']:.3f}**",
+            f"{lat['a_median_ms']:.2f} / {lat['b_median_ms']:.2f}",
+            f"**{lat['ratio']:.3f}** ({_spread(lat)})",
+            f"{null['ratio']:.3f} ({_spread(null)})",
+            f"{rss['sparse']:.0f} / {rss['single']:.0f}",
+            f"{q['metric']} {q['sparse']:.4f} ÷ {q['dense']:.4f} = **{q['ratio']:.3f}**" if q else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

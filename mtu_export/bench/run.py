@@ -40,7 +40,7 @@ from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import GRAPH_PSNR_FLOOR, export_onnx, validate_graph
 from mtu_export.export.runtime import session
-from mtu_export.fold import fold_task
+from mtu_export.fold import ffn_kept, fold_task, verify_fold
 from mtu_export.storage import check_output, check_separate, read_json, write_json
 from mtu_export.tasks import BUILTIN, declared
 from mtu_export.upcycle import load_unet, task_conv_in
@@ -83,6 +83,8 @@ class _Models:
     single: torch.nn.Module
     single_kind: str  # "trained baseline <path>" or "architecture stand-in (base UNet + task conv_in)"
     base: torch.nn.Module | None = None  # a task without an image condition (t2i): the untouched base UNet
+    sparse: torch.nn.Module | None = None  # the task's sparse fold (of a `--route top-k` checkpoint), when benched
+    sparse_kept: float = 1.0  # its FFN hidden units ÷ the base's
 
 
 def bench(
@@ -94,15 +96,25 @@ def bench(
     parity: Path | None = None,
     log: Log = print,
     overwrite: bool = False,
+    sparse: Path | None = None,
+    sparse_eval: Path | None = None,
 ) -> dict:
     """Measure everything for every task of `checkpoint`; write bench.json, bench.md and plots into `out` (existing
-    ones are refused unless `overwrite`, before anything is measured)."""
+    ones are refused unless `overwrite`, before anything is measured). `sparse`: a checkpoint (trained with
+    `--route top-k`) whose sparse fold of each task is timed against the same single-task UNet; `sparse_eval`: its
+    `mtu-export eval --json`, whose primary metrics are set against the dense MTU's in `parity`."""
     checkpoint, out = Path(checkpoint), Path(out)
     _check_result_files(out, overwrite)
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
     base = Path(base) if base else _base_of(ckpt)
     baselines = {k: Path(v) for k, v in (baselines or {}).items()}
-    _check_result_files(out, overwrite, checkpoint, base, parity, *baselines.values())
+    _check_result_files(out, overwrite, checkpoint, base, parity, sparse, *baselines.values())
+    sparse_ckpt = None if sparse is None else _sparse_checkpoint(Path(sparse), ckpt)
+    if sparse_eval and not (sparse and parity):
+        raise ConfigError(
+            "--sparse-eval is set against the dense MTU's --parity results: give --sparse and --parity too"
+        )
+    quality = sparse_quality(read_json(parity), read_json(sparse_eval)) if sparse_eval else None
     for task in baselines:
         ckpt.model.config.task(task)  # unknown task -> one-line error
     base_unet = load_unet(base).float().eval()
@@ -112,6 +124,7 @@ def bench(
         "checkpoint": str(checkpoint),
         "base": str(base),
         "config": asdict(config),
+        "sparse_checkpoint": None if sparse is None else str(sparse),
         "machine": _machine(config),
         "tasks": {},
     }
@@ -120,9 +133,10 @@ def bench(
         results["bundle"] = _bench_bundle(checkpoint, scratch, config, log)
         pipeline = _PipelineParts(scratch / "bundle-none", config.threads)
         for task in ckpt.model.config.task_names:
-            models = _models(ckpt, task, base_unet, baselines.get(task))
+            models = _models(ckpt, task, base_unet, baselines.get(task), sparse_ckpt)
             results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline, log)
     results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
+    results["sparse_quality"] = quality
     _check_result_files(out, overwrite)  # again: something may have appeared there while measuring
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bench-", dir=out) as staging:  # all three, or none, replaced
@@ -160,7 +174,38 @@ def _tokens(ckpt) -> int:
     return CLIPTokenizer.from_pretrained(ckpt.pipeline_dir / "tokenizer").model_max_length
 
 
-def _models(ckpt, task: str, base_unet, baseline: Path | None) -> _Models:
+def sparse_quality(parity: dict, evaluation: dict) -> dict[str, dict]:
+    """Per task, the sparse model's primary metric (`mtu-export eval --json`) ÷ the dense MTU's (`parity.json`),
+    refused unless both scored the same examples with the same sampler."""
+    settings = parity["config"]
+    differ = [k for k in ("split", "count", "steps", "seed") if evaluation.get(k) != settings.get(k)]
+    if evaluation.get("first", 0) != 0:
+        differ.append("first")
+    if differ:
+        shown = ", ".join(f"{k} {evaluation.get(k)!r} vs {settings.get(k)!r}" for k in differ)
+        raise InputError(f"--sparse-eval was not scored as the parity run was ({shown}); rerun eval with its settings")
+    rows = {}
+    for task, entry in parity["parity"].items():
+        metric = entry["primary"]
+        scored = evaluation["tasks"].get(task, {}).get(metric)
+        if scored is not None:
+            dense = entry["metrics"][metric]["mtu"]
+            rows[task] = {"metric": metric, "sparse": scored, "dense": dense, "ratio": scored / dense}
+    return rows
+
+
+def _sparse_checkpoint(path: Path, ckpt):
+    """The checkpoint whose sparse folds are benched: the same tasks as the MTU's, routed top-k."""
+    sparse = load_checkpoint(path, dtype=torch.float32)
+    missing = [t for t in ckpt.model.config.task_names if t not in sparse.model.config.task_names]
+    if missing:
+        raise InputError(
+            f"--sparse {path} lacks task(s) {', '.join(missing)} of {ckpt.path}; give a model of the same tasks"
+        )
+    return sparse
+
+
+def _models(ckpt, task: str, base_unet, baseline: Path | None, sparse_ckpt=None) -> _Models:
     mtu = fold_task(ckpt.model, task).eval()
     if baseline is not None:
         single_ckpt = load_checkpoint(baseline, dtype=torch.float32)
@@ -170,7 +215,12 @@ def _models(ckpt, task: str, base_unet, baseline: Path | None) -> _Models:
         single = _stand_in(base_unet, ckpt.model.config.task(task))
         kind = "architecture stand-in (base UNet with the task's conv_in, untrained)"
     takes_base = ckpt.model.config.task(task).in_channels == base_unet.config.in_channels  # no image condition
-    return _Models(mtu, single, kind, base_unet if takes_base else None)
+    models = _Models(mtu, single, kind, base_unet if takes_base else None)
+    if sparse_ckpt is not None:
+        models.sparse = fold_task(sparse_ckpt.model, task).eval()
+        verify_fold(sparse_ckpt.model, models.sparse, task)
+        models.sparse_kept = ffn_kept(sparse_ckpt.model, models.sparse)
+    return models
 
 
 def _stand_in(base_unet, spec):
@@ -214,9 +264,8 @@ def _bench_task(
     channels = models.mtu.config.in_channels
     feed = unet_feed(dict(models.mtu.config), channels, batch, tokens, config.seed)
     one = {k: (v[:1] if v.dim() else v) for k, v in feed.items()}
-    unets = {
-        name: u for name, u in (("mtu", models.mtu), ("single", models.single), ("base", models.base)) if u is not None
-    }
+    named = (("mtu", models.mtu), ("single", models.single), ("base", models.base), ("sparse", models.sparse))
+    unets = {name: u for name, u in named if u is not None}
     graphs = {name: export_fixed(unet, feed, scratch / name) for name, unet in unets.items()}
     # The fastest fp32 graph we ship (`mtu-export onnx --attention fused --optimize`), validated against torch as
     # exports are.
@@ -257,6 +306,13 @@ def _bench_task(
         row["unet_latency"]["mtu_vs_base"] = pair("mtu", "base")
     log(f"{task}: timing the optimized folded UNet (fused, --optimize) against its plain export ({rounds})")
     row["unet_latency"]["optimized_vs_plain"] = pair("optimized", "mtu")
+    if "sparse" in graphs:
+        log(f"{task}: timing the sparse fold against the single-task UNet ({rounds})")
+        row["sparse"] = {
+            "ffn_kept": models.sparse_kept,
+            "gflops_ratio": flops["sparse"]["torch"] / flops["single"]["torch"],
+            "latency_vs_single": pair("sparse", "single"),
+        }
     sessions = {name: session(graphs[name], config.threads, spinning=False) for name in ("mtu", "single")}
     if config.e2e_repeats:
         mtu_run, single_run = (pipeline.end_to_end(sessions[k], feeds, config.e2e_steps) for k in ("mtu", "single"))
@@ -266,6 +322,9 @@ def _bench_task(
     row["coreml_latency"] = _coreml_latency(models, feed, scratch, config)
     ratio, optimized = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
     shown = f"folded / single {ratio:.3f}, optimized / plain {optimized:.3f}"
+    if "sparse" in row:
+        shown += f", sparse / single {row['sparse']['latency_vs_single']['ratio']:.3f}"
+        shown += f" at {row['sparse']['gflops_ratio']:.3f}x the GFLOPs"
     log(f"{task}: {row['gflops']:.3f} GFLOPs/call (batch 1); UNet latency {shown}")
     return row
 
