@@ -29,7 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "conditioning",
         "cache",
     ),  # fmt: skip
-    "model": ("moe", "upcycle", "checkpoint", "fold", "bundle", "pipelines", "objective", "sample"),
+    "model": ("moe", "sparse_unet", "upcycle", "checkpoint", "fold", "bundle", "pipelines", "objective", "sample"),
     "train and evaluate": ("loop", "shapes.pretrain", "train", "evaluate", "parity", "curves", "shapes.tiny"),
     "quantize": ("quantize",),
     "export": ("export", "generate"),
