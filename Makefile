@@ -251,10 +251,11 @@ bench-data: $(STAMP)
 	$(BIN)/python benchmarks/data_memory.py --base $(MODEL) --out $(RESULTS)/data_memory.json
 
 # Stable Diffusion v1.5 scale with random weights: the fold's cost claims (about 25 minutes, 8 GB of RAM on 2 cores),
-# then our exported graphs against optimum's and onnxruntime's optimizer (about 40 minutes, 20 GB), both into
-# $(RESULTS)/sd15.{json,md}.
+# the sparse folds of top-2 and top-1 routing against single-task (GFLOPs and latency), then our exported graphs
+# against optimum's and onnxruntime's optimizer (about 40 minutes, 20 GB), all into $(RESULTS)/sd15.{json,md}.
 bench-sd15: $(STAMP)
 	$(BIN)/python -m mtu_export.bench.sd15 --out $(RESULTS)
+	$(BIN)/python -m mtu_export.bench.sd15 --sparse --out $(RESULTS)
 	$(BIN)/python -m mtu_export.bench.peers --out $(RESULTS)
 	$(BIN)/python -m mtu_export.bench.phone --out $(RESULTS)
 

@@ -132,8 +132,9 @@ def print_info(checkpoint: Path, summary: dict, as_json: bool = False) -> None:
     console.print(f"[bold]{checkpoint}[/]")
     console.print("tasks: " + ", ".join(f"{t['name']} ({t['in_channels']} ch)" for t in summary["tasks"]))
     console.print(
-        f"experts per FFN: {summary['num_experts']}, MoE layers: {summary['moe_layers']}, "
-        f"task embedding {summary['task_embed_dim']}, router hidden {summary['router_hidden_dim']}"
+        f"experts per FFN: {summary['num_experts']} ({summary.get('route', 'dense')}), "
+        f"MoE layers: {summary['moe_layers']}, task embedding {summary['task_embed_dim']}, "
+        f"router hidden {summary['router_hidden_dim']}"
     )
     console.print(
         f"parameters: {params['total']:,} total, {params['trainable']:,} trainable, {params['frozen']:,} frozen"

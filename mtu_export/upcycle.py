@@ -159,6 +159,7 @@ def describe(mtu: MTUUNet) -> dict:
     return {
         "tasks": [{"name": t.name, "in_channels": t.in_channels} for t in mtu.config.tasks],
         "num_experts": mtu.config.num_experts,
+        "route": mtu.config.route,
         "task_embed_dim": mtu.config.task_embed_dim,
         "router_hidden_dim": mtu.config.router_hidden_dim,
         "moe_layers": len(layers),

@@ -75,11 +75,12 @@ def build_base(seed: int = 0):
     return UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
 
 
-def build_mtu(seed: int = 0):
-    """The seeded base, upcycled (the base's own tensors are released), with trained-like routing."""
+def build_mtu(seed: int = 0, top_k: int | None = None):
+    """The seeded base, upcycled (the base's own tensors are released), with trained-like routing (`top_k`: each
+    task routed through its k heaviest experts, as `train --route top-k` trains it)."""
     from mtu_export.upcycle import upcycle_unet
 
-    mtu = upcycle_unet(build_base(seed), MoEConfig())
+    mtu = upcycle_unet(build_base(seed), MoEConfig(top_k=top_k))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _, moe in mtu.moe_layers():  # a non-uniform routing per task, as after training
@@ -108,7 +109,11 @@ def export_one(kind: str, task: str, out: Path, models: Path) -> None:
     from mtu_export.upcycle import load_unet, task_conv_in
 
     spec = MoEConfig().task(task)
-    if kind == "single":
+    if kind.startswith("top"):  # a top-k checkpoint's sparse fold
+        mtu = load_checkpoint(models / kind).model
+        module, io, args = UNetGraph(fold_task(mtu, task).eval()), UNET, feed(spec.in_channels)
+        del mtu
+    elif kind == "single":
         unet = load_unet(models / "base")
         unet.conv_in = task_conv_in(unet.conv_in, spec)
         unet.register_to_config(in_channels=spec.in_channels)
@@ -223,6 +228,126 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
     return results
 
 
+SPARSE_ROUTES = (2, 1)  # top-k routings measured by `--sparse`
+
+
+def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print) -> dict:
+    """Sparse folds at SD1.5 scale: the base upcycled with top-k routing (random weights, seeded routers), each
+    task folded with its zero-weight experts dropped. GFLOPs per call of every task's sparse fold ÷ its single-task
+    UNet (torch, cross-checked on the exported graph for the first task), and that task's sparse ÷ single-task
+    latency in interleaved pairs. Written as the "sparse" section of `out`/sd15.json and sd15.md."""
+    from mtu_export.bench.flops import onnx_flops, torch_flops
+    from mtu_export.bench.timing import interleaved
+    from mtu_export.checkpoint import save_checkpoint
+    from mtu_export.export.runtime import session
+    from mtu_export.fold import ffn_kept, fold_task, verify_fold
+    from mtu_export.upcycle import task_conv_in
+
+    work = Path(tempfile.mkdtemp(prefix="mtu-sd15-sparse-"))
+    models, first = work / "models", tasks[0]
+    result: dict = {"config": {"batch": BATCH, "latent": LATENT, "threads": threads, "repeats": repeats}, "routes": {}}
+    base = build_base()
+    base.save_pretrained(models / "base", safe_serialization=True)
+    single_flops = {}
+    for task in tasks:
+        spec = MoEConfig().task(task)
+        conv_in = base.conv_in
+        base.conv_in = task_conv_in(conv_in, spec)
+        single_flops[task] = torch_flops(base, feed(spec.in_channels))
+        base.conv_in = conv_in
+    result["gflops_single_batch2"] = {t: f / 1e9 for t, f in single_flops.items()}
+    del base
+    release()
+    log(f"exporting the single-task {first} UNet in a child process")
+    single = _child("single", first, work / "single", models)
+    for k in SPARSE_ROUTES:
+        mtu = build_mtu(top_k=k)
+        row: dict = {"gflops_ratio": {}}
+        for task in tasks:
+            folded = fold_task(mtu, task).eval()
+            if task == first:
+                row["fold_max_abs_diff"] = verify_fold(mtu, folded, task)
+                row["ffn_kept"] = ffn_kept(mtu, folded)
+            row["gflops_ratio"][task] = (
+                torch_flops(folded, feed(mtu.config.task(task).in_channels)) / single_flops[task]
+            )
+            del folded
+            release()
+        save_checkpoint(mtu, models / f"top{k}")
+        del mtu
+        release()
+        log(f"top-{k}: exporting the sparse {first} fold in a child process")
+        row["export"] = _child(f"top{k}", first, work / f"top{k}", models)
+        graph_flops = onnx_flops(work / f"top{k}" / "model.onnx")
+        row["gflops_ratio_onnx"] = graph_flops / onnx_flops(work / "single" / "model.onnx")
+        inputs = {name: v.numpy() for name, v in feed(MoEConfig().task(first).in_channels).items()}
+        sessions = {
+            kind: session(work / kind / "model.onnx", threads, spinning=False) for kind in (f"top{k}", "single")
+        }
+        log(f"top-{k}: timing the sparse {first} fold vs single-task ({repeats} interleaved pairs)")
+        sparse_run, single_run = (lambda s=sessions[x], i=inputs: s.run(None, i) for x in (f"top{k}", "single"))
+        row["latency"] = interleaved(sparse_run, single_run, repeats, 1)
+        del sparse_run, single_run
+        sessions.clear()
+        release()
+        _clear(work / f"top{k}")
+        result["routes"][f"top-{k}"] = row
+        log(f"top-{k}: GFLOPs {row['gflops_ratio'][first]:.3f}x, latency {row['latency']['ratio']:.3f}x single-task")
+    result["single_export"] = single
+    _clear(work)
+    result["machine"], result["finished"] = machine(), now_utc()
+    write_sparse(out, result)
+    return result
+
+
+def write_sparse(out: Path, result: dict) -> None:
+    """Add `result` as the "sparse" section of `out`/sd15.json (the other sections kept) and rewrite sd15.md."""
+    from mtu_export.bench import peers
+    from mtu_export.storage import read_json, write_json
+
+    path = out / "sd15.json"
+    both = read_json(path) if path.is_file() else {}
+    both["sparse"] = result
+    write_json(path, both)
+    text = (markdown(both) + "\n" if "tasks" in both else sparse_markdown(result)) + (
+        peers.markdown(both["peers"]) if "peers" in both else ""
+    )
+    tmp = out / ".sd15.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "sd15.md")
+
+
+def sparse_markdown(r: dict) -> str:
+    c = r["config"]
+    tasks = list(r["gflops_single_batch2"])
+    lines = [
+        "## Sparse folds: top-k routing (random weights)",
+        "",
+        "Made by `python -m mtu_export.bench.sd15 --sparse` (in `make bench-sd15`). The SD1.5 UNet upcycled with N=4 "
+        "and routed top-k (seeded routers); each task folded with its zero-weight experts dropped (exact: fold vs "
+        "routed below), so every FFN keeps k/N of its hidden units. GFLOPs per call (batch "
+        f"{c['batch']}, {c['latent']}×{c['latent']} latents) ÷ the single-task UNet (base with the task's conv_in), "
+        f"counted by torch (ONNX graph count for {tasks[0]} in brackets); latency of {tasks[0]}'s sparse fold ÷ the "
+        f"single-task graph, {c['repeats']} interleaved pairs on {c['threads']} threads. Finished {r['finished']} on "
+        f"{describe(r['machine'])}.",
+        "",
+        "| routing | FFN width kept | fold vs routed max abs diff | "
+        + " | ".join(f"{t} GFLOPs ÷ single" for t in tasks)
+        + f" | {tasks[0]} sparse ms | single ms | latency ÷ single |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    for name, row in r["routes"].items():
+        lat = row["latency"]
+        ratios = [f"**{row['gflops_ratio'][t]:.4f}**" for t in tasks]
+        ratios[0] += f" ({row['gflops_ratio_onnx']:.4f})"
+        lines.append(
+            f"| {name} | {row['ffn_kept']:.0%} | {row['fold_max_abs_diff']:.1e} | "
+            + " | ".join(ratios)
+            + f" | {lat['a_median_ms']:.0f} | {lat['b_median_ms']:.0f} | **{lat['ratio']:.3f}** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _clear(folder: Path) -> None:
     import shutil
 
@@ -264,6 +389,8 @@ def markdown(r: dict) -> str:
         f"one task's graph; its export took {b['export_seconds']:.0f} s at {b['peak_rss_mb']:.0f} MiB peak RSS.",
         "",
     ]
+    if "sparse" in r:
+        lines += [sparse_markdown(r["sparse"])]
     return "\n".join(lines)
 
 
@@ -273,12 +400,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--export", choices=("mtu", "single", "bundle"), help=argparse.SUPPRESS)
+    parser.add_argument("--sparse", action="store_true", help="Measure top-k sparse folds (the 'sparse' section).")
+    parser.add_argument("--export", help=argparse.SUPPRESS)  # mtu, single, bundle or top<k>: one child export
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export:
         export_one(args.export, args.task, args.out, args.models)
+        return
+    if args.sparse:
+        sparse = run_sparse(args.out, args.threads, args.repeats, tuple(t for t in args.tasks.split(",") if t))
+        shown = ", ".join(f"{name} {row['latency']['ratio']:.3f}" for name, row in sparse["routes"].items())
+        print(f"wrote the sparse section of {args.out / 'sd15.md'}: latency ÷ single-task {shown}")
         return
     results = run(args.out, args.threads, args.repeats, tuple(t for t in args.tasks.split(",") if t))
     print(f"wrote {args.out / 'sd15.md'}: bundle {results['bundle']['ratio_to_one_task']:.4f} x one task")
