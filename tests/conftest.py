@@ -49,3 +49,11 @@ def mtu_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """A 4-task MTU checkpoint of `world_pipeline`, perturbed so that tasks really differ; read-only for tests."""
     mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig()), scale=0.1)
     return save_checkpoint(mtu, tmp_path_factory.mktemp("mtu") / "ckpt", pipeline_dir=world_pipeline)
+
+
+@pytest.fixture(scope="session")
+def topk_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-task top-2 MTU checkpoint of `world_pipeline` (`--route top-2`), perturbed so that tasks pick different
+    experts; read-only for tests."""
+    mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig(top_k=2)), scale=0.3)
+    return save_checkpoint(mtu, tmp_path_factory.mktemp("topk") / "ckpt", pipeline_dir=world_pipeline)

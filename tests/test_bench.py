@@ -89,9 +89,10 @@ def test_latency_rounds_open_fresh_sessions_and_alternate_the_order():
 
 
 @pytest.fixture(scope="module")
-def report(mtu_world: Path, world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def report(mtu_world: Path, world_pipeline: Path, topk_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     args = ("--base", world_pipeline, "--repeats", "2", "--rounds", "2", "--pairs", "3", "--warmup", "1")
+    args += ("--sparse", topk_world)
     args += ("--steps", "2", "--modes", "dynamic-int8")
     result = invoke("bench", mtu_world, "--out", out, *args, "--image-count", "1", "--save-baseline", out / "base.json")
     assert result.exit_code == 0, result.output
@@ -112,6 +113,10 @@ def test_bench_writes_json_markdown_and_plots(report):
         assert all(mb > 0 for mb in row["peak_rss_mb"].values())  # each graph's own child process
         assert len(latency["optimized_vs_plain"]["round_ratios"]) == 2  # fused attention vs the plain export
         assert row["optimized"]["psnr_db"] is None or row["optimized"]["psnr_db"] >= OPTIMIZED_PSNR_MIN_DB
+        # The top-2 checkpoint's sparse fold: half the FFN width, fewer FLOPs (torch = ONNX), timed like the rest.
+        assert row["sparse"]["ffn_kept"] == 0.5 and row["sparse"]["gflops_ratio"] < 1.0
+        assert flops["sparse"]["torch"] == flops["sparse"]["onnx"] < flops["single"]["torch"]
+        assert len(row["sparse"]["latency_vs_single"]["round_ratios"]) == 2
     t2i = results["tasks"]["t2i"]["flops_per_call_batch1"]
     assert t2i["base"]["torch"] == t2i["mtu"]["torch"]  # folded t2i costs exactly what the base model costs
     assert set(results["bundle"]["modes"]) == {"none", "dynamic-int8"}
@@ -120,6 +125,10 @@ def test_bench_writes_json_markdown_and_plots(report):
     markdown = (report / "bench.md").read_text()
     assert "Folded MTU task vs single-task UNet" in markdown and "dynamic-int8" in markdown
     assert "Optimized vs plain export of the folded UNet" in markdown
+    assert "Sparse fold vs single-task UNet" in markdown
+    baseline = json.loads((report / "base.json").read_text())
+    assert set(baseline["sparse_latency_ratio_max"]) == set(results["tasks"])
+    assert all(bound <= 1.0 for bound in baseline["sparse_latency_ratio_max"].values())
     assert (report / "bench.png").stat().st_size > 1000
 
 
@@ -128,6 +137,7 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     baseline = json.loads((report / "base.json").read_text())
     baseline["latency_ratio_max"] = 100.0  # this test doctors the numbers; real noise must not decide it
     baseline["optimized_ratio_max"] = dict.fromkeys(baseline["optimized_ratio_max"], 100.0)
+    baseline["sparse_latency_ratio_max"] = dict.fromkeys(baseline["sparse_latency_ratio_max"], 100.0)
     (tmp_path / "baseline.json").write_text(json.dumps(baseline))
     (tmp_path / "honest.json").write_text(json.dumps(results))
     ok = invoke("bench", "--results", tmp_path / "honest.json", "--check", tmp_path / "baseline.json")
@@ -139,6 +149,8 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     doctored["bundle"]["size_ratio"] = 1.5
     doctored["tasks"]["inpaint"]["same_structure"] = False
     doctored["tasks"]["t2i"]["unet_latency"]["optimized_vs_plain"]["ratio"] = 150.0
+    doctored["tasks"]["edit"]["sparse"]["latency_vs_single"]["ratio"] = 150.0  # a sparse fold that is not faster
+    del doctored["tasks"]["sr"]["sparse"]  # a run that benched no sparse fold against a baseline that bounds one
     (tmp_path / "doctored.json").write_text(json.dumps(doctored))
     bad = invoke("bench", "--results", tmp_path / "doctored.json", "--check", tmp_path / "baseline.json")
     assert bad.exit_code == 7, bad.output
@@ -149,11 +161,13 @@ def test_bench_check_fails_on_a_doctored_result_naming_every_violation(report, t
     assert "bundle bytes / one model 1.5000 exceeds" in bad.stderr
     assert "inpaint: folded and single-task graph structures differ" in bad.stderr
     assert "t2i: optimized / plain UNet latency 150.000 exceeds 100.000" in bad.stderr
-    assert "7 benchmark violation(s)" in bad.stderr
+    assert "edit: sparse fold / single-task UNet latency 150.000 exceeds 100.000" in bad.stderr
+    assert "sr: the baseline bounds a sparse fold, and this run benched none" in bad.stderr
+    assert "9 benchmark violation(s)" in bad.stderr
     # The Python API fails the same way: BenchGateError (exit 7) with every violation, none on the honest result.
     enforce(results, baseline, "baseline.json")
     seen: list[str] = []
-    with pytest.raises(BenchGateError, match=r"^7 benchmark violation\(s\) against baseline.json$") as failed:
+    with pytest.raises(BenchGateError, match=r"^9 benchmark violation\(s\) against baseline.json$") as failed:
         enforce(doctored, baseline, "baseline.json", on_violation=seen.append)
     assert failed.value.exit_code == 7 and failed.value.problems == seen == check(doctored, baseline)
 
@@ -163,6 +177,7 @@ def test_bench_check_names_a_floored_mode_the_run_did_not_measure(report):
     baseline = json.loads((report / "base.json").read_text())
     baseline["latency_ratio_max"] = 100.0  # only the missing mode may fail this check, not the tiny run's noise
     baseline["optimized_ratio_max"] = dict.fromkeys(baseline["optimized_ratio_max"], 100.0)
+    baseline["sparse_latency_ratio_max"] = dict.fromkeys(baseline["sparse_latency_ratio_max"], 100.0)
     assert check(results, baseline) == []
     baseline["image_psnr_min_db"]["static-int8"] = 30
     assert check(results, baseline) == [

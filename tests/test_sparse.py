@@ -6,16 +6,15 @@ by how much; every bad option is a one-line error."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import FAST, PROMPT, assert_clean_failure, assert_valid_manifest, invoke, perturb_, unet_inputs
+from helpers import FAST, PROMPT, assert_clean_failure, assert_valid_manifest, invoke, unet_inputs
 
 from mtu_export.bench.flops import torch_flops
-from mtu_export.checkpoint import load_checkpoint, save_checkpoint
+from mtu_export.checkpoint import load_checkpoint
 from mtu_export.config import MoEConfig, SparseFold, TrainConfig
 from mtu_export.errors import ConfigError
 from mtu_export.fold import ffn_kept, fold_task, sparse_deviation, verify_fold
@@ -23,17 +22,9 @@ from mtu_export.metrics import psnr_db
 from mtu_export.moe import TaskRouter, sparsify
 from mtu_export.sparse_unet import SparseUNet2DConditionModel
 from mtu_export.train import train
-from mtu_export.upcycle import load_unet, upcycle_unet
 
 FOLD_ATOL_FP32 = 1e-5  # the fold check's tolerance, sparse or dense
 PIPELINE_PSNR_MIN_DB = 40.0  # optimum's ORT pipeline vs diffusers' torch pipeline, same seed, uint8 images
-
-
-@pytest.fixture(scope="module")
-def topk_world(world_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-task top-2 MTU checkpoint of the toy world pipeline, perturbed so tasks pick different experts."""
-    mtu = perturb_(upcycle_unet(load_unet(world_pipeline), MoEConfig(top_k=2)), scale=0.3)
-    return save_checkpoint(mtu, tmp_path_factory.mktemp("topk") / "ckpt", pipeline_dir=world_pipeline)
 
 
 def _random_router(top_k: int | None, seed: int = 0) -> TaskRouter:
