@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models convergence levers curve-anchor curves ship-models parity ablation bench bench-full bench-runtime bench-exports install-runtime bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
+.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models mtu-top2 sparse-eval convergence levers curve-anchor curves ship-models parity ablation bench bench-full bench-runtime bench-exports install-runtime bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,7 @@ TASKS := t2i edit sr inpaint
 MODEL := models/shapes-base
 
 SHIPPED := models/shapes-mtu
+SPARSE := models/shapes-mtu-top2
 BASELINES := $(foreach t,$(TASKS),--baseline $(t)=models/shapes-single-$(t))
 RESULTS := benchmarks/results
 
@@ -110,6 +111,18 @@ mtu-models: $(STAMP)
 	  $(BIN)/mtu-export train $(MODEL) --single-task $$t --work $(RUNS)/work/single-$$t --out $(RUNS)/single-$$t \
 	    --batch-size 16 $(SINGLE_OPTIM) $(TRAIN_COMMON) || exit 1; \
 	done
+
+# The shipped MTU recipe routed top-2 (`--route top-2`: each task uses its two heaviest experts per FFN, the others
+# weigh exactly 0), same data, steps, optimiser and seed: its sparse folds drop half of every FFN exactly. The shipped
+# run took 73 min on 2 cores beside other jobs (models/shapes-mtu-top2/README.md).
+mtu-top2: $(STAMP)
+	$(BIN)/mtu-export train $(MODEL) --route top-2 --work $(RUNS)/work/mtu-top2 --out $(RUNS)/mtu-top2 --batch-size 64 \
+	  $(MTU_OPTIM) $(TRAIN_COMMON)
+
+# The top-2 model scored as `make parity` scores the dense MTU (same examples and sampler), for bench's sparse rows.
+sparse-eval: $(STAMP)
+	$(BIN)/mtu-export eval $(SPARSE) --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 --image-guidance 1.5 \
+	  --seed 0 --json $(RESULTS)/sparse/top2.json --overwrite
 
 # Parity at convergence: the same two recipes at 2,500 steps a side (1.25x the shipped models'), scored every 500
 # steps on held-out scenes 2000-2031 of each task (not the ones `make parity` reports) into each work folder's
@@ -173,10 +186,10 @@ curves: $(STAMP)
 	$(BIN)/mtu-export curves $$(for d in $$(ls -d $(CONV_RESULTS)/mtu $(CONV_RESULTS)/single-* $(CONV_RESULTS)/lever-* 2>/dev/null); do \
 	  echo "$$(basename $$d)=$$d"; done) --out $(RESULTS)/curves --overwrite
 
-# Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference (80 MB budget for models/).
+# Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference (about 85 MB in models/).
 # The model cards (README.md) are kept across the overwrite; update their numbers after `make parity`.
 ship-models: $(STAMP)
-	for m in shapes-mtu $(foreach t,$(TASKS),shapes-single-$(t)); do \
+	for m in shapes-mtu shapes-mtu-top2 $(foreach t,$(TASKS),shapes-single-$(t)); do \
 	  src=$$( [ $$m = shapes-mtu ] && echo $(RUNS)/shapes-mtu || echo $(RUNS)/$${m#shapes-} ); \
 	  card=$$(mktemp); cp models/$$m/README.md $$card 2>/dev/null || rm -f $$card; \
 	  $(BIN)/mtu-export pack $$src --out models/$$m --pipeline-ref ../shapes-base --overwrite || exit 1; \
@@ -206,7 +219,8 @@ bench:
 	else $(MAKE) --no-print-directory bench-full; fi
 
 bench-full: $(STAMP)
-	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --out $(RESULTS) --overwrite
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --sparse $(SPARSE) \
+	  --sparse-eval $(RESULTS)/sparse/top2.json --out $(RESULTS) --overwrite
 
 # The shipped 4-task model as the device runtimes take it, for bench-runtime: fp32 .onnx (the reference), static int8
 # as ONNX Runtime Mobile .ort, and w8a16 at batch 1 (the NPU-style graph) as .ort. Run where torch is installed, then
@@ -228,7 +242,7 @@ bench-runtime:
 
 # The CI gate: the same measurements (quick settings), checked against benchmarks/baseline.json.
 bench-check: $(STAMP)
-	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --out out/bench-check --modes dynamic-int8,static-int8 --image-count 1 \
+	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --sparse $(SPARSE) --out out/bench-check --modes dynamic-int8,static-int8 --image-count 1 \
 	  --rounds 4 --pairs 50 --check benchmarks/baseline.json --overwrite
 
 bench-train: $(STAMP)
