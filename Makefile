@@ -186,13 +186,15 @@ curves: $(STAMP)
 	$(BIN)/mtu-export curves $$(for d in $$(ls -d $(CONV_RESULTS)/mtu $(CONV_RESULTS)/single-* $(CONV_RESULTS)/lever-* 2>/dev/null); do \
 	  echo "$$(basename $$d)=$$d"; done) --out $(RESULTS)/curves --overwrite
 
-# Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference (about 85 MB in models/).
+# Ship the trained runs into models/: fp16 weights, the base pipeline shared by reference; the MTU checkpoints keep
+# only their trained tensors (the frozen rest is the shared base UNet's), about 67 MB in models/ in all.
 # The model cards (README.md) are kept across the overwrite; update their numbers after `make parity`.
 ship-models: $(STAMP)
 	for m in shapes-mtu shapes-mtu-top2 $(foreach t,$(TASKS),shapes-single-$(t)); do \
 	  src=$$( [ $$m = shapes-mtu ] && echo $(RUNS)/shapes-mtu || echo $(RUNS)/$${m#shapes-} ); \
 	  card=$$(mktemp); cp models/$$m/README.md $$card 2>/dev/null || rm -f $$card; \
-	  $(BIN)/mtu-export pack $$src --out models/$$m --pipeline-ref ../shapes-base --overwrite || exit 1; \
+	  only=$$(case $$m in shapes-mtu*) echo --trained-only;; esac); \
+	  $(BIN)/mtu-export pack $$src --out models/$$m --pipeline-ref ../shapes-base $$only --overwrite || exit 1; \
 	  if [ -f "$$card" ]; then mv $$card models/$$m/README.md; fi; \
 	done
 	du -sh models

@@ -2,7 +2,9 @@
 `mtu-export upcycle` command that writes one, and the frozen pipeline components a checkpoint points at.
 
 A checkpoint folder holds `mtu_config.json` (format, MoE config, the base UNet's diffusers config, provenance),
-`mtu_unet.safetensors` and, unless it shares one by reference, the base pipeline's other components.
+`mtu_unet.safetensors` and, unless it shares one by reference, the base pipeline's other components. A checkpoint
+packed with `trained_only` keeps only the tensors training changed: the frozen rest is read, bit for bit, from the
+UNet of the pipeline it shares, whose weights' SHA-256 it records (`frozen_from_pipeline`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from mtu_export.upcycle import load_unet, upcycle_unet
 CHECKPOINT_WEIGHTS = "mtu_unet.safetensors"
 CHECKPOINT_PIPELINE = "pipeline"
 CHECKPOINT_FORMAT = "mtu-export-checkpoint/1"
+PACK_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,18 @@ def save_checkpoint(
     overwrite: bool = False,
     extra: dict | None = None,
     pipeline_ref: str | None = None,
+    omit: frozenset[str] = frozenset(),
 ) -> Path:
     """Write `mtu_config.json` + `mtu_unet.safetensors` (+ the frozen pipeline components) atomically.
 
     With `pipeline_ref` (a path relative to `out`, e.g. '../shapes-base') the checkpoint points at a pipeline
-    folder it shares with others instead of holding a copy."""
+    folder it shares with others instead of holding a copy. Tensors named in `omit` are left out of the weights
+    file (`pack_checkpoint` omits those the shared pipeline's UNet holds; `extra` must then say so)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     with atomic_output_dir(out, overwrite) as tmp:
-        state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items() if k not in omit}
         save_file(state, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
         if pipeline_ref is not None:
             shared = Path(os.path.normpath(out / pipeline_ref))  # `out` itself does not exist yet
@@ -113,12 +118,6 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
         raise CheckpointError(
             f"{path / CHECKPOINT_CONFIG} has no 'unet_config' object; restore the file or re-run `mtu-export upcycle`"
         )
-    shapes = check_safetensors(path / CHECKPOINT_WEIGHTS)
-    with torch.device("meta"):
-        model = build_skeleton(meta["unet_config"], config)
-    _check_state_shapes(model, shapes, path)
-    model.load_state_dict(read_safetensors(path / CHECKPOINT_WEIGHTS), strict=True, assign=True)
-    model = model.to(dtype) if dtype is not None else model
     pipeline = path / meta["pipeline"] if meta.get("pipeline") else None
     if pipeline is not None and not (pipeline / PIPELINE_INDEX).is_file():
         raise CheckpointError(
@@ -127,20 +126,97 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
         )
     if pipeline is not None:
         refuse_pipeline_pickles(pipeline)  # before anything downstream loads or copies a component
+    shapes = check_safetensors(path / CHECKPOINT_WEIGHTS)
+    with torch.device("meta"):
+        model = build_skeleton(meta["unet_config"], config)
+    state = read_safetensors(path / CHECKPOINT_WEIGHTS)
+    if meta.get("frozen_from_pipeline") is not None:
+        frozen = _frozen_from_pipeline(meta, pipeline, set(model.state_dict()) - set(shapes), path)
+        shapes |= {k: (list(v.shape), "") for k, v in frozen.items()}
+        state |= frozen
+    _check_state_shapes(model, shapes, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(dtype) if dtype is not None else model
     return Checkpoint(model.eval().freeze_(), path, pipeline, meta)
 
 
-def pack_checkpoint(source: Path, out: Path, pipeline_ref: str, dtype: str = "fp16", overwrite: bool = False) -> Path:
-    """Re-save a checkpoint for shipping: weights cast to `dtype`, the pipeline shared by reference."""
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if dtype not in dtypes:
-        raise ConfigError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+def pack_checkpoint(
+    source: Path,
+    out: Path,
+    pipeline_ref: str,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+    trained_only: bool = False,
+) -> Path:
+    """Re-save a checkpoint for shipping: weights cast to `dtype`, the pipeline shared by reference.
+
+    With `trained_only`, every tensor that equals (bit for bit, in `dtype`) its counterpart in the shared pipeline's
+    UNet is left out, and loading reads it from there: for an MTU trained with the paper's split that is everything
+    but the experts, routers, task embeddings, task LayerNorms and conv_ins (about a sixth of the UNet)."""
+    if dtype not in PACK_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(PACK_DTYPES)}, got {dtype!r}")
     shared = Path(os.path.normpath(Path(out) / pipeline_ref))  # the pipeline the packed checkpoint will read
     check_separate(Path(out), Path(source), shared)
-    ckpt = load_checkpoint(Path(source), dtype=dtypes[dtype])
-    own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline")
+    ckpt = load_checkpoint(Path(source), dtype=PACK_DTYPES[dtype])
+    own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline", "frozen_from_pipeline")
     extra = {k: v for k, v in ckpt.meta.items() if k not in own}
-    return save_checkpoint(ckpt.model, Path(out), overwrite=overwrite, extra=extra, pipeline_ref=pipeline_ref)
+    omit: frozenset[str] = frozenset()
+    if trained_only:
+        if not (shared / PIPELINE_INDEX).is_file():
+            raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
+        omit = _unchanged_from_base(ckpt.model, shared, PACK_DTYPES[dtype])
+    if omit:  # a full fine-tune changed every tensor: nothing to read from the pipeline, nothing to check there
+        extra["frozen_from_pipeline"] = {"unet_sha256": _unet_digest(shared), "dtype": dtype, "tensors": len(omit)}
+    return save_checkpoint(
+        ckpt.model, Path(out), overwrite=overwrite, extra=extra, pipeline_ref=pipeline_ref, omit=omit
+    )
+
+
+def _base_state(pipeline: Path) -> dict[str, torch.Tensor]:
+    """The pipeline UNet's tensors under the names the MTU model gives them ('unet.' + the diffusers name)."""
+    files = unet_weights(locate_unet(pipeline).unet_dir)
+    return {f"unet.{k}": v for f in files for k, v in read_safetensors(f).items()}
+
+
+def _unet_digest(pipeline: Path) -> str:
+    """One SHA-256 over the SHA-256s of a UNet's (or a pipeline's UNet's) weight files."""
+    files = unet_weights(locate_unet(pipeline).unet_dir)
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def _unchanged_from_base(model: MTUUNet, pipeline: Path, dtype: torch.dtype) -> frozenset[str]:
+    base = _base_state(pipeline)
+    trained = {name for name, _ in model.trainable_parameters()}
+    return frozenset(
+        k
+        for k, v in model.state_dict().items()
+        if k not in trained and k in base and base[k].shape == v.shape and torch.equal(base[k].to(dtype), v)
+    )
+
+
+def _frozen_from_pipeline(meta: dict, pipeline: Path | None, missing: set[str], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a trained-only checkpoint leaves to its pipeline's UNet, after checking it is the one packed."""
+    record = meta["frozen_from_pipeline"]
+    repack = "restore that UNet, or re-pack the checkpoint from its full training run without --trained-only"
+    if pipeline is None or not isinstance(record, dict) or record.get("dtype") not in PACK_DTYPES:
+        raise CheckpointError(
+            f"{path / CHECKPOINT_CONFIG}: 'frozen_from_pipeline' needs a shared pipeline and a dtype; "
+            "restore the file or re-pack the checkpoint"
+        )
+    if _unet_digest(pipeline) != record.get("unet_sha256"):
+        raise CheckpointError(
+            f"{path} keeps only its trained tensors, and the UNet of its pipeline {pipeline} is not the one it was "
+            f"packed against (SHA-256 differs); {repack}"
+        )
+    base = _base_state(pipeline)
+    dtype = PACK_DTYPES[record["dtype"]]
+    absent = sorted(k for k in missing if k not in base)
+    if absent or len(missing) != record.get("tensors"):
+        raise CheckpointError(
+            f"{path / CHECKPOINT_WEIGHTS} lacks {len(missing)} tensors (the config says {record.get('tensors')}), "
+            f"{len(absent)} of them not in the pipeline's UNet (e.g. {(absent or ['-'])[0]}); {repack}"
+        )
+    return {k: base[k].to(dtype) for k in missing}
 
 
 def _checkpoint_moe(meta: dict, path: Path) -> MoEConfig:
@@ -212,8 +288,7 @@ def upcycle_folder(source: Path, out: Path, config: MoEConfig, overwrite: bool =
     base = load_unet(Path(source))
     mtu = upcycle_unet(base, config)
     del base
-    digest = hashlib.sha256("".join(file_sha256(f) for f in unet_weights(located.unet_dir)).encode()).hexdigest()
-    extra = {"source": {"path": str(Path(source).resolve()), "unet_sha256": digest}}
+    extra = {"source": {"path": str(Path(source).resolve()), "unet_sha256": _unet_digest(located.unet_dir)}}
     out = save_checkpoint(mtu, Path(out), located.pipeline_dir, overwrite=overwrite, extra=extra)
     pipeline = out / CHECKPOINT_PIPELINE if located.pipeline_dir else None
     return Checkpoint(mtu, out, pipeline, read_json(out / CHECKPOINT_CONFIG))

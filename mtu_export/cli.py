@@ -173,12 +173,19 @@ def pack(
         str, typer.Option(help="Pipeline folder to share, as a path relative to --out (e.g. ../shapes-base).")
     ],
     dtype: Annotated[str, typer.Option(help="Weights dtype: fp16, bf16 or fp32.")] = "fp16",
+    trained_only: Annotated[
+        bool,
+        typer.Option(
+            help="Keep only the tensors training changed; the rest is read from the shared pipeline's UNet, "
+            "whose SHA-256 is recorded and checked on load."
+        ),
+    ] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Re-save a checkpoint for shipping: weights in --dtype, the base pipeline shared by reference, not copied."""
     from mtu_export.checkpoint import pack_checkpoint
 
-    console.print(f"wrote {pack_checkpoint(checkpoint, out, pipeline_ref, dtype, overwrite)}")
+    console.print(f"wrote {pack_checkpoint(checkpoint, out, pipeline_ref, dtype, overwrite, trained_only)}")
 
 
 @app.command()

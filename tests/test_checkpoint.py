@@ -129,3 +129,57 @@ def test_pack_shares_the_base_pipeline_and_casts_to_fp16(trained, pipeline_dir, 
     shutil.rmtree(tmp_path / "models" / "base")
     with pytest.raises(CheckpointError, match="has no model_index.json"):
         load_checkpoint(packed)
+
+
+def test_trained_only_pack_reads_the_frozen_rest_from_the_shared_unet(pipeline_dir, tmp_path):
+    """`pack --trained-only` keeps the experts, routers, task embeddings, LayerNorms and conv_ins; the rest loads,
+    bit for bit, from the shared pipeline's UNet, and a changed UNet there is refused instead of silently used."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from mtu_export.checkpoint import pack_checkpoint
+    from mtu_export.upcycle import load_unet
+
+    config = MoEConfig(tasks=(TaskSpec("t2i", 4), TaskSpec("edit", 8)), num_experts=2)
+    model = perturb_(upcycle_unet(load_unet(pipeline_dir), config))
+    shutil.copytree(pipeline_dir, tmp_path / "models" / "base")
+    source = save_checkpoint(model, tmp_path / "full", pipeline_dir=pipeline_dir)
+    full = pack_checkpoint(source, tmp_path / "models" / "full", "../base", dtype="fp16")
+    packed = pack_checkpoint(source, tmp_path / "models" / "mtu", "../base", dtype="fp16", trained_only=True)
+    with safe_open(str(packed / CHECKPOINT_WEIGHTS), framework="pt") as handle:
+        kept = set(handle.keys())
+    assert kept == {name for name, _ in model.trainable_parameters()}
+    assert (packed / CHECKPOINT_WEIGHTS).stat().st_size < (full / CHECKPOINT_WEIGHTS).stat().st_size / 2
+    want, got = load_checkpoint(full).model.state_dict(), load_checkpoint(packed).model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+
+    weights = tmp_path / "models" / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the last weight changed
+    with pytest.raises(CheckpointError, match="not the one it was packed against") as err:
+        load_checkpoint(packed)
+    assert err.value.exit_code == 4
+    _edit_meta(packed, lambda m: m["frozen_from_pipeline"].update(dtype="int4"))
+    with pytest.raises(CheckpointError, match="needs a shared pipeline and a dtype"):
+        load_checkpoint(packed)
+
+
+def test_trained_only_pack_of_a_full_fine_tune_keeps_everything(pipeline_dir, tmp_path):
+    """Tensors that differ from the shared UNet (a full fine-tune changes all of them) are never left out."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from mtu_export.checkpoint import pack_checkpoint
+    from mtu_export.upcycle import load_unet
+
+    model = upcycle_unet(load_unet(pipeline_dir), MoEConfig(tasks=(TaskSpec("t2i", 4),), num_experts=1))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.125)
+    shutil.copytree(pipeline_dir, tmp_path / "models" / "base")
+    source = save_checkpoint(model, tmp_path / "full", pipeline_dir=pipeline_dir)
+    packed = pack_checkpoint(source, tmp_path / "models" / "single", "../base", trained_only=True)
+    with safe_open(str(packed / CHECKPOINT_WEIGHTS), framework="pt") as handle:
+        assert set(handle.keys()) == set(model.state_dict())
+    assert "frozen_from_pipeline" not in load_checkpoint(packed).meta
