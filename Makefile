@@ -119,10 +119,17 @@ mtu-top2: $(STAMP)
 	$(BIN)/mtu-export train $(MODEL) --route top-2 --work $(RUNS)/work/mtu-top2 --out $(RUNS)/mtu-top2 --batch-size 64 \
 	  $(MTU_OPTIM) $(TRAIN_COMMON)
 
-# The top-2 model scored as `make parity` scores the dense MTU (same examples and sampler), for bench's sparse rows.
+# The top-2 model scored as `make parity` scores the dense MTU (same examples and sampler), for bench's sparse rows,
+# and the dense MTU folded to half its FFN width after training (--ffn-budget 0.5, renormalized or not): the
+# trade-off table $(RESULTS)/sparse/tradeoff.md. About 15 min per eval on 2 cores.
 sparse-eval: $(STAMP)
 	$(BIN)/mtu-export eval $(SPARSE) --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 --image-guidance 1.5 \
-	  --seed 0 --json $(RESULTS)/sparse/top2.json --overwrite
+	  --seed 0 --json $(RESULTS)/sparse/eval/top2.json --overwrite
+	for r in no yes; do flag=$$( [ $$r = yes ] && echo --renormalize ); \
+	  $(BIN)/mtu-export eval $(SHIPPED) --ffn-budget 0.5 $$flag --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 \
+	  --image-guidance 1.5 --seed 0 --json $(RESULTS)/sparse/eval/mtu-budget0.5-renorm-$$r.json --overwrite || exit 1; done
+	$(BIN)/python benchmarks/sparse_tradeoff.py $(RESULTS)/sparse/eval/*.json --parity $(RESULTS)/parity/parity.json \
+	  --out $(RESULTS)/sparse/tradeoff
 
 # Parity at convergence: the same two recipes at 2,500 steps a side (1.25x the shipped models'), scored every 500
 # steps on held-out scenes 2000-2031 of each task (not the ones `make parity` reports) into each work folder's
@@ -222,7 +229,7 @@ bench:
 
 bench-full: $(STAMP)
 	$(BIN)/mtu-export bench $(SHIPPED) $(BASELINES) --parity $(RESULTS)/parity/parity.json --sparse $(SPARSE) \
-	  --sparse-eval $(RESULTS)/sparse/top2.json --out $(RESULTS) --overwrite
+	  --sparse-eval $(RESULTS)/sparse/eval/top2.json --out $(RESULTS) --overwrite
 
 # The shipped 4-task model as the device runtimes take it, for bench-runtime: fp32 .onnx (the reference), static int8
 # as ONNX Runtime Mobile .ort, and w8a16 at batch 1 (the NPU-style graph) as .ort. Run where torch is installed, then

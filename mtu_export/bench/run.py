@@ -118,7 +118,7 @@ def bench(
     for task in baselines:
         ckpt.model.config.task(task)  # unknown task -> one-line error
     base_unet = load_unet(base).float().eval()
-    tokens = _tokens(ckpt)
+    tokens = prompt_tokens(ckpt)
     results: dict = {
         "format": "mtu-export-bench/1",
         "checkpoint": str(checkpoint),
@@ -168,7 +168,8 @@ def _base_of(ckpt) -> Path:
     )
 
 
-def _tokens(ckpt) -> int:
+def prompt_tokens(ckpt) -> int:
+    """The prompt length the checkpoint's tokenizer pads to (the text input of every benched UNet call)."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(ckpt.pipeline_dir / "tokenizer").model_max_length
