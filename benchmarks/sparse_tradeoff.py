@@ -2,11 +2,11 @@
 
 Each row is one `mtu-export eval --json` run of a checkpoint, scored as its sparse fold runs (the `sparse` setting
 the JSON records: none for a top-k model, whose dropped experts weigh exactly 0). Per task the table shows the FFN
-width the fold keeps, the fold's FLOPs per UNet call ÷ the single-task UNet's (the base's shape with the task's conv_in; torch's
-FlopCounterMode on a batch-1 call with a full-length prompt, as `mtu-export bench` counts), and the primary metric ÷ the dense MTU's in `parity.json` (same split, count,
-sampler and seed, or the script refuses).
+width the fold keeps, the fold's FLOPs per UNet call ÷ the single-task UNet's (the base's shape with the task's
+conv_in; torch's FlopCounterMode on a batch-1 call with a full-length prompt, as `mtu-export bench` counts), and
+the primary metric ÷ the dense MTU's in `parity.json` (same split, count, sampler and seed, or the script refuses).
 
-    python benchmarks/sparse_tradeoff.py benchmarks/results/sparse/*.json \
+    python benchmarks/sparse_tradeoff.py benchmarks/results/sparse/eval/*.json \
         --parity benchmarks/results/parity/parity.json --out benchmarks/results/sparse/tradeoff
 """
 
@@ -24,7 +24,7 @@ from mtu_export.bench.graphs import unet_feed
 from mtu_export.bench.run import prompt_tokens, sparse_quality
 from mtu_export.checkpoint import load_checkpoint
 from mtu_export.config import SparseFold
-from mtu_export.fold import fold_task, ffn_kept
+from mtu_export.fold import ffn_kept, fold_task
 
 
 def describe(evaluation: dict, top_k: int | None) -> str:
@@ -54,7 +54,12 @@ def row(path: Path, parity: dict) -> dict:
         single = UNet2DConditionModel.from_config(config)  # the single-task UNet's shape (weights do not matter)
         flops, single_flops = torch_flops(folded, feed), torch_flops(single, feed)
         tasks[task] = quality[task] | {"ffn_kept": ffn_kept(ckpt.model, folded), "flops_ratio": flops / single_flops}
-    return {"eval": str(path), "checkpoint": evaluation["checkpoint"], "setting": describe(evaluation, ckpt.model.config.top_k), "tasks": tasks}
+    return {
+        "eval": str(path),
+        "checkpoint": evaluation["checkpoint"],
+        "setting": describe(evaluation, ckpt.model.config.top_k),
+        "tasks": tasks,
+    }
 
 
 def markdown(rows: list[dict]) -> str:

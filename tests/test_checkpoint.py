@@ -152,7 +152,9 @@ def test_trained_only_pack_reads_the_frozen_rest_from_the_shared_unet(pipeline_d
     assert kept == {name for name, _ in model.trainable_parameters()}
     assert (packed / CHECKPOINT_WEIGHTS).stat().st_size < (full / CHECKPOINT_WEIGHTS).stat().st_size / 2
     want, got = load_checkpoint(full).model.state_dict(), load_checkpoint(packed).model.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+    assert want.keys() == got.keys() and all(
+        torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want
+    )
 
     weights = tmp_path / "models" / "base" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the last weight changed

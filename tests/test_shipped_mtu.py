@@ -77,3 +77,11 @@ def test_top2_model_folds_exactly_to_half_its_ffns_and_its_tradeoff_table_reprod
     for task in TASKS:
         assert again["tasks"][task] == committed["tasks"][task]  # JSON keeps floats exactly
         assert again["tasks"][task]["flops_ratio"] < 0.91
+
+
+def test_top2_model_card_quotes_the_tradeoff_table():
+    card = (MODELS / "shapes-mtu-top2" / "README.md").read_text()
+    table = json.loads((RESULTS / "sparse" / "tradeoff.json").read_text())
+    for row in table["rows"]:
+        for task, entry in row["tasks"].items():
+            assert f"{entry['ratio']:.3f}" in card, (row["setting"], task)

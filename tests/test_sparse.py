@@ -162,6 +162,40 @@ def test_a_folded_top_k_pipeline_loads_in_diffusers_and_runs_as_optimum_runs_its
     assert value is None or value >= PIPELINE_PSNR_MIN_DB
 
 
+# Runs in a fresh interpreter in which `import mtu_export` fails: what a user with only diffusers has.
+WITHOUT_MTU_EXPORT = """
+import sys
+sys.modules["mtu_export"] = None
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert type(pipe.unet).__name__ == "SparseUNet2DConditionModel", type(pipe.unet)
+inputs = np.load(sys.argv[2])
+with torch.no_grad():
+    out = pipe.unet(torch.from_numpy(inputs["sample"]), 500, torch.from_numpy(inputs["text"])).sample
+np.save(sys.argv[3], out.numpy())
+"""
+
+
+def test_a_sparse_fold_loads_in_a_process_without_mtu_export(topk_world, tmp_path):
+    """The folder carries its UNet class: plain diffusers loads it and computes what the fold computes."""
+    import subprocess
+    import sys
+
+    assert invoke("fold", topk_world, "--task", "edit", "--out", tmp_path / "folded").exit_code == 0
+    folded = fold_task(load_checkpoint(topk_world, dtype=torch.float32).model, "edit")
+    g = torch.Generator().manual_seed(0)
+    size, context = folded.config.sample_size, folded.config.cross_attention_dim
+    inputs = {"sample": torch.randn(1, 8, size, size, generator=g), "text": torch.randn(1, 7, context, generator=g)}
+    np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in inputs.items()})
+    child = [sys.executable, "-c", WITHOUT_MTU_EXPORT, tmp_path / "folded", tmp_path / "in.npz", tmp_path / "out.npy"]
+    run = subprocess.run(child, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with torch.no_grad():
+        want = folded(inputs["sample"], 500, inputs["text"]).sample.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, atol=1e-5, rtol=0)
+
+
 def test_a_sparse_fold_converts_to_core_ml_with_narrower_matmuls(topk_world, tmp_path):
     result = invoke("coreml", topk_world, "--task", "edit", "--out", tmp_path / "coreml")
     assert result.exit_code == 0, result.output
