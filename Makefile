@@ -120,14 +120,16 @@ mtu-top2: $(STAMP)
 	  $(MTU_OPTIM) $(TRAIN_COMMON)
 
 # The top-2 model scored as `make parity` scores the dense MTU (same examples and sampler), for bench's sparse rows,
-# and the dense MTU folded to half its FFN width after training (--ffn-budget 0.5, renormalized or not): the
+# and the dense MTU cut after training (--ffn-budget 0.5 renormalized or not, 0.75, --prune-below 0.05): the
 # trade-off table $(RESULTS)/sparse/tradeoff.md. About 15 min per eval on 2 cores.
 sparse-eval: $(STAMP)
 	$(BIN)/mtu-export eval $(SPARSE) --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 --image-guidance 1.5 \
 	  --seed 0 --json $(RESULTS)/sparse/eval/top2.json --overwrite
-	for r in no yes; do flag=$$( [ $$r = yes ] && echo --renormalize ); \
-	  $(BIN)/mtu-export eval $(SHIPPED) --ffn-budget 0.5 $$flag --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 \
-	  --image-guidance 1.5 --seed 0 --json $(RESULTS)/sparse/eval/mtu-budget0.5-renorm-$$r.json --overwrite || exit 1; done
+	for cut in budget0.5-renorm-no budget0.5-renorm-yes budget0.75-renorm-no prune0.05-renorm-no; do \
+	  opts=$$(echo $$cut | sed -e 's/^budget/--ffn-budget /' -e 's/^prune/--prune-below /' -e 's/-renorm-no//' \
+	    -e 's/-renorm-yes/ --renormalize/'); \
+	  $(BIN)/mtu-export eval $(SHIPPED) $$opts --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 \
+	  --image-guidance 1.5 --seed 0 --json $(RESULTS)/sparse/eval/mtu-$$cut.json --overwrite || exit 1; done
 	$(BIN)/python benchmarks/sparse_tradeoff.py $(RESULTS)/sparse/eval/*.json --parity $(RESULTS)/parity/parity.json \
 	  --out $(RESULTS)/sparse/tradeoff
 
