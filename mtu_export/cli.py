@@ -439,10 +439,10 @@ def onnx_command(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Fold and export to ONNX in optimum's folder layout, validating every graph against torch."""
-    from mtu_export.config import ExportConfig, SparseFold
+    from mtu_export.config import OnnxConfig, SparseFold
     from mtu_export.export.onnx import export_onnx
 
-    config = ExportConfig(
+    config = OnnxConfig(
         tasks=task,
         opset=opset,
         dynamo=dynamo,
@@ -494,10 +494,10 @@ def coreml_command(
 ) -> None:
     """Fold and convert to Core ML .mlpackages (a multifunction UNet for all tasks); structure checked here,
     numbers compared with torch on macOS."""
-    from mtu_export.config import ExportConfig, SparseFold
+    from mtu_export.config import CoreMLConfig, SparseFold
     from mtu_export.export.coreml import export_coreml
 
-    config = ExportConfig(
+    config = CoreMLConfig(
         tasks=task,
         target=target or None,  # the config's default: iOS18 for all tasks (a multifunction UNet), else iOS17
         compute_precision=compute_precision,

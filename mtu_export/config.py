@@ -6,7 +6,7 @@ import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from mtu_export.errors import ConfigError
 
@@ -423,10 +423,6 @@ COREML_TARGETS = ("iOS17", "iOS18")
 # StableDiffusion package, with Apple's names and I/O (export/apple.py)
 COREML_LAYOUTS = ("default", "apple")
 MIN_OPSET, MAX_OPSET = 14, 21
-# The UNet attention each exporter offers: fused = onnxruntime's MultiHeadAttention operator (export/attention.py);
-# split-einsum = the Neural Engine's (B, C, 1, S) per-head einsum layout (export/split_einsum.py).
-ATTENTION_FOR = {"onnx": ("default", "fused"), "coreml": ("default", "split-einsum")}
-ATTENTION = ("default", "fused", "split-einsum")
 
 
 # int8 modes whose weights can be 7-bit (onnxruntime's reduce_range): both run uint8·int8 kernels that saturate with
@@ -437,33 +433,25 @@ REDUCE_RANGE_MODES = ("dynamic-int8", "static-int8")
 ONNX_FORMATS = ("onnx", "ort", "both")
 
 
-# ExportConfig's fields only one exporter reads
-ONNX_ONLY = ("opset", "dynamo", "fixed_shapes", "external_data", "optimize", "format", "batch", "reduce_range")
-COREML_ONLY = ("target", "compute_precision", "layout")
-
-
 @dataclass(frozen=True)
 class ExportConfig:
-    """`mtu-export onnx` / `mtu-export coreml`: which tasks, graph options, quantization and validation.
+    """What every exporter reads: which tasks, image size, UNet attention, quantization, the sparse fold and the
+    validation against torch. An export is given one of its two kinds: OnnxConfig (`mtu-export onnx`) or CoreMLConfig
+    (`mtu-export coreml`), each with its own options and its own choices of quantization and attention; its manifest
+    records the fields of that kind only.
 
     `tasks` is one task, or empty for every task as one bundle; the CLI's spelling (`"edit"`, `"all"`) is read as
-    `--task` reads it. `target` defaults to what the export needs (iOS18 for the bundle's multifunction Core ML UNet,
-    else iOS17)."""
+    `--task` reads it."""
+
+    command: ClassVar[str] = ""  # the CLI command named in refusals
+    quantize_modes: ClassVar[tuple[str, ...]] = ("none",)
+    attention_modes: ClassVar[tuple[str, ...]] = ("default",)
 
     tasks: tuple[str, ...] | str = ()  # empty (or "all"): every task of the checkpoint, as one bundle
-    opset: int = 18
-    dynamo: bool = False  # torch.onnx's dynamo exporter (opset >= 18) instead of the TorchScript one
-    fixed_shapes: bool = False  # fixed batch / height / width instead of dynamic axes
     height: int | None = None  # pixels; None: the UNet's sample_size times the VAE factor
     width: int | None = None
-    external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
-    attention: str = "default"  # UNet attention: exported ops, "fused" (onnx) or "split-einsum" (coreml)
-    optimize: bool = False  # onnx: save each graph as onnxruntime's CPU session optimizes it (level "extended")
-    format: str = "onnx"  # onnx: ONNX_FORMATS
-    batch: int | None = None  # onnx: 1 = every graph at fixed shapes and one row per call (NPUs); None: dynamic
-    quantize: str = "none"
-    # int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
-    reduce_range: bool | None = None
+    attention: str = "default"  # UNet attention: exported ops, or the kind's own layout (attention_modes)
+    quantize: str = "none"  # UNet weights: one of the kind's quantize_modes
     allow_drift: bool = False
     probe_steps: int = 8  # length of the sampling trajectory whose UNet inputs validate each graph
     image_steps: int = 25  # end-to-end image check: sampling steps, examples, guidance
@@ -471,10 +459,6 @@ class ExportConfig:
     guidance: float = 3.0
     image_guidance: float = 1.5
     seed: int = 0
-    # Core ML
-    target: str | None = None  # None: iOS18 for all tasks (a multifunction UNet needs it), else iOS17
-    compute_precision: str = "fp16"
-    layout: str = "default"  # COREML_LAYOUTS
     sparse: SparseFold = field(default_factory=SparseFold)  # which experts each task's fold keeps
 
     def __post_init__(self) -> None:
@@ -484,8 +468,53 @@ class ExportConfig:
             object.__setattr__(self, "tasks", tasks)
         if len(self.tasks) > 1:
             raise ConfigError(f"--task takes one task or all, got {given!r}; run once per task or use --task all")
-        if self.target is None:
-            object.__setattr__(self, "target", "iOS17" if self.tasks else "iOS18")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"--{name} {value} must be a positive multiple of 8")
+        if self.probe_steps < 1 or self.image_steps < 1 or self.image_count < 0:
+            raise ConfigError("validation steps must be >= 1 and the image count >= 0")
+        if self.attention not in self.attention_modes:
+            raise ConfigError(
+                f"`mtu-export {self.command} --attention {self.attention}` is not offered; "
+                f"choose {', '.join(self.attention_modes)}"
+            )
+        if self.quantize not in self.quantize_modes:
+            raise ConfigError(
+                f"`mtu-export {self.command} --quantize {self.quantize}` is not a mode; choose "
+                f"{', '.join(self.quantize_modes)}{did_you_mean(self.quantize, list(self.quantize_modes))}"
+            )
+        if self.sparse.drops_weight and not self.tasks:
+            raise ConfigError(
+                "--prune-below / --ffn-budget narrow one task's folded FFNs, and --task all exports one UNet shared by "
+                "every task; export each task alone (--task t2i, ...)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as the manifest's `export` records them."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OnnxConfig(ExportConfig):
+    """`mtu-export onnx`: ExportConfig plus the graph options of torch.onnx and onnxruntime."""
+
+    command: ClassVar[str] = "onnx"
+    quantize_modes: ClassVar[tuple[str, ...]] = ONNX_QUANTIZE
+    attention_modes: ClassVar[tuple[str, ...]] = ("default", "fused")  # fused: onnxruntime's MultiHeadAttention
+
+    opset: int = 18
+    dynamo: bool = False  # torch.onnx's dynamo exporter (opset >= 18) instead of the TorchScript one
+    fixed_shapes: bool = False  # fixed batch / height / width instead of dynamic axes
+    external_data: bool | None = None  # None: only when a graph passes the 2 GB protobuf limit
+    optimize: bool = False  # save each graph as onnxruntime's CPU session optimizes it (level "extended")
+    format: str = "onnx"  # ONNX_FORMATS
+    batch: int | None = None  # 1 = every graph at fixed shapes and one row per call (NPUs); None: dynamic
+    # int8: 7-bit weights (onnxruntime's reduce_range) for x86 CPUs without VNNI; None: when this machine is one
+    reduce_range: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset {self.opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (default 18)")
         if self.dynamo and self.opset < 18:
@@ -493,65 +522,40 @@ class ExportConfig:
                 f"the dynamo exporter needs opset >= 18 (ONNX Runtime rejects its opset-{self.opset} graphs); "
                 "drop --dynamo or use --opset 18"
             )
-        if self.attention not in ATTENTION:
-            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.attention == "fused" and self.dynamo:
             raise ConfigError("--attention fused needs the TorchScript exporter; drop --dynamo")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"--{name} {value} must be a positive multiple of 8")
         if self.batch not in (None, 1):
             raise ConfigError(f"--batch {self.batch} is not offered; --batch 1 fixes every graph at one row per call")
-        if self.probe_steps < 1 or self.image_steps < 1 or self.image_count < 0:
-            raise ConfigError("validation steps must be >= 1 and the image count >= 0")
+        if self.format not in ONNX_FORMATS:
+            raise ConfigError(f"--format {self.format!r} is not a format; choose {', '.join(ONNX_FORMATS)}")
+        if self.reduce_range and self.quantize not in REDUCE_RANGE_MODES:
+            raise ConfigError(
+                f"--reduce-range (7-bit int8 weights) applies to --quantize {' or '.join(REDUCE_RANGE_MODES)} only"
+            )
+
+
+@dataclass(frozen=True)
+class CoreMLConfig(ExportConfig):
+    """`mtu-export coreml`: ExportConfig plus Core ML's deployment target, compute precision and file layout.
+    `target` defaults to what the export needs (iOS18 for the bundle's multifunction UNet, else iOS17)."""
+
+    command: ClassVar[str] = "coreml"
+    quantize_modes: ClassVar[tuple[str, ...]] = COREML_QUANTIZE
+    attention_modes: ClassVar[tuple[str, ...]] = ("default", "split-einsum")  # split-einsum: the Neural Engine's
+
+    target: str | None = None  # None: iOS18 for all tasks (a multifunction UNet needs it), else iOS17
+    compute_precision: str = "fp16"
+    layout: str = "default"  # COREML_LAYOUTS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target is None:
+            object.__setattr__(self, "target", "iOS17" if self.tasks else "iOS18")
         if self.target not in COREML_TARGETS:
             raise ConfigError(f"--target {self.target!r} is not supported; choose {', '.join(COREML_TARGETS)}")
         if self.compute_precision not in ("fp16", "fp32"):
             raise ConfigError(f"--compute-precision must be fp16 or fp32, got {self.compute_precision!r}")
         if self.layout not in COREML_LAYOUTS:
             raise ConfigError(f"--layout must be one of {', '.join(COREML_LAYOUTS)}, got {self.layout!r}")
-        if self.sparse.drops_weight and not self.tasks:
-            raise ConfigError(
-                "--prune-below / --ffn-budget narrow one task's folded FFNs, and --task all exports one UNet shared by "
-                "every task; export each task alone (--task t2i, ...)"
-            )
-
-    def check_for(self, choices: tuple[str, ...], command: str) -> None:
-        """The options whose choices depend on the exporter (`command`): the quantization mode (`choices`), the
-        attention layout (ATTENTION_FOR) and `optimize` (onnxruntime's, so onnx only)."""
-        if self.optimize and command != "onnx":
-            raise ConfigError(f"--optimize saves onnxruntime's optimized graphs: an onnx option, not {command}'s")
-        if self.format != "onnx" and command != "onnx":
-            raise ConfigError(f"--format {self.format} writes onnxruntime's graph formats: an onnx option")
-        if self.layout != "default" and command != "coreml":
-            raise ConfigError(f"--layout {self.layout} writes Core ML resource folders: a coreml option, not {command}")
-        if self.batch is not None and command != "onnx":
-            raise ConfigError(f"--batch {self.batch} fixes the ONNX graphs' batch: an onnx option, not {command}'s")
-        if self.format not in ONNX_FORMATS:
-            raise ConfigError(f"--format {self.format!r} is not a format; choose {', '.join(ONNX_FORMATS)}")
-        attention = ATTENTION_FOR[command]
-        if self.attention not in attention:
-            raise ConfigError(
-                f"`mtu-export {command} --attention {self.attention}` is not offered; choose {', '.join(attention)}"
-            )
-        if self.quantize not in choices:
-            raise ConfigError(
-                f"`mtu-export {command} --quantize {self.quantize}` is not a mode; choose {', '.join(choices)}"
-                f"{did_you_mean(self.quantize, list(choices))}"
-            )
-        if self.reduce_range and self.quantize not in REDUCE_RANGE_MODES:
-            raise ConfigError(
-                f"--reduce-range (7-bit int8 weights) applies to --quantize {' or '.join(REDUCE_RANGE_MODES)} only"
-            )
         if self.quantize == "int4-block" and self.target != "iOS18":
             raise ConfigError("--quantize int4-block needs Core ML's iOS18 target; add --target iOS18")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def options_for(self, exporter: str) -> dict[str, Any]:
-        """The options an `exporter` ("onnx" or "coreml") reads, as its manifest records them: without the other
-        exporter's (an ONNX manifest names no iOS target, a Core ML one no opset)."""
-        other = {"onnx": COREML_ONLY, "coreml": ONNX_ONLY}[exporter]
-        return {k: v for k, v in self.to_dict().items() if k not in other}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import assert_clean_failure, invoke
 
-from mtu_export.config import COREML_QUANTIZE, DataSpec, ExportConfig, TrainConfig, parse_task_weights
+from mtu_export.config import CoreMLConfig, DataSpec, OnnxConfig, TrainConfig, parse_task_weights
 from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import export_coreml
 from mtu_export.export.onnx import export_onnx
@@ -92,27 +92,26 @@ def test_train_refuses_an_output_over_its_own_work_folder(tmp_path, where):
 
 # --------------------------------------------------------------------------------------------------------- export
 def test_an_export_config_takes_one_task_or_all_as_the_cli_does(tmp_path):
-    assert ExportConfig(tasks="all").tasks == () and ExportConfig(tasks="edit").tasks == ("edit",)
+    assert OnnxConfig(tasks="all").tasks == () and OnnxConfig(tasks="edit").tasks == ("edit",)
     cli = cli_error("onnx", tmp_path / "ckpt", "--out", tmp_path / "x", "--task", "t2i,edit")
     assert "--task takes one task or all" in cli
-    assert api_error(lambda: ExportConfig(tasks=("t2i", "edit"))) == cli
-    assert api_error(lambda: ExportConfig(tasks="t2i,edit")) == cli
+    assert api_error(lambda: OnnxConfig(tasks=("t2i", "edit"))) == cli
+    assert api_error(lambda: OnnxConfig(tasks="t2i,edit")) == cli
 
 
 def test_the_core_ml_target_follows_the_export_as_the_cli_chooses_it(tmp_path):
-    assert ExportConfig().target == "iOS18"  # the multifunction UNet of all tasks needs it
-    assert ExportConfig(tasks="t2i").target == "iOS17"
-    assert ExportConfig(tasks="t2i", target="iOS18").target == "iOS18"
-    ExportConfig(quantize="int4-block").check_for(COREML_QUANTIZE, "coreml")  # iOS18 by default: accepted
-    single = ExportConfig(tasks="t2i", quantize="int4-block")
+    assert CoreMLConfig().target == "iOS18"  # the multifunction UNet of all tasks needs it
+    assert CoreMLConfig(tasks="t2i").target == "iOS17"
+    assert CoreMLConfig(tasks="t2i", target="iOS18").target == "iOS18"
+    assert CoreMLConfig(quantize="int4-block").quantize == "int4-block"  # iOS18 by default: accepted
     cli = cli_error("coreml", tmp_path / "ckpt", "--out", tmp_path / "x", "--task", "t2i", "--quantize", "int4-block")
-    assert api_error(lambda: single.check_for(COREML_QUANTIZE, "coreml")) == cli
+    assert api_error(lambda: CoreMLConfig(tasks="t2i", quantize="int4-block")) == cli
     pytest.importorskip("coremltools")
     cli = cli_error("coreml", tmp_path / "ckpt", "--out", tmp_path / "x", "--target", "iOS17")
     assert "needs Core ML's iOS18 target" in cli
-    assert api_error(lambda: export_coreml(tmp_path / "ckpt", ExportConfig(target="iOS17"), tmp_path / "x")) == cli
+    assert api_error(lambda: export_coreml(tmp_path / "ckpt", CoreMLConfig(target="iOS17"), tmp_path / "x")) == cli
     with pytest.raises(MtuError) as refused:  # the default passes the target check and fails on the checkpoint
-        export_coreml(tmp_path / "ckpt", ExportConfig(), tmp_path / "x")
+        export_coreml(tmp_path / "ckpt", CoreMLConfig(), tmp_path / "x")
     assert "iOS18" not in str(refused.value)
 
 
@@ -124,8 +123,8 @@ def test_exports_refuse_an_output_over_their_data(tmp_path, command):
     spec = DataSpec("edit", str(data / "edits.jsonl"))
     cli = cli_error(command, tmp_path / "ckpt", "--out", data, "--task", "edit", "--data", f"edit={spec.path}")
     assert "overlaps the input" in cli
-    export = export_onnx if command == "onnx" else export_coreml
-    assert api_error(lambda: export(tmp_path / "ckpt", ExportConfig(tasks="edit"), data, data={"edit": spec})) == cli
+    export, kind = (export_onnx, OnnxConfig) if command == "onnx" else (export_coreml, CoreMLConfig)
+    assert api_error(lambda: export(tmp_path / "ckpt", kind(tasks="edit"), data, data={"edit": spec})) == cli
     assert not data.exists()
 
 

@@ -19,7 +19,7 @@ from helpers import assert_clean_failure, assert_valid_manifest, invoke
 
 from mtu_export.checkpoint import load_checkpoint, load_components
 from mtu_export.conditioning import tokenize
-from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.config import CoreMLConfig
 from mtu_export.errors import ConfigError
 from mtu_export.export.apple import (
     APPLE_CONVENTIONS,
@@ -337,9 +337,7 @@ def test_apples_scheduler_on_the_adapted_unet_draws_what_our_pipeline_draws():
 # ---------------------------------------------------------------------------------------------------- refusals
 def test_layout_choices_and_exporter_are_checked():
     with pytest.raises(ConfigError, match="--layout must be one of default, apple"):
-        ExportConfig(layout="swift")
-    with pytest.raises(ConfigError, match="--layout apple writes Core ML resource folders: a coreml option"):
-        ExportConfig(layout="apple").check_for(ONNX_QUANTIZE, "onnx")
+        CoreMLConfig(layout="swift")
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from helpers import assert_clean_failure, assert_valid_manifest, invoke
 
 from mtu_export.checkpoint import load_checkpoint
-from mtu_export.config import ONNX_ONLY, ONNX_QUANTIZE, ExportConfig
+from mtu_export.config import CoreMLConfig, ExportConfig, OnnxConfig
 from mtu_export.errors import ConfigError
 from mtu_export.export.coreml import convert_module, describe_package, require_coremltools
 from mtu_export.export.graphs import UNetGraph
@@ -62,7 +63,7 @@ def test_folded_task_has_the_op_census_of_a_stock_unet(coreml_t2i, world_pipelin
         "timestep": torch.tensor([500.0, 500.0]),
         "encoder_hidden_states": torch.randn(2, 40, base.config.cross_attention_dim),
     }
-    model = convert_module(ct, UNetGraph(base), feed, ["out_sample"], ExportConfig(), "iOS17")
+    model = convert_module(ct, UNetGraph(base), feed, ["out_sample"], CoreMLConfig(), "iOS17")
     model.save(str(tmp_path / "base.mlpackage"))
     want = describe_package(ct, tmp_path / "base.mlpackage")["functions"]["main"]["ops"]
     got = _manifest(coreml_t2i)["packages"]["unet"]["functions"]["main"]["ops"]
@@ -80,7 +81,8 @@ def test_all_tasks_make_one_multifunction_unet_that_stores_shared_weights_once(m
     assert set(unet["functions"]) == {"t2i", "edit", "sr", "inpaint"}
     assert unet["functions"]["edit"]["inputs"]["sample"] == [3, 8, 16, 16]  # two-scale guidance batch, 8 channels
     assert manifest["export"]["target"] == "iOS18"
-    assert not set(ONNX_ONLY) & manifest["export"].keys()  # only the options Core ML reads
+    fields_of = {f.name for f in fields(CoreMLConfig)}
+    assert set(manifest["export"]) == fields_of  # the options Core ML reads, none of ONNX's
     sizes = manifest["sizes"]
     assert sizes["ratio_to_separate"] <= MULTIFUNCTION_MAX_RATIO, sizes
 
@@ -198,7 +200,11 @@ def test_default_attention_keeps_the_exported_matmuls(coreml_t2i):
 
 def test_split_einsum_is_a_core_ml_option_only():
     with pytest.raises(ConfigError, match="`mtu-export onnx --attention split-einsum` is not offered"):
-        ExportConfig(attention="split-einsum").check_for(ONNX_QUANTIZE, "onnx")
+        OnnxConfig(attention="split-einsum")
+    assert CoreMLConfig(attention="split-einsum").attention == "split-einsum"
+    with pytest.raises(ConfigError, match="`mtu-export coreml --attention fused` is not offered"):
+        CoreMLConfig(attention="fused")
+    assert "split-einsum" not in ExportConfig.attention_modes
 
 
 @pytest.mark.macos

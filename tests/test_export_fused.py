@@ -14,7 +14,6 @@ import torch
 from helpers import FAST, PROMPT, assert_clean_failure, invoke, unet_inputs
 
 from mtu_export.checkpoint import load_checkpoint
-from mtu_export.config import COREML_QUANTIZE, ONNX_QUANTIZE
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.shapes.tiny import tiny_unet
 
@@ -89,12 +88,11 @@ def test_optimized_export_saves_the_graphs_onnxruntime_runs(mtu_world, tmp_path)
 
 
 def test_optimize_is_an_onnx_option_only():
-    from mtu_export.config import ExportConfig
-    from mtu_export.errors import ConfigError
+    from mtu_export.config import CoreMLConfig, OnnxConfig
 
-    ExportConfig(optimize=True).check_for(ONNX_QUANTIZE, "onnx")
-    with pytest.raises(ConfigError, match="an onnx option"):
-        ExportConfig(optimize=True).check_for(COREML_QUANTIZE, "coreml")
+    assert OnnxConfig(optimize=True).optimize
+    with pytest.raises(TypeError, match="optimize"):
+        CoreMLConfig(optimize=True)
 
 
 def test_fused_attention_refuses_the_dynamo_exporter(mtu_world, tmp_path):

@@ -6,6 +6,7 @@ drift fails the command, and two exports are byte-identical."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from helpers import FAST, PROMPT, assert_clean_failure, assert_valid_manifest, i
 from PIL import Image
 
 from mtu_export.bundle import bundle_tasks
-from mtu_export.config import COREML_ONLY
+from mtu_export.config import OnnxConfig
 from mtu_export.export import onnx as onnx_export
 from mtu_export.fold import fold_checkpoint, fold_task
 from mtu_export.metrics import psnr_db
@@ -404,7 +405,7 @@ def test_layer_sensitivity_ranks_the_layer_int8_hurts_most_first(tmp_path):
 def test_manifests_validate_against_the_schema(exports) -> None:
     for folder in exports.values():  # a task, the all-task bundle
         export = assert_valid_manifest(folder)["export"]
-        assert not set(COREML_ONLY) & export.keys() and export["opset"] == 18  # only the options ONNX reads
+        assert set(export) == {f.name for f in fields(OnnxConfig)} and export["opset"] == 18  # no Core ML options
 
 
 def test_the_schema_refuses_what_readers_could_not_use(exports) -> None:

@@ -23,7 +23,7 @@ from transformers import CLIPTokenizer
 
 from mtu_export import pipelines
 from mtu_export.checkpoint import load_checkpoint, load_components
-from mtu_export.config import ExportConfig
+from mtu_export.config import OnnxConfig
 from mtu_export.export.onnx import export_onnx
 from mtu_export.fold import fold_task
 from mtu_export.sample import SamplerConfig, denoiser_for, sample_examples
@@ -83,7 +83,7 @@ def folders(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
         result = invoke("fold", ckpt, "--task", "sr", "--out", out[f"fold-{name}"])
         assert result.exit_code == 0, result.output
     for name, tasks in (("onnx-all", ()), ("onnx-sr", ("sr",))):
-        config = ExportConfig(tasks=tasks, probe_steps=1, image_count=0)
+        config = OnnxConfig(tasks=tasks, probe_steps=1, image_count=0)
         export_onnx(trained["low_res_rgb"], config, root / name, log=lambda _: None)
         out[name] = root / name
     return out

@@ -5,12 +5,13 @@ the ONNX, Core ML and Apple exporters are converters of that skeleton."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from mtu_export.config import ExportConfig
-from mtu_export.errors import DriftError
+from mtu_export.config import CoreMLConfig, ExportConfig, OnnxConfig
+from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export import skeleton
 from mtu_export.export.onnx import OnnxConverter
 
@@ -18,7 +19,7 @@ from mtu_export.export.onnx import OnnxConverter
 class _Recording:
     """A converter that writes one file and reports one output at `psnr_db` against a 40 dB floor."""
 
-    command, quantize_modes = "onnx", ("none",)
+    config_type = OnnxConfig
 
     def __init__(self, psnr_db: float):
         self.psnr_db, self.calls = psnr_db, []
@@ -41,7 +42,7 @@ class _Recording:
 def test_a_drifting_output_refuses_the_export_and_writes_nothing(mtu_world, tmp_path):
     converter, out = _Recording(psnr_db=12.0), tmp_path / "out"
     with pytest.raises(DriftError, match=r"1 exported output\(s\) drift from torch: unet\[edit\]\.out_sample: 12\.0"):
-        skeleton.run_export(converter, mtu_world, ExportConfig(tasks="edit"), out, log=lambda m: None)
+        skeleton.run_export(converter, mtu_world, OnnxConfig(tasks="edit"), out, log=lambda m: None)
     assert converter.calls == ["fits", ("write", ("edit",))]  # nothing made of unvalidated graphs
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -49,7 +50,7 @@ def test_a_drifting_output_refuses_the_export_and_writes_nothing(mtu_world, tmp_
 def test_allow_drift_keeps_the_export_with_a_warning(mtu_world, tmp_path):
     converter, out, logged = _Recording(psnr_db=12.0), tmp_path / "out", []
     manifest = skeleton.run_export(
-        converter, mtu_world, ExportConfig(tasks="edit", allow_drift=True), out, log=logged.append
+        converter, mtu_world, OnnxConfig(tasks="edit", allow_drift=True), out, log=logged.append
     )
     assert converter.calls[-1] == "after_validation" and manifest["after"] is True
     assert json.loads((out / "manifest.json").read_text()) == manifest and (out / "graph.bin").is_file()
@@ -62,4 +63,25 @@ def test_the_exporters_are_converters_of_the_skeleton():
 
     for converter in (OnnxConverter, CoreMLConverter, AppleConverter):
         assert all(callable(getattr(converter, step, None)) for step in ("fits", "write", "after_validation"))
-        assert converter.command in ("onnx", "coreml") and converter.quantize_modes
+        assert issubclass(converter.config_type, ExportConfig) and converter.config_type is not ExportConfig
+
+
+@pytest.mark.parametrize("given", [CoreMLConfig(tasks="edit"), ExportConfig(tasks="edit")])
+def test_a_converter_refuses_a_config_of_another_kind(mtu_world, tmp_path, given):
+    converter, out = _Recording(psnr_db=50.0), tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"`mtu-export onnx` takes a OnnxConfig, not a {type(given).__name__}"):
+        skeleton.run_export(converter, mtu_world, given, out, log=lambda m: None)
+    assert converter.calls == [] and not out.exists()
+
+
+def test_each_kind_holds_its_own_options_only():
+    """What one format reads is not a field of the other's config, so no manifest records the other's options."""
+    common = {f.name for f in fields(ExportConfig)}
+    onnx = {f.name for f in fields(OnnxConfig)} - common
+    coreml = {f.name for f in fields(CoreMLConfig)} - common
+    assert {"opset", "dynamo", "optimize", "format", "batch"} <= onnx and {"target", "layout"} <= coreml
+    assert not onnx & coreml
+    with pytest.raises(TypeError, match="target"):
+        OnnxConfig(target="iOS18")
+    with pytest.raises(TypeError, match="opset"):
+        CoreMLConfig(opset=18)

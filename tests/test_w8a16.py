@@ -17,7 +17,7 @@ from helpers import FAST, PROMPT, assert_clean_failure, invoke
 from onnx import TensorProto
 from transformers import CLIPTokenizer
 
-from mtu_export.config import COREML_QUANTIZE, ExportConfig
+from mtu_export.config import CoreMLConfig
 from mtu_export.errors import ConfigError
 from mtu_export.export.onnx import GRAPH_PSNR_FLOOR
 from mtu_export.metrics import psnr_db
@@ -139,7 +139,7 @@ def test_w8a16_refuses_reduce_range_and_core_ml(mtu_world, tmp_path):
     assert_clean_failure(result, "applies to --quantize dynamic-int8 or static-int8 only", exit_code=3)
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="is not a mode"):
-        ExportConfig(tasks="t2i", quantize="w8a16").check_for(COREML_QUANTIZE, "coreml")
+        CoreMLConfig(tasks="t2i", quantize="w8a16")
 
 
 def test_w8a16_of_a_graph_with_external_weights_keeps_them_external(mtu_world, tmp_path):

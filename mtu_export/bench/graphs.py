@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mtu_export.config import ExportConfig
+from mtu_export.config import OnnxConfig
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import write_graph
@@ -36,7 +36,7 @@ def export_fixed(unet, feed: dict, folder: Path, attention: str = "default", opt
     `--optimize` does."""
     import onnx
 
-    config = ExportConfig(fixed_shapes=True, attention=attention, optimize=optimize)
+    config = OnnxConfig(fixed_shapes=True, attention=attention, optimize=optimize)
     if attention == "fused":
         unet = copy.deepcopy(unet)
         fuse_attention_(unet)

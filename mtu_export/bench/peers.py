@@ -143,7 +143,7 @@ def save_optimize(src: Path, dst: Path) -> Path:
 
 def export_ours(pipeline: Path, out: Path, fused: bool) -> Path:
     """The pipeline's UNet as `mtu-export onnx` writes it (loaded from disk, as the command does)."""
-    from mtu_export.config import ExportConfig
+    from mtu_export.config import OnnxConfig
     from mtu_export.export.attention import fuse_attention_
     from mtu_export.export.graphs import UNET, UNetGraph
     from mtu_export.export.onnx import write_graph
@@ -153,7 +153,7 @@ def export_ours(pipeline: Path, out: Path, fused: bool) -> Path:
     if fused:
         fuse_attention_(unet)
     with tempfile.TemporaryDirectory(prefix="mtu-peers-") as scratch:
-        return write_graph(UNET, UNetGraph(unet), feed(), out, ExportConfig(external_data=True), Path(scratch))
+        return write_graph(UNET, UNetGraph(unet), feed(), out, OnnxConfig(external_data=True), Path(scratch))
 
 
 def in_child(function: str, *args: Path | bool) -> Path:

@@ -35,7 +35,7 @@ from mtu_export.bench.memory import peak_rss_mb
 from mtu_export.bench.report import render_markdown, write_plots
 from mtu_export.bench.timing import MIN_SAMPLE_SECONDS, interleaved, interleaved_rounds
 from mtu_export.checkpoint import load_checkpoint
-from mtu_export.config import ONNX_QUANTIZE, ExportConfig
+from mtu_export.config import ONNX_QUANTIZE, CoreMLConfig, OnnxConfig
 from mtu_export.errors import ConfigError, InputError
 from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import GRAPH_PSNR_FLOOR, export_onnx, validate_graph
@@ -336,7 +336,7 @@ def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log
     folders = {}
     for mode in ("none", *config.modes):
         log(f"exporting the all-task bundle ({mode})")
-        export_config = ExportConfig(quantize=mode, image_count=config.image_count, seed=config.seed)
+        export_config = OnnxConfig(quantize=mode, image_count=config.image_count, seed=config.seed)
         folders[mode] = scratch / f"bundle-{mode}"
         manifest = export_onnx(checkpoint, export_config, folders[mode], log=lambda m: None)
         unet_rows = [
@@ -405,7 +405,7 @@ def _coreml_latency(models: _Models, feed: dict, scratch: Path, config: BenchCon
     loaded = {}
     for name, unet in (("mtu", models.mtu), ("single", models.single)):
         path = scratch / f"{name}.mlpackage"
-        convert_module(ct, UNetGraph(unet), coreml_feed, ["out_sample"], ExportConfig(), "iOS17").save(str(path))
+        convert_module(ct, UNetGraph(unet), coreml_feed, ["out_sample"], CoreMLConfig(), "iOS17").save(str(path))
         loaded[name] = ct.models.MLModel(str(path))
     inputs = {k: v.numpy() for k, v in coreml_feed.items()}
     mtu_run, single_run = (lambda m=loaded[k]: m.predict(inputs) for k in ("mtu", "single"))

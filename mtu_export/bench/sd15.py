@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from mtu_export.bench.memory import own_peak_rss_mb, release
-from mtu_export.config import SD15_UNET_CONFIG, ExportConfig, MoEConfig
+from mtu_export.config import SD15_UNET_CONFIG, MoEConfig, OnnxConfig
 from mtu_export.export.graphs import BUNDLE, UNET, BundleGraph, UNetGraph
 from mtu_export.storage import tree_bytes
 
@@ -131,7 +131,7 @@ def export_one(kind: str, task: str, out: Path, models: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".raw-", dir=out.parent) as scratch:  # beside `out`: same disk
-        write_graph(io, module, args, out, ExportConfig(fixed_shapes=True, external_data=True), Path(scratch))
+        write_graph(io, module, args, out, OnnxConfig(fixed_shapes=True, external_data=True), Path(scratch))
     seconds = time.perf_counter() - start
     print(json.dumps({"export_seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}))
 

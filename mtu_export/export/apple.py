@@ -37,7 +37,7 @@ from torch import nn
 
 from mtu_export import __version__
 from mtu_export.checkpoint import Checkpoint, file_sha256
-from mtu_export.config import ExportConfig
+from mtu_export.config import CoreMLConfig
 from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import (
     CoreMLConverter,
@@ -308,7 +308,7 @@ def _tokenizer_problems(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- the export
 def export_apple(
     checkpoint: Path,
-    config: ExportConfig,
+    config: CoreMLConfig,
     out: Path,
     overwrite: bool = False,
     log: Log = print,
@@ -349,7 +349,7 @@ class AppleConverter(CoreMLConverter):
             "kind": "multifunction" if bundled else "task",
             "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
-            "export": config.options_for("coreml") | {"target": self.target},
+            "export": config.to_dict() | {"target": self.target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "conventions": {
                 "source": APPLE_SOURCE,

@@ -32,10 +32,10 @@ import torch
 
 from mtu_export import __version__
 from mtu_export.checkpoint import Checkpoint, file_sha256
-from mtu_export.config import COREML_QUANTIZE, ExportConfig
+from mtu_export.config import CoreMLConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
-from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, Prepared, record_probes
+from mtu_export.export.prepare import IMAGE_PSNR_GOAL_DB, Prepared, record_probes, require_kind
 from mtu_export.export.skeleton import run_export
 from mtu_export.export.split_einsum import split_einsum_attention_
 from mtu_export.metrics import psnr_db
@@ -66,7 +66,7 @@ def require_coremltools():
     return ct
 
 
-def resolve_target(config: ExportConfig, bundled: bool) -> str:
+def resolve_target(config: CoreMLConfig, bundled: bool) -> str:
     """iOS17 by default; a multifunction UNet (all tasks) needs iOS18 and says so rather than changing it."""
     if bundled and config.target != "iOS18":
         raise ConfigError(
@@ -78,7 +78,7 @@ def resolve_target(config: ExportConfig, bundled: bool) -> str:
 
 def export_coreml(
     checkpoint: Path,
-    config: ExportConfig,
+    config: CoreMLConfig,
     out: Path,
     overwrite: bool = False,
     log: Log = print,
@@ -86,6 +86,7 @@ def export_coreml(
 ) -> dict:
     """Convert, check and describe; returns the manifest. `data` (task -> DataSpec) gives tasks their validation
     examples (default: the shapes world)."""
+    require_kind(config, CoreMLConfig)
     if config.layout == "apple":  # per task, the resource folder of Apple's Swift package (apple.py)
         from mtu_export.export.apple import export_apple
 
@@ -97,9 +98,9 @@ class CoreMLConverter:
     """Core ML as the export skeleton (skeleton.py) runs it: a package per component, one multifunction UNet for
     all tasks."""
 
-    command, quantize_modes = "coreml", COREML_QUANTIZE
+    config_type = CoreMLConfig
 
-    def __init__(self, config: ExportConfig, log: Log):
+    def __init__(self, config: CoreMLConfig, log: Log):
         self.ct = require_coremltools()
         self.config, self.log = config, log
         self.target = resolve_target(config, bundled=not config.tasks)
@@ -131,7 +132,7 @@ class CoreMLConverter:
             "kind": "multifunction" if bundled else "task",
             "tasks": manifest_tasks(ckpt, tasks, bundled),
             "source": {"checkpoint": str(ckpt.path), "sha256": file_sha256(ckpt.path / "mtu_unet.safetensors")},
-            "export": config.options_for("coreml") | {"target": self.target},
+            "export": config.to_dict() | {"target": self.target},
             "versions": {"mtu_export": __version__, "coremltools": ct.__version__, "torch": torch.__version__},
             "packages": checks,
             "sizes": converter.sizes,
@@ -153,7 +154,7 @@ def manifest_tasks(ckpt, tasks: list[str], bundled: bool) -> dict[str, dict]:
     }
 
 
-def _set_attention(config: ExportConfig, unets: dict, probes: dict, log: Log) -> dict:
+def _set_attention(config: CoreMLConfig, unets: dict, probes: dict, log: Log) -> dict:
     """`--attention split-einsum`: give each folded UNet the Neural Engine's attention layout, in place, and check
     it against the UNet as it was on the first recorded UNet input (torch vs torch: this runs anywhere)."""
     if config.attention == "default":
@@ -199,7 +200,7 @@ def _package_files(packages: dict) -> dict[str, str]:
 
 
 def convert_module(
-    ct, module, feed: dict, outputs: list[str], config: ExportConfig, target: str, dtypes: dict | None = None
+    ct, module, feed: dict, outputs: list[str], config: CoreMLConfig, target: str, dtypes: dict | None = None
 ):
     """Trace `module` on `feed` and convert it to an mlprogram for `target` with `config`'s compute precision (not
     saved, not loaded); `ct` is `require_coremltools()`. `dtypes` (name -> numpy type) fixes input and output
@@ -228,7 +229,7 @@ def convert_module(
 
 
 class _Converter:
-    def __init__(self, ct, config: ExportConfig, target: str, scratch: Path, log: Log):
+    def __init__(self, ct, config: CoreMLConfig, target: str, scratch: Path, log: Log):
         self.ct, self.config, self.target, self.scratch, self.log = ct, config, target, scratch, log
         self.sizes: dict[str, int | float] = {}
 

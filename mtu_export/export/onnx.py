@@ -31,7 +31,7 @@ import torch
 from mtu_export import __version__, pipelines
 from mtu_export.bundle import bundle_tasks
 from mtu_export.checkpoint import Checkpoint, file_sha256
-from mtu_export.config import ONNX_QUANTIZE, REDUCE_RANGE_MODES, ExportConfig
+from mtu_export.config import REDUCE_RANGE_MODES, OnnxConfig
 from mtu_export.errors import ConfigError, DriftError
 from mtu_export.export.attention import fuse_attention_
 from mtu_export.export.graphs import (
@@ -94,7 +94,7 @@ class GraphAgreement:
 # ------------------------------------------------------------------------------------------------------ the command
 def export_onnx(
     checkpoint: Path,
-    config: ExportConfig,
+    config: OnnxConfig,
     out: Path,
     overwrite: bool = False,
     log: Log = print,
@@ -108,9 +108,9 @@ def export_onnx(
 class OnnxConverter:
     """ONNX as the export skeleton (skeleton.py) runs it: optimum's layout, then the .ort files of validated graphs."""
 
-    command, quantize_modes = "onnx", ONNX_QUANTIZE
+    config_type = OnnxConfig
 
-    def __init__(self, config: ExportConfig, log: Log):
+    def __init__(self, config: OnnxConfig, log: Log):
         self.config, self.log = config, log
         self.exporter: _Exporter | None = None
 
@@ -134,7 +134,7 @@ class _Exporter:
     def __init__(
         self,
         ckpt: Checkpoint,
-        config: ExportConfig,
+        config: OnnxConfig,
         components: Components,
         scratch: Path,
         tmp: Path,
@@ -380,7 +380,7 @@ class _Exporter:
                 "checkpoint": str(self.ckpt.path),
                 "sha256": file_sha256(self.ckpt.path / "mtu_unet.safetensors"),
             },
-            "export": self.config.options_for("onnx"),
+            "export": self.config.to_dict(),
             "optimized": {
                 "level": OPTIMIZE_LEVEL,
                 "by": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
@@ -448,7 +448,7 @@ class _Exporter:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def write_graph(
-    spec: GraphSpec, module, example: dict, folder: Path, config: ExportConfig, scratch: Path, optimize: bool = True
+    spec: GraphSpec, module, example: dict, folder: Path, config: OnnxConfig, scratch: Path, optimize: bool = True
 ) -> Path:
     """torch.onnx.export `module` with `example` feeds into `folder/model.onnx` (+ external data past 2 GB, or
     as `config.external_data` says), with `config`'s opset, exporter and shapes; `scratch` holds the raw export.

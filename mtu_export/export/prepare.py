@@ -36,6 +36,15 @@ def example_sources(ckpt: Checkpoint, tasks: tuple[str, ...], data: dict, size: 
     return ExampleSources({t: defs[t] for t in tasks}, data, height, factor)
 
 
+def require_kind(config: ExportConfig, config_type: type[ExportConfig]) -> None:
+    """Refuse a config of another format's kind (an OnnxConfig handed to the Core ML export, a bare ExportConfig)."""
+    if not isinstance(config, config_type):
+        raise ConfigError(
+            f"`mtu-export {config_type.command}` takes a {config_type.__name__}, not a {type(config).__name__}; "
+            f"build one with the same fields (mtu_export.config.{config_type.__name__})"
+        )
+
+
 def resolve_tasks(ckpt: Checkpoint, config: ExportConfig) -> tuple[str, ...]:
     if ckpt.model.unet.config.addition_embed_type == "text_time":
         raise ConfigError(
@@ -104,14 +113,13 @@ def prepare_export(
     overwrite: bool,
     data: dict | None,
     log: Log,
-    formats: tuple[tuple[str, ...], str],
+    config_type: type[ExportConfig] = ExportConfig,
     fits: Callable[[Checkpoint, Components], None] | None = None,
 ) -> Prepared:
-    """The exporters' shared start, every refusal before heavy work: the options for this format (`formats`: its
-    quantization modes and command name), `out` apart from every input and free (unless `overwrite`), the
-    checkpoint, its tasks and components (and `fits`, a format's own check of them), the image size, each task's
-    examples and folded UNet."""
-    config.check_for(*formats)
+    """The exporters' shared start, every refusal before heavy work: a config of the format's kind (`config_type`),
+    `out` apart from every input and free (unless `overwrite`), the checkpoint, its tasks and components (and
+    `fits`, a format's own check of them), the image size, each task's examples and folded UNet."""
+    require_kind(config, config_type)
     check_separate(Path(out), Path(checkpoint), *(spec.path for spec in (data or {}).values()))
     check_output(Path(out), overwrite)
     ckpt = load_checkpoint(Path(checkpoint), dtype=torch.float32)

@@ -25,8 +25,7 @@ Log = Callable[[str], None]
 class Converter(Protocol):
     """What the skeleton is handed: one format's conversion."""
 
-    command: str  # "onnx" or "coreml": the options it reads and the command named in refusals
-    quantize_modes: tuple[str, ...]
+    config_type: type[ExportConfig]  # OnnxConfig or CoreMLConfig: the options it reads
 
     def fits(self, ckpt: Checkpoint, components: Components) -> None:
         """Refuse (ConfigError) a checkpoint the format cannot hold, before heavy work."""
@@ -50,9 +49,8 @@ def run_export(
 ) -> dict:
     """Export `checkpoint` to `out` with `converter` (see the module docstring); returns the manifest. Raises
     DriftError listing every drifting output, unless `config.allow_drift`."""
-    formats = (converter.quantize_modes, converter.command)
-    job = prepare_export(checkpoint, config, out, overwrite, data, log, formats, converter.fits)
-    with tempfile.TemporaryDirectory(prefix=f"mtu-{converter.command}-") as scratch:
+    job = prepare_export(checkpoint, config, out, overwrite, data, log, converter.config_type, converter.fits)
+    with tempfile.TemporaryDirectory(prefix=f"mtu-{converter.config_type.command}-") as scratch:
         with atomic_output_dir(Path(out), overwrite) as tmp:
             manifest = converter.write(job, tmp, Path(scratch))
             write_json(tmp / MANIFEST, manifest)
