@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mtu_export.checkpoint import load_checkpoint
-from mtu_export.config import ExportConfig
+from mtu_export.config import OnnxConfig
 from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import write_graph
 from mtu_export.export.prepare import checkpoint_components, example_sources, fold_tasks, image_size
@@ -32,11 +32,11 @@ from mtu_export.sample import SamplerConfig
 
 def record(checkpoint: Path, task: str, calibration: int, probes: int):
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    config = ExportConfig(tasks=task)
+    config = OnnxConfig(tasks=task)
     components = checkpoint_components(ckpt)
     size = image_size(ckpt, components.vae, config)
     sources = example_sources(ckpt, (task,), {}, size)
-    unet = fold_tasks(ckpt, (task,), lambda m: None)[task]
+    unet = fold_tasks(ckpt, (task,))[task]
     sampler = SamplerConfig(config.probe_steps, config.guidance, config.image_guidance, config.seed)
 
     def feeds(examples):
@@ -59,7 +59,7 @@ def main() -> None:
     unet, train, held_out = record(args.checkpoint, args.task, args.calibration, args.probes)
     with tempfile.TemporaryDirectory(prefix="mtu-sensitivity-") as scratch:
         example = {k: torch.from_numpy(np.asarray(v)) for k, v in held_out[0].items()}
-        src = write_graph(UNET, UNetGraph(unet), example, Path(scratch) / "fp32", ExportConfig(), Path(scratch))
+        src = write_graph(UNET, UNetGraph(unet), example, Path(scratch) / "fp32", OnnxConfig(), Path(scratch))
         errors = layer_sensitivity(src, train, held_out, Path(scratch), reduce_range=args.reduce_range)
     total = errors.pop("(all)")
     ranked = sorted(errors.items(), key=lambda kv: -kv[1])

@@ -10,6 +10,7 @@ memory does not grow with the dataset.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,8 @@ import torch
 from mtu_export.conditioning import encode_batch, tokenize
 from mtu_export.data import Source
 from mtu_export.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "mtu-export-cache/2"  # 2: condition inputs keyed by their part (tasks.PARTS)
 SHARD_ROWS = 512
@@ -77,12 +80,10 @@ def encode_rows(source: Source, vae, tokenizer, rows: range) -> dict[str, np.nda
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def build_cache(
-    folder: Path, source: Source, vae, tokenizer, state=None, log=print, shard_rows: int = SHARD_ROWS
-) -> LatentCache:
+def build_cache(folder: Path, source: Source, vae, tokenizer, state=None, shard_rows: int = SHARD_ROWS) -> LatentCache:
     """Encode `source` into `folder` once (this rank's shards of `shard_rows` rows; all ranks wait for the whole),
     or reuse it when it was built from the same source and shard size. Raises CheckpointError if `folder` holds
-    another source's cache."""
+    another source's cache. The main process logs a line per shard."""
     folder = Path(folder)
     wanted = {"format": CACHE_FORMAT, "source": source.describe(), "rows": len(source), "shard_rows": shard_rows}
     if (folder / META).is_file():
@@ -105,7 +106,10 @@ def build_cache(
         if (folder / _shard_name(shard)).is_dir():  # an interrupted build already finished this shard
             continue
         _write_shard(folder, shard, encode_rows(source, vae, tokenizer, rows))
-        log(f"cache {source.task.name}: {rows.stop}/{len(source)} rows encoded (shard {shard + 1}/{shards})")
+        if rank == 0:
+            logger.info(
+                f"cache {source.task.name}: {rows.stop}/{len(source)} rows encoded (shard {shard + 1}/{shards})"
+            )
     if state is not None:
         state.wait_for_everyone()
     if rank == 0:

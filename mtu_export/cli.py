@@ -460,7 +460,7 @@ def onnx_command(
         image_count=image_count,
         sparse=SparseFold(prune_below, ffn_budget, renormalize),
     )
-    manifest = export_onnx(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
+    manifest = export_onnx(checkpoint, config, out, overwrite=overwrite, data=_data(data, column))
     display.print_onnx_report(manifest)
     console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
 
@@ -509,7 +509,7 @@ def coreml_command(
         layout=layout,
         sparse=SparseFold(prune_below, ffn_budget, renormalize),
     )
-    manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, log=display.log, data=_data(data, column))
+    manifest = export_coreml(checkpoint, config, out, overwrite=overwrite, data=_data(data, column))
     display.print_coreml_report(manifest)
     console.print(f"wrote {out} (manifest: {out / 'manifest.json'})")
 
@@ -545,7 +545,7 @@ def generate_command(
         task, prompt, image, mask, steps, guidance, image_guidance, seed, threads, optimum, resize
     )
     with display.progress(f"{task}: sampling", steps) as advance:
-        runner = generate(export_dir, request, out, progress=advance, overwrite=overwrite, log=display.log_stderr)
+        runner = generate(export_dir, request, out, progress=advance, overwrite=overwrite)
     console.print(f"wrote {out} ({runner}, {steps} steps, seed {seed})")
 
 
@@ -622,7 +622,6 @@ def bench_command(
             baselines,
             base,
             parity,
-            log=lambda m: console.print(escape(m)),
             overwrite=overwrite,
             sparse=sparse,
             sparse_eval=sparse_eval,
@@ -664,7 +663,7 @@ def bench_train(
 
     _separate(out, base)
     check_output(out, overwrite)  # refused now, not after measuring
-    result = train_step_ratio(base, batch_size, repeats, log=lambda m: console.print(escape(m)))
+    result = train_step_ratio(base, batch_size, repeats)
     check_output(out, overwrite)
     write_json(out, result)
     t = result["mtu_vs_full"]

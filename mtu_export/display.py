@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ try:  # typer >= 0.22 vendors click
 except ImportError:  # older typer depends on click
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+from mtu_export import logs
 from mtu_export.errors import ConfigError, MtuError
 
 console = Console(soft_wrap=True)  # one result line per message, however narrow the terminal
@@ -31,14 +33,19 @@ stderr = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
 
-def log(message: str) -> None:
-    """A library call's progress line (its `log=` argument), printed as plain text."""
-    console.print(escape(message))
+def show_logs() -> None:
+    """The package's progress lines (logs.py) on stderr: through rich's logging handler on a terminal, as plain lines
+    otherwise (a nohup log, a pipe, CI), so that stdout holds a command's results only."""
+    if stderr.is_terminal:
+        from rich.logging import RichHandler
 
-
-def log_stderr(message: str) -> None:
-    """A progress line on stderr, for commands whose stdout is their result."""
-    stderr.print(escape(message), highlight=False, soft_wrap=True)
+        handler: logging.Handler = RichHandler(
+            console=stderr, show_time=False, show_level=False, show_path=False, markup=False
+        )
+        handler.setFormatter(logs.formatter())
+    else:
+        handler = logs.plain_handler()
+    logs.install(handler)
 
 
 @contextlib.contextmanager
@@ -88,6 +95,7 @@ def handles_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        show_logs()
         try:
             return command(*args, **kwargs)
         except MtuError as exc:

@@ -7,8 +7,9 @@ task's `--data` dataset.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from mtu_export.sample import SamplerConfig, sample_examples
 from mtu_export.shapes.reader import accuracy, score
 from mtu_export.shapes.world import SPLITS, make_example
 from mtu_export.tasks import TaskDef, model_tasks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -246,9 +249,7 @@ def _denoiser_on_cpu(model, task: str, sparse: SparseFold | None = None):
     return lambda x, t, h: model(x.to(device), t.to(device), h.to(device), task=task, sparse=sparse).sample.cpu()
 
 
-def evaluate_model(
-    model, sources: dict, components, config: EvalConfig, log: Callable[[str], None] = print, label: str = ""
-) -> tuple:
+def evaluate_model(model, sources: dict, components, config: EvalConfig, label: str = "") -> tuple:
     """Sample every task of `sources` (task -> Source) with the MTU UNet `model` and measure it, logging a line per
     batch (`label` opens it). Returns results, generated images and the examples, each per task."""
     defs = model_tasks(model)
@@ -261,7 +262,7 @@ def evaluate_model(
             batch = [source.example(i) for i in indices]
             images += list(sample_examples(denoise, defs[task], batch, components, config.sampler))
             examples += batch
-            log(f"{label} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
+            logger.info(f"{label} {task}: {len(examples)}/{config.count} sampled ({time.perf_counter() - start:.0f} s)")
         results[task] = summarise(defs[task], examples, images)
         generated[task], inputs[task] = images, examples
     return results, generated, inputs
@@ -271,7 +272,6 @@ def evaluate_checkpoint(
     path: Path,
     config: EvalConfig,
     tasks: tuple[str, ...] | None = None,
-    log: Callable[[str], None] = print,
     data: dict | None = None,
 ) -> tuple:
     """Sample every task of an MTU (or single-task baseline) checkpoint on `config.split` (or a task's `--data`
@@ -284,7 +284,7 @@ def evaluate_checkpoint(
         raise InputError(f"{path} was upcycled from a UNet folder; evaluation needs its pipeline (VAE, text encoder)")
     chosen = tuple(tasks or ckpt.model.config.task_names)
     sources = evaluation_sources(ckpt.model, ckpt.pipeline_dir, config, chosen, data, str(path))
-    return evaluate_model(ckpt.model, sources, load_components(ckpt.pipeline_dir), config, log, label=str(path))
+    return evaluate_model(ckpt.model, sources, load_components(ckpt.pipeline_dir), config, label=str(path))
 
 
 # --------------------------------------------------------------------------------------------------------- outputs

@@ -13,12 +13,12 @@ Input images go through the image processor (image_processor.py) with the reques
 (default) keeps the image's size and aspect, each side rounded to the nearest size the UNet takes (a multiple of the
 VAE factor x 2 ** down-samplings), so the output has the input's shape (sr: 4x its sides); `crop` resizes the shorter
 side and centre-crops to the export's square size, as training does. A mask is prepared as its image. Any change to
-an image is noted to `log` (stderr by default), never silently.
+an image is noted in a log line (logs.py: `mtu-export generate` shows it on stderr).
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +38,7 @@ from mtu_export.storage import check_output, check_separate, image_format, read_
 from mtu_export.tasks import TaskDef, resolve
 
 Progress = Callable[[int, int], None]
-Log = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,6 @@ def generate(
     out: Path,
     progress: Progress | None = None,
     overwrite: bool = False,
-    log: Log = _stderr,
 ) -> str:
     """Write the generated image to `out` (PNG, JPEG or WebP by its suffix); returns which runner made it."""
     export_dir, out = Path(export_dir), Path(out)
@@ -90,7 +85,7 @@ def generate(
         if getattr(request, needed) is None:
             raise ConfigError(f"task {request.task!r} needs --{needed} PNG")
     geometry = _geometry(export_dir, unet_config)
-    example = _inputs(task, request, geometry, log)
+    example = _inputs(task, request, geometry)
     # optimum loads .onnx only (not a mobile folder's .ort) and calls its graphs with whole batches (not --batch 1)
     optimum_runs = (export_dir / "unet" / "model.onnx").is_file() and manifest["export"].get("batch") is None
     if manifest["kind"] == "task" and task.optimum_pipeline and request.use_optimum and optimum_runs:
@@ -164,7 +159,7 @@ def _mask_for(request: GenerateRequest, image: PIL.Image.Image) -> PIL.Image.Ima
     return mask
 
 
-def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: Log) -> Example:
+def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry) -> Example:
     """The request as an Example, so the training code builds the conditioning. `target` only sets the output's
     shape (inpainting: the image whose hole is repainted). The input image is prepared at its own size fitted to
     what the UNet takes, within image_processor.MAX_AREA times the export's area (`fit`), or cropped to the export's
@@ -179,7 +174,7 @@ def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry, log: L
     cap = max_pixels((geometry.pixels, geometry.pixels), scale)
     image = prepare_image(picture, request.resize, geometry.multiple // scale, size, max_pixels=cap)
     if image.note(str(request.image)):
-        log(image.note(str(request.image)))
+        logger.info(image.note(str(request.image)))
     if mask is None:
         width, height = image.size
         output = np.zeros((height * scale, width * scale, 3), np.uint8)

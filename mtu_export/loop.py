@@ -9,6 +9,7 @@ noise an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import sys
@@ -22,6 +23,8 @@ from torch import nn
 from mtu_export.config import StageRecipe
 from mtu_export.errors import CheckpointError
 from mtu_export.storage import write_json
+
+logger = logging.getLogger(__name__)
 
 LOG_EVERY = 25
 
@@ -129,7 +132,7 @@ def _load_progress(accelerator, state_dir: Path) -> dict:
 
 
 class _Reporter:
-    """A rich progress bar on a terminal, plain log lines otherwise (nohup logs); JSON lines to `log_file`."""
+    """A rich progress bar on a terminal, log lines otherwise (logs.py; nohup logs); JSON lines to `log_file`."""
 
     def __init__(self, name: str, total: int, start: int, log_file: Path, enabled: bool) -> None:
         self.name, self.total, self.log_file, self.enabled = name, total, log_file, enabled
@@ -155,7 +158,7 @@ class _Reporter:
             with self.log_file.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics, "seconds": round(seconds, 2)}) + "\n")
             if self.bar is None:
-                print(f"{self.name} step {step}/{self.total} {text}", flush=True)
+                logger.info(f"{self.name} step {step}/{self.total} {text}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -234,7 +237,8 @@ def run_stage(
     state_dir = workdir / f"{name}-state"
     progress = _load_progress(accelerator, state_dir)
     if progress["step"]:
-        accelerator.print(f"{name}: resuming at step {progress['step']} of {stage.steps}")
+        if accelerator.is_main_process:
+            logger.info(f"{name}: resuming at step {progress['step']} of {stage.steps}")
     log_file = workdir / f"{name}-log.jsonl"
     reporter = _Reporter(name, stage.steps, progress["step"], log_file, accelerator.is_main_process)
     for m in wrapped:

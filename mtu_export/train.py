@@ -25,12 +25,14 @@ would return, in eval mode, no_grad, in fp32, the global RNG restored afterwards
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mtu_export import logs
 from mtu_export.cache import LatentCache, build_cache
 from mtu_export.checkpoint import load_components, save_checkpoint
 from mtu_export.conditioning import drop_image, target_latents, task_condition, tokenize
@@ -44,6 +46,8 @@ from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_
 from mtu_export.storage import check_output, check_separate, locate_unet, write_json
 from mtu_export.tasks import resolve
 from mtu_export.upcycle import load_unet, upcycle_unet
+
+logger = logging.getLogger(__name__)
 
 
 def cache_folder(workdir: Path, task: str) -> Path:
@@ -159,8 +163,7 @@ def build_caches(workdir: Path, sources: dict[str, Source], vae, tokenizer, stat
     vae.to(state.device)
     caches = {}
     for task, source in sources.items():
-        log = print if state.is_main_process else (lambda message: None)
-        caches[task] = build_cache(cache_folder(workdir, task), source, vae, tokenizer, state, log)
+        caches[task] = build_cache(cache_folder(workdir, task), source, vae, tokenizer, state)
     vae.to("cpu")
     return caches
 
@@ -193,14 +196,15 @@ def curve_hook(config: TrainConfig, base: Path, workdir: Path, mtu: MTUUNet, sta
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 for task in tasks:
                     task_started = time.perf_counter()
-                    results = evaluate_model(mtu, {task: sources[task]}, components, eval_config, lambda m: None)[0]
+                    with logs.quiet("mtu_export.evaluate"):  # the curve's line says it all
+                        results = evaluate_model(mtu, {task: sources[task]}, components, eval_config)[0]
                     line["tasks"][task] = curve_point(defs[task], results[task], time.perf_counter() - task_started)
         finally:
             for m in modules:
                 m.train()
         line["seconds"] = round(time.perf_counter() - started, 2)
         append_line(workdir, line)
-        print(f"curve {summary(line)} ({line['seconds']:.0f} s)", flush=True)
+        logger.info(f"curve {summary(line)} ({line['seconds']:.0f} s)")
 
     return on_step
 
@@ -209,10 +213,9 @@ def _check_precision(config: TrainConfig) -> None:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on CPUs (or no)")
     if config.mixed_precision == "bf16" and not torch.cuda.is_available() and _cpu_lacks_bf16():
-        print(
-            "warning: --mixed-precision bf16 on a CPU without bf16 instructions (avx512_bf16 / amx_bf16) is emulated, "
-            "many times slower than fp32; use --mixed-precision no here",
-            flush=True,
+        logger.warning(
+            "--mixed-precision bf16 on a CPU without bf16 instructions (avx512_bf16 / amx_bf16) is emulated, "
+            "many times slower than fp32; use --mixed-precision no here"
         )
 
 

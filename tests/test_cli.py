@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -291,3 +292,17 @@ def test_the_fp16_fold_check_catches_an_error_the_fp16_tolerance_let_through(fp1
     result = invoke("fold", fp16_ckpt, "--task", "edit", "--out", tmp_path / "edit")
     assert_clean_failure(result, "folded task 'edit' differs from the routed model", DriftError.exit_code)
     assert not (tmp_path / "edit").exists()
+
+
+def test_progress_lines_are_logged_to_stderr_and_stdout_keeps_results_only(capsys):
+    """The package logs through `logging`; a command shows the lines on stderr (plain when stderr is not a
+    terminal, as under a pipe or nohup), warnings prefixed, and a second command does not show them twice."""
+    from mtu_export import display
+
+    display.show_logs()
+    display.show_logs()
+    logging.getLogger("mtu_export.export.prepare").info("folded edit")
+    logging.getLogger("mtu_export.export.skeleton").warning("drift kept (--allow-drift)")
+    logging.getLogger("mtu_export.evaluate").debug("not shown")
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == ["folded edit", "warning: drift kept (--allow-drift)"]

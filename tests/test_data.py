@@ -144,7 +144,7 @@ def test_sr_derives_its_low_res_input_and_inpaint_draws_random_masks(tmp_path):
 def test_cache_shards_match_a_direct_encoding_and_a_resumed_build_reuses_finished_shards(world_pipeline, tmp_path):
     vae, _, tokenizer, _, _ = load_base(world_pipeline)
     source = WorldSource(BUILTIN["inpaint"], "train", 64, 16, count=10)
-    cache = build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None, shard_rows=4)
+    cache = build_cache(tmp_path / "c", source, vae, tokenizer, shard_rows=4)
     assert len(cache) == 10 and sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == [
         "shard-00000",
         "shard-00001",
@@ -156,15 +156,15 @@ def test_cache_shards_match_a_direct_encoding_and_a_resumed_build_reuses_finishe
         assert np.array_equal(value.numpy(), direct[key][index.numpy()]), key
     stamp = (tmp_path / "c" / "shard-00001" / "input_ids.npy").stat().st_mtime_ns
     (tmp_path / "c" / "meta.json").unlink()  # as if interrupted before the last step
-    build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None, shard_rows=4)
+    build_cache(tmp_path / "c", source, vae, tokenizer, shard_rows=4)
     assert (tmp_path / "c" / "shard-00001" / "input_ids.npy").stat().st_mtime_ns == stamp
     other = WorldSource(BUILTIN["inpaint"], "train", 64, 16, count=11)
     with pytest.raises(Exception, match="caches another dataset"):
-        build_cache(tmp_path / "c", other, vae, tokenizer, log=lambda m: None, shard_rows=4)
+        build_cache(tmp_path / "c", other, vae, tokenizer, shard_rows=4)
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     (tmp_path / "c" / "meta.json").write_text(json.dumps(meta | {"format": "mtu-export-cache/1"}))
     with pytest.raises(Exception, match="holds a mtu-export-cache/1 cache, this version writes"):
-        build_cache(tmp_path / "c", source, vae, tokenizer, log=lambda m: None, shard_rows=4)
+        build_cache(tmp_path / "c", source, vae, tokenizer, shard_rows=4)
     (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
     assert isinstance(LatentCache(tmp_path / "c").gather(torch.tensor([1]))["input_ids"], torch.Tensor)
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtu_export"
 # Lowest first. Every module of the package is listed once; a new module must be placed here.
 LAYERS: dict[str, tuple[str, ...]] = {
     # image_processor imports no torch (it is copied into exported folders)
-    "foundation": ("errors", "config", "machine", "metrics", "storage", "image_processor"),
+    "foundation": ("errors", "logs", "config", "machine", "metrics", "storage", "image_processor"),
     # tasks and ondevice import no torch (ondevice runs without it, on the task registry)
     # the shapes world (shapes/) is placed module by module: its recipes sit with training
     "tasks and data": (

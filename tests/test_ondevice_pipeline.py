@@ -51,7 +51,7 @@ for job in json.loads(open(sys.argv[1]).read()):
     opened = {key: Image.open(job[key]) if job.get(key) else None for key in ("image", "mask")}
     picture = pipelines[folder](
         job["prompt"], task=job["task"], steps=job["steps"], guidance=job["guidance"], seed=job["seed"],
-        resize=job["resize"], optimum=job["optimum"], log=None, **opened,
+        resize=job["resize"], optimum=job["optimum"], **opened,
     )
     np.save(job["npy"], picture)
 heavy = sorted(name for name in ("torch", "diffusers", "transformers") if sys.modules.get(name) is not None)
@@ -261,7 +261,7 @@ def test_low_memory_gives_the_same_image_and_closes_every_graph(folders, picture
     session is left open (each stage closed its graph, the VAE encoder included)."""
     image = Image.open(pictures["wide"])
     mask = Image.open(pictures["wide-mask"]) if task == "inpaint" else None
-    request = dict(task=task, image=image, mask=mask, steps=2, guidance=3.0, seed=3, optimum=optimum, log=None)
+    request = dict(task=task, image=image, mask=mask, steps=2, guidance=3.0, seed=3, optimum=optimum)
     default = OnDevicePipeline.from_folder(folders[folder], threads=1)
     low = OnDevicePipeline.from_folder(folders[folder], threads=1, low_memory=True)
     expected, got = default(PROMPT, **request), low(PROMPT, **request)

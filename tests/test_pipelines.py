@@ -84,7 +84,7 @@ def folders(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
         assert result.exit_code == 0, result.output
     for name, tasks in (("onnx-all", ()), ("onnx-sr", ("sr",))):
         config = OnnxConfig(tasks=tasks, probe_steps=1, image_count=0)
-        export_onnx(trained["low_res_rgb"], config, root / name, log=lambda _: None)
+        export_onnx(trained["low_res_rgb"], config, root / name)
         out[name] = root / name
     return out
 

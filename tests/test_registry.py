@@ -81,7 +81,7 @@ def test_sr2_runs_alike_in_generate_on_device_and_folded_diffusers(sr2):
     assert reference.shape == (2 * LOW_RES, 2 * LOW_RES, 3)
     low = Image.open(sr2["low"]).convert("RGB")
     ondevice = OnDevicePipeline.from_folder(sr2["onnx"])(
-        PROMPT, task="sr2", image=low, steps=STEPS, guidance=GUIDANCE, seed=SEED, log=None
+        PROMPT, task="sr2", image=low, steps=STEPS, guidance=GUIDANCE, seed=SEED
     )
     assert np.abs(ondevice.astype(np.int16) - reference).max() <= GREY_LEVELS_MAX
     index = json.loads((sr2["fold"] / "model_index.json").read_text())

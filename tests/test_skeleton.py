@@ -5,6 +5,7 @@ the ONNX, Core ML and Apple exporters are converters of that skeleton."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
 from pathlib import Path
 
@@ -42,19 +43,20 @@ class _Recording:
 def test_a_drifting_output_refuses_the_export_and_writes_nothing(mtu_world, tmp_path):
     converter, out = _Recording(psnr_db=12.0), tmp_path / "out"
     with pytest.raises(DriftError, match=r"1 exported output\(s\) drift from torch: unet\[edit\]\.out_sample: 12\.0"):
-        skeleton.run_export(converter, mtu_world, OnnxConfig(tasks="edit"), out, log=lambda m: None)
+        skeleton.run_export(converter, mtu_world, OnnxConfig(tasks="edit"), out)
     assert converter.calls == ["fits", ("write", ("edit",))]  # nothing made of unvalidated graphs
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_allow_drift_keeps_the_export_with_a_warning(mtu_world, tmp_path):
-    converter, out, logged = _Recording(psnr_db=12.0), tmp_path / "out", []
-    manifest = skeleton.run_export(
-        converter, mtu_world, OnnxConfig(tasks="edit", allow_drift=True), out, log=logged.append
-    )
+def test_allow_drift_keeps_the_export_with_a_warning(mtu_world, tmp_path, caplog):
+    converter, out = _Recording(psnr_db=12.0), tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="mtu_export"):
+        manifest = skeleton.run_export(converter, mtu_world, OnnxConfig(tasks="edit", allow_drift=True), out)
     assert converter.calls[-1] == "after_validation" and manifest["after"] is True
     assert json.loads((out / "manifest.json").read_text()) == manifest and (out / "graph.bin").is_file()
-    assert any(m.startswith("warning: drift kept (--allow-drift): unet[edit].out_sample: 12.0 dB") for m in logged)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "mtu_export.export.skeleton"]
+    assert [r.getMessage()[:58] for r in warned] == ["drift kept (--allow-drift): unet[edit].out_sample: 12.0 dB"]
+    assert any(r.getMessage().startswith("folded edit (fold vs routed") for r in caplog.records)  # prepare's line
 
 
 def test_the_exporters_are_converters_of_the_skeleton():
@@ -70,7 +72,7 @@ def test_the_exporters_are_converters_of_the_skeleton():
 def test_a_converter_refuses_a_config_of_another_kind(mtu_world, tmp_path, given):
     converter, out = _Recording(psnr_db=50.0), tmp_path / "out"
     with pytest.raises(ConfigError, match=f"`mtu-export onnx` takes a OnnxConfig, not a {type(given).__name__}"):
-        skeleton.run_export(converter, mtu_world, given, out, log=lambda m: None)
+        skeleton.run_export(converter, mtu_world, given, out)
     assert converter.calls == [] and not out.exists()
 
 

@@ -18,6 +18,7 @@ Must not import torch, transformers or diffusers (tested in a process that canno
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -28,11 +29,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mtu_export import logs
 from mtu_export.bench.timing import interleaved, interleaved_rounds
 from mtu_export.errors import ConfigError, InputError, OutputExistsError
 from mtu_export.ondevice.graphs import graph_path
 from mtu_export.ondevice.pipeline import OnDevicePipeline, TaskPlan
 from mtu_export.storage import check_output, check_separate, read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 RESULT_FILES = ("device.json", "device.md")
 PROMPT = "a red circle on a blue background"
@@ -122,7 +126,7 @@ def request_inputs(pipeline: OnDevicePipeline, plan: TaskPlan, seed: int) -> dic
 
 def one_image(pipeline: OnDevicePipeline, plan: TaskPlan, config: DeviceBenchConfig) -> Callable[[], object]:
     inputs = request_inputs(pipeline, plan, config.seed)
-    return lambda: pipeline(PROMPT, task=plan.name, steps=config.steps, seed=config.seed, log=None, **inputs)
+    return lambda: pipeline(PROMPT, task=plan.name, steps=config.steps, seed=config.seed, **inputs)
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -137,21 +141,21 @@ def _rounds(folder_a: Path, folder_b: Path, task: str, config: DeviceBenchConfig
     return interleaved_rounds(opener(folder_a), opener(folder_b), config.rounds, config.pairs, config.warmup)
 
 
-def bench_task(folders: Sequence[Path], task: str, config: DeviceBenchConfig, log: Callable[[str], None]) -> dict:
+def bench_task(folders: Sequence[Path], task: str, config: DeviceBenchConfig) -> dict:
     reference = folders[0]
-    log(f"{task}: UNet per call, {reference} against itself (A/A control)")
+    logger.info(f"{task}: UNet per call, {reference} against itself (A/A control)")
     row: dict = {"control": _rounds(reference, reference, task, config), "folders": {}}
     images = {folder: open_folder(folder, config) for folder in folders}
     run_reference = one_image(images[reference], images[reference].tasks[task], config)
     for folder in folders[1:]:
-        log(f"{task}: {folder} against {reference}")
+        logger.info(f"{task}: {folder} against {reference}")
         per_call = _rounds(folder, reference, task, config)
         pipeline = images[folder]
         end_to_end = interleaved(
             one_image(pipeline, pipeline.tasks[task], config), run_reference, config.repeats, config.warmup
         )
         row["folders"][str(folder)] = {"unet_per_call": per_call, "end_to_end": end_to_end}
-        log(f"  UNet per call {per_call['ratio']:.3f}, end to end {end_to_end['ratio']:.3f} of the reference")
+        logger.info(f"  UNet per call {per_call['ratio']:.3f}, end to end {end_to_end['ratio']:.3f} of the reference")
     return row
 
 
@@ -161,7 +165,6 @@ def bench_device(
     config: DeviceBenchConfig,
     tasks: Sequence[str] | None = None,
     overwrite: bool = False,
-    log: Callable[[str], None] = print,
 ) -> dict:
     """Time every shared task of `folders` against the first; write device.json and device.md into `out`."""
     folders, out = [Path(f) for f in folders], Path(out)
@@ -177,7 +180,7 @@ def bench_device(
         "onnxruntime": onnxruntime.__version__,
         "reference": str(folders[0]),
         "kinds": {str(f): graph_kind(f) for f in folders},
-        "tasks": {task: bench_task(folders, task, config, log) for task in names},
+        "tasks": {task: bench_task(folders, task, config) for task in names},
     }
     for name in RESULT_FILES:
         check_output(out / name, overwrite)  # again: something may have appeared there while measuring
@@ -229,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--overwrite", action="store_true", help="replace device.json / device.md in --out")
     args = parser.parse_args(argv)
+    logs.install(logs.plain_handler())  # progress lines on stderr
     try:
         config = DeviceBenchConfig(**{k: getattr(args, k) for k in asdict(defaults)})
         result = bench_device(args.folders, args.out, config, args.tasks, args.overwrite)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -44,9 +45,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtu_export import logs
 from mtu_export.bench.memory import release
 from mtu_export.bench.sd15 import BATCH, LATENT, TOKENS, build_mtu, describe, machine, now_utc
 from mtu_export.export.runtime import op_census, ops_run
+
+logger = logging.getLogger(__name__)
 
 REFERENCE = "optimum"
 INT8_OPS = (
@@ -393,7 +397,7 @@ def folded_unet(smoke: bool = False):
     return unet
 
 
-def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -> dict:
+def run(out: Path, threads: int, repeats: int, smoke: bool = False) -> dict:
     from mtu_export.bench.flops import torch_flops
     from mtu_export.bench.memory import peak_rss_mb
     from mtu_export.storage import tree_bytes
@@ -401,29 +405,31 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
     work = Path(tempfile.mkdtemp(prefix="mtu-peers-"))
     unet = folded_unet(smoke)
     gflops = torch_flops(unet, feed()) / 1e9
-    log(f"folded t2i: {gflops:.1f} GFLOPs per call (batch {BATCH}); recording trajectory inputs")
+    logger.info(f"folded t2i: {gflops:.1f} GFLOPs per call (batch {BATCH}); recording trajectory inputs")
     feeds, references = trajectory_feeds(unet)
     calibration = save_feeds(trajectory_feeds(unet, steps=4, seed=CALIBRATION_SEED)[0], work / "calibration.npz")
     write_pipeline(unet, work / "pipeline")
     del unet
     release()
     graphs: dict[str, Path] = {}
-    log("exporting in child processes: ours, ours-fused, optimum (main_export)")
+    logger.info("exporting in child processes: ours, ours-fused, optimum (main_export)")
     graphs["ours"] = in_child("export_ours", work / "pipeline", work / "ours" / "unet", False)
     graphs["ours-fused"] = in_child("export_ours", work / "pipeline", work / "ours-fused" / "unet", True)
     graphs[REFERENCE] = in_child("export_optimum", work / "pipeline", work / "optimum")
-    log("onnxruntime's transformer optimizer on optimum's graph and ours-fused; --optimize, dynamic int8 of ours-fused")
+    logger.info(
+        "onnxruntime's transformer optimizer on optimum's graph and ours-fused; --optimize, dynamic int8 of ours-fused"
+    )
     graphs["optimum+ort-opt"] = in_child("ort_optimize", graphs[REFERENCE], work / "optimum-opt" / "model.onnx")
     graphs["ours-fused+ort-opt"] = in_child("ort_optimize", graphs["ours-fused"], work / "fused-opt" / "model.onnx")
     graphs["ours-fused+optimize"] = in_child("save_optimize", graphs["ours-fused"], work / "fused-saved" / "model.onnx")
     graphs["ours-fused+dynamic-int8"] = in_child("quantize_dynamic", graphs["ours-fused"], work / "int8" / "model.onnx")
-    log("static int8 (QDQ) of ours-fused, calibrated on a 4-step guided trajectory (another seed)")
+    logger.info("static int8 (QDQ) of ours-fused, calibrated on a 4-step guided trajectory (another seed)")
     graphs["ours-fused+static-int8"] = in_child(
         "quantize_static", graphs["ours-fused"], calibration, work / "static-int8" / "model.onnx"
     )
     probes = peak_gemm_gflops(threads)
     peak = max(probes.values())
-    log(
+    logger.info(
         f"peak fp32 GEMM on {threads} threads: {peak:.0f} GFLOP/s ("
         + ", ".join(f"{k} {v:.0f}" for k, v in probes.items())
         + ")"
@@ -444,11 +450,11 @@ def run(out: Path, threads: int, repeats: int, log=print, smoke: bool = False) -
             row["int8_ops"] = {}
         row["attention_ops"] = {op: census[op] for op in ("MultiHeadAttention", "Attention", "Softmax") if op in census}
         # the reference against a second session of itself: the control, how finely this run resolves a ratio
-        log(f"timing {name} against {REFERENCE} ({repeats} interleaved pairs)")
+        logger.info(f"timing {name} against {REFERENCE} ({repeats} interleaved pairs)")
         row["latency"] = time_against(graphs[REFERENCE], path, threads, repeats)
         row["ratio_to_optimum"] = 1.0 if name == REFERENCE else row["latency"]["ratio"]
         rows[name] = row
-        log(f"{name}: ratio {row['latency']['ratio']:.3f}, PSNR {row['psnr_per_call_db']}")
+        logger.info(f"{name}: ratio {row['latency']['ratio']:.3f}, PSNR {row['psnr_per_call_db']}")
     # optimum's time per call: the median over its pairings; every other row is its ratio times that (the ratio is
     # what was measured side by side; absolute times drift with the machine's load between pairings)
     later = peak_gemm_gflops(threads)  # again after the timing: the machine's best of both
@@ -584,6 +590,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="A narrow UNet: checks the plumbing, not the numbers.")
     args = parser.parse_args()
+    logs.install(logs.plain_handler())  # progress lines on stderr
     result = run(args.out, args.threads, args.repeats, smoke=args.smoke)
     best = min(v["ratio_to_optimum"] for k, v in result["graphs"].items() if k.startswith("ours"))
     print(f"wrote the peers' section of {args.out / 'sd15.md'}: best of ours ÷ optimum {best:.3f}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -34,9 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtu_export import logs
 from mtu_export.bench.memory import release
 from mtu_export.bench.peers import CALIBRATION_SEED, in_child, save_feeds, trajectory_feeds
 from mtu_export.bench.sd15 import describe, machine, now_utc
+
+logger = logging.getLogger(__name__)
 
 SIZE, STEPS, SEED, TOKENS = 512, 20, 0, 77
 PROMPT = "a photo of a red car on a street"
@@ -144,7 +148,7 @@ def on_device_folder(optimum: Path, out: Path, unet: Path | None = None) -> Path
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
-def run_child(code: str, args: list[str], log) -> dict:
+def run_child(code: str, args: list[str]) -> dict:
     """A fresh interpreter running `code` with `args`; its wall time and its own peak RSS."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code + PEAK, *args], capture_output=True, text=True)
@@ -153,7 +157,7 @@ def run_child(code: str, args: list[str], log) -> dict:
         raise RuntimeError(f"generation failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-3:]}")
     peak = next(float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_mib"))
     row = {"seconds": round(seconds, 1), "peak_rss_gb": round(peak * 2**20 / 1e9, 3)}
-    log(f"  {row}")
+    logger.info(f"  {row}")
     return row
 
 
@@ -165,19 +169,19 @@ def image_psnr(reference: Path, other: Path) -> float | None:
     return psnr_db(np.asarray(Image.open(reference)), np.asarray(Image.open(other)), UINT8_PEAK)
 
 
-def build(work: Path, threads: int, log=print) -> tuple[dict[str, Path], dict[str, float | None]]:
+def build(work: Path, threads: int) -> tuple[dict[str, Path], dict[str, float | None]]:
     """The folders the generations run on, and each quantized UNet's per-call PSNR against the torch UNet. A stage
     whose output is already in `work` (a `--work` folder of an earlier run) is not run again."""
     from mtu_export.bench.peers import psnr_per_call
 
     pipeline, optimum, ours = work / "pipeline", work / "optimum", work / "fused" / "model.onnx"
     if not (optimum / "unet" / "model.onnx").is_file():
-        log("writing the SD1.5-sized pipeline and exporting it with optimum")
+        logger.info("writing the SD1.5-sized pipeline and exporting it with optimum")
         write_pipeline(pipeline)
         release()  # the pipeline built in this process: its memory back to the OS before the children run
         in_child("export_optimum", pipeline, optimum)
     if not ours.is_file():
-        log("exporting its UNet as `mtu-export onnx --attention fused` writes it")
+        logger.info("exporting its UNet as `mtu-export onnx --attention fused` writes it")
         in_child("export_ours", pipeline, ours.parent, True)
     from diffusers import UNet2DConditionModel
 
@@ -191,7 +195,7 @@ def build(work: Path, threads: int, log=print) -> tuple[dict[str, Path], dict[st
     for mode in MODES:
         graph = work / mode / "model.onnx"
         if not graph.is_file():
-            log(f"quantizing the UNet: {mode}")
+            logger.info(f"quantizing the UNet: {mode}")
             in_child(MODES[mode], ours, work / "calibration.npz", graph)
         psnr[mode] = psnr_per_call(graph, probes, references, threads)
         release()
@@ -203,22 +207,22 @@ def build(work: Path, threads: int, log=print) -> tuple[dict[str, Path], dict[st
     return folders, psnr
 
 
-def generate_rows(work: Path, folders: dict[str, Path], threads: int, steps: int, log=print) -> dict[str, dict]:
+def generate_rows(work: Path, folders: dict[str, Path], threads: int, steps: int) -> dict[str, dict]:
     """One generation per row, each in a fresh process, with the same prompt, seed and guidance."""
-    log("generating with optimum's ORTStableDiffusionPipeline (fp32)")
+    logger.info("generating with optimum's ORTStableDiffusionPipeline (fp32)")
     args = [PROMPT, str(SIZE), str(steps), str(SEED), str(threads), str(GUIDANCE)]
-    rows = {"optimum fp32": run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args], log)}
+    rows = {"optimum fp32": run_child(OPTIMUM_CHILD, [str(work / "optimum"), str(work / "optimum.png"), *args])}
     for mode, folder in folders.items():
         for low_memory in (False, True):
             name = f"on-device {mode}" + (" low-memory" if low_memory else "")
             if low_memory and mode not in MODES:
                 continue
-            log(f"generating: {name}")
+            logger.info(f"generating: {name}")
             rows[name] = run_child(ONDEVICE_CHILD, [
                 str(folder), "--task", "t2i", "--prompt", PROMPT, "--steps", str(steps), "--seed", str(SEED),
                 "--guidance", str(GUIDANCE), "--threads", str(threads), "--out", str(work / f"{slug(name)}.png"),
                 "--overwrite",  # an earlier run's image in a kept --work folder
-                *(["--low-memory"] if low_memory else [])], log)  # fmt: skip
+                *(["--low-memory"] if low_memory else [])])  # fmt: skip
     for name, row in rows.items():
         if name not in ("optimum fp32", "on-device fp32"):
             row["image_psnr_db_vs_on_device_fp32"] = image_psnr(work / "on-device-fp32.png", work / f"{slug(name)}.png")
@@ -230,14 +234,14 @@ def slug(name: str) -> str:
     return name.replace(" ", "-")
 
 
-def run(out: Path, threads: int, steps: int = STEPS, work: Path | None = None, log=print) -> dict:
+def run(out: Path, threads: int, steps: int = STEPS, work: Path | None = None) -> dict:
     """Build the folders (in `work`, kept, or in a temporary folder), generate, write sd15_phone.{json,md}."""
     scratch = work is None
     work = Path(tempfile.mkdtemp(prefix="mtu-phone-")) if work is None else work
     work.mkdir(parents=True, exist_ok=True)
     try:
-        folders, psnr = build(work, threads, log)
-        rows = generate_rows(work, folders, threads, steps, log)
+        folders, psnr = build(work, threads)
+        rows = generate_rows(work, folders, threads, steps)
         sizes = {mode: sum(p.stat().st_size for p in (f / "unet").glob("model.onnx*")) for mode, f in folders.items()}
     finally:
         if scratch:
@@ -327,6 +331,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help="sampling steps (peak memory is reached in the first)")
     parser.add_argument("--work", type=Path, help="keep the exported folders here and reuse them on the next run")
     args = parser.parse_args()
+    logs.install(logs.plain_handler())  # progress lines on stderr
     print(markdown(run(args.out, args.threads, args.steps, args.work)))
 
 

@@ -18,6 +18,7 @@ The gate that checks a result against a baseline is gate.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtu_export import __version__
+from mtu_export import __version__, logs
 from mtu_export.bench.flops import onnx_flops, torch_flops
 from mtu_export.bench.graphs import export_fixed, graph_bytes, graph_signature, parameter_count, unet_feed
 from mtu_export.bench.memory import peak_rss_mb
@@ -45,7 +46,7 @@ from mtu_export.storage import check_output, check_separate, read_json, write_js
 from mtu_export.tasks import BUILTIN, declared
 from mtu_export.upcycle import load_unet, task_conv_in
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 QUANT_MODES = tuple(m for m in ONNX_QUANTIZE if m != "none")  # timed against fp32
 GRAPH_PSNR_FLOOR_DB = GRAPH_PSNR_FLOOR["none"]  # the optimized fp32 graph against torch, as any fp32 export
 
@@ -94,7 +95,6 @@ def bench(
     baselines: dict[str, Path] | None = None,
     base: Path | None = None,
     parity: Path | None = None,
-    log: Log = print,
     overwrite: bool = False,
     sparse: Path | None = None,
     sparse_eval: Path | None = None,
@@ -130,11 +130,11 @@ def bench(
     }
     with tempfile.TemporaryDirectory(prefix="mtu-bench-") as scratch:
         scratch = Path(scratch)
-        results["bundle"] = _bench_bundle(checkpoint, scratch, config, log)
+        results["bundle"] = _bench_bundle(checkpoint, scratch, config)
         pipeline = _PipelineParts(scratch / "bundle-none", config.threads)
         for task in ckpt.model.config.task_names:
             models = _models(ckpt, task, base_unet, baselines.get(task), sparse_ckpt)
-            results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline, log)
+            results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline)
     results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
     results["sparse_quality"] = quality
     _check_result_files(out, overwrite)  # again: something may have appeared there while measuring
@@ -259,7 +259,7 @@ class _PipelineParts:
 
 
 def _bench_task(
-    task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, pipeline: _PipelineParts, log: Log
+    task: str, models: _Models, scratch: Path, config: BenchConfig, tokens: int, pipeline: _PipelineParts
 ) -> dict:
     batch = 3 if BUILTIN.get(task, declared(task)).image_guidance else 2  # the guidance batch of its sampler
     channels = models.mtu.config.in_channels
@@ -299,16 +299,16 @@ def _bench_task(
         return open_session
 
     rounds = f"{config.rounds} rounds of {config.pairs} interleaved calls"
-    log(f"{task}: timing the folded MTU UNet against the single-task UNet, and that against itself ({rounds})")
+    logger.info(f"{task}: timing the folded MTU UNet against the single-task UNet, and that against itself ({rounds})")
     pair = lambda a, b: interleaved_rounds(opener(a), opener(b), config.rounds, config.pairs, config.warmup)  # noqa: E731
     # single vs single: the same graph against itself shows how far this protocol on this machine can resolve.
     row["unet_latency"] = {"mtu_vs_single": pair("mtu", "single"), "single_vs_single": pair("single", "single")}
     if "base" in graphs:
         row["unet_latency"]["mtu_vs_base"] = pair("mtu", "base")
-    log(f"{task}: timing the optimized folded UNet (fused, --optimize) against its plain export ({rounds})")
+    logger.info(f"{task}: timing the optimized folded UNet (fused, --optimize) against its plain export ({rounds})")
     row["unet_latency"]["optimized_vs_plain"] = pair("optimized", "mtu")
     if "sparse" in graphs:
-        log(f"{task}: timing the sparse fold against the single-task UNet ({rounds})")
+        logger.info(f"{task}: timing the sparse fold against the single-task UNet ({rounds})")
         row["sparse"] = {
             "ffn_kept": models.sparse_kept,
             "gflops_ratio": flops["sparse"]["torch"] / flops["single"]["torch"],
@@ -326,19 +326,20 @@ def _bench_task(
     if "sparse" in row:
         shown += f", sparse / single {row['sparse']['latency_vs_single']['ratio']:.3f}"
         shown += f" at {row['sparse']['gflops_ratio']:.3f}x the GFLOPs"
-    log(f"{task}: {row['gflops']:.3f} GFLOPs/call (batch 1); UNet latency {shown}")
+    logger.info(f"{task}: {row['gflops']:.3f} GFLOPs/call (batch 1); UNet latency {shown}")
     return row
 
 
-def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log) -> dict:
+def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig) -> dict:
     """Export the all-task bundle in fp32 and each quantization mode; sizes, quality, latency of mode ÷ fp32."""
     rows: dict = {}
     folders = {}
     for mode in ("none", *config.modes):
-        log(f"exporting the all-task bundle ({mode})")
+        logger.info(f"exporting the all-task bundle ({mode})")
         export_config = OnnxConfig(quantize=mode, image_count=config.image_count, seed=config.seed)
         folders[mode] = scratch / f"bundle-{mode}"
-        manifest = export_onnx(checkpoint, export_config, folders[mode], log=lambda m: None)
+        with logs.quiet("mtu_export.export"):  # the line above says what runs
+            manifest = export_onnx(checkpoint, export_config, folders[mode])
         unet_rows = [
             r for r in manifest["graph_agreement"] if r["component"] == ("unet" if mode == "none" else f"unet[{mode}]")
         ]
@@ -352,7 +353,7 @@ def _bench_bundle(checkpoint: Path, scratch: Path, config: BenchConfig, log: Log
     feeds = _bundle_feed(folders["none"], config.seed)
     for mode in config.modes:
         quantized = session(folders[mode] / "unet" / "model.onnx", config.threads, spinning=False)
-        log(f"timing the {mode} bundle UNet against fp32 ({config.repeats} interleaved pairs)")
+        logger.info(f"timing the {mode} bundle UNet against fp32 ({config.repeats} interleaved pairs)")
         rows[mode]["latency_vs_fp32"] = interleaved(
             lambda q=quantized: q.run(None, feeds),
             lambda: fp32.run(None, feeds),

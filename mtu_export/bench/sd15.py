@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,10 +29,13 @@ from pathlib import Path
 
 import torch
 
+from mtu_export import logs
 from mtu_export.bench.memory import own_peak_rss_mb, release
 from mtu_export.config import SD15_UNET_CONFIG, MoEConfig, OnnxConfig
 from mtu_export.export.graphs import BUNDLE, UNET, BundleGraph, UNetGraph
 from mtu_export.storage import tree_bytes
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("t2i", "edit", "sr", "inpaint")
 BATCH, LATENT, TOKENS = 2, 64, 77
@@ -151,7 +155,7 @@ def _child(kind: str, task: str, out: Path, models: Path) -> dict:
     return info
 
 
-def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print) -> dict:
+def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...]) -> dict:
     from mtu_export.bench.flops import onnx_flops, torch_flops
     from mtu_export.bench.timing import interleaved
     from mtu_export.export.runtime import session
@@ -183,7 +187,9 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
     mtu = build_mtu()
     save_checkpoint(mtu, models / "mtu")
     results["parameters"] = {"base": base_parameters, "mtu": sum(p.numel() for p in mtu.parameters())}
-    log(f"SD1.5 base: {results['parameters']['base']:,} parameters, {results['gflops_base_batch1']:.1f} GFLOPs/call")
+    logger.info(
+        f"SD1.5 base: {results['parameters']['base']:,} parameters, {results['gflops_base_batch1']:.1f} GFLOPs/call"
+    )
     folded = {}
     for task in tasks:
         spec = mtu.config.task(task)
@@ -194,7 +200,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
     for task in tasks:
         row = folded[task]
         for kind in ("mtu", "single"):
-            log(f"{task}: exporting the {kind} UNet in a child process")
+            logger.info(f"{task}: exporting the {kind} UNet in a child process")
             row[f"export_{kind}"] = _child(kind, task, work / task / kind, models)
         row["gflops_batch2_onnx"] = onnx_flops(work / task / "mtu" / "model.onnx") / 1e9
         row["gflops_batch2_single_onnx"] = onnx_flops(work / task / "single" / "model.onnx") / 1e9
@@ -203,18 +209,22 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
             kind: session(work / task / kind / "model.onnx", threads, spinning=False) for kind in ("mtu", "single")
         }
         inputs = {k: v.numpy() for k, v in feed(MoEConfig().task(task).in_channels).items()}
-        log(f"{task}: timing folded vs single-task ({repeats} interleaved pairs, batch {BATCH}, {threads} threads)")
+        logger.info(
+            f"{task}: timing folded vs single-task ({repeats} interleaved pairs, batch {BATCH}, {threads} threads)"
+        )
         mtu_run, single_run = (lambda s=sessions[k], x=inputs: s.run(None, x) for k in ("mtu", "single"))
         row["latency"] = interleaved(mtu_run, single_run, repeats, 1)
         del mtu_run, single_run  # the closures hold the sessions (3.4 GB each) until released
         sessions.clear()
         release()
         results["tasks"][task] = row
-        log(f"{task}: ratio {row['latency']['ratio']:.3f}, export peak {row['export_mtu']['peak_rss_mb']:.0f} MiB")
+        logger.info(
+            f"{task}: ratio {row['latency']['ratio']:.3f}, export peak {row['export_mtu']['peak_rss_mb']:.0f} MiB"
+        )
         for kind in ("mtu", "single"):
             if task != tasks[0] or kind != "mtu":
                 _clear(work / task / kind)
-    log("exporting the all-task bundle in a child process")
+    logger.info("exporting the all-task bundle in a child process")
     results["bundle"] = _child("bundle", tasks[0], work / "bundle", models)
     results["bundle"]["bytes"] = tree_bytes(work / "bundle")
     results["bundle"]["ratio_to_one_task"] = results["bundle"]["bytes"] / results["tasks"][tasks[0]]["bytes"]["mtu"]
@@ -231,7 +241,7 @@ def run(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print
 SPARSE_ROUTES = (2, 1)  # top-k routings measured by `--sparse`
 
 
-def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], log=print) -> dict:
+def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...]) -> dict:
     """Sparse folds at SD1.5 scale: the base upcycled with top-k routing (random weights, seeded routers), each
     task folded with its zero-weight experts dropped. GFLOPs per call of every task's sparse fold ÷ its single-task
     UNet (torch, cross-checked on the exported graph for the first task), and that task's sparse ÷ single-task
@@ -258,7 +268,7 @@ def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], lo
     result["gflops_single_batch2"] = {t: f / 1e9 for t, f in single_flops.items()}
     del base
     release()
-    log(f"exporting the single-task {first} UNet in a child process")
+    logger.info(f"exporting the single-task {first} UNet in a child process")
     single = _child("single", first, work / "single", models)
     for k in SPARSE_ROUTES:
         mtu = build_mtu(top_k=k)
@@ -276,7 +286,7 @@ def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], lo
         save_checkpoint(mtu, models / f"top{k}")
         del mtu
         release()
-        log(f"top-{k}: exporting the sparse {first} fold in a child process")
+        logger.info(f"top-{k}: exporting the sparse {first} fold in a child process")
         row["export"] = _child(f"top{k}", first, work / f"top{k}", models)
         graph_flops = onnx_flops(work / f"top{k}" / "model.onnx")
         row["gflops_ratio_onnx"] = graph_flops / onnx_flops(work / "single" / "model.onnx")
@@ -284,7 +294,7 @@ def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], lo
         sessions = {
             kind: session(work / kind / "model.onnx", threads, spinning=False) for kind in (f"top{k}", "single")
         }
-        log(f"top-{k}: timing the sparse {first} fold vs single-task ({repeats} interleaved pairs)")
+        logger.info(f"top-{k}: timing the sparse {first} fold vs single-task ({repeats} interleaved pairs)")
         sparse_run, single_run = (lambda s=sessions[x], i=inputs: s.run(None, i) for x in (f"top{k}", "single"))
         row["latency"] = interleaved(sparse_run, single_run, repeats, 1)
         del sparse_run, single_run
@@ -292,7 +302,9 @@ def run_sparse(out: Path, threads: int, repeats: int, tasks: tuple[str, ...], lo
         release()
         _clear(work / f"top{k}")
         result["routes"][f"top-{k}"] = row
-        log(f"top-{k}: GFLOPs {row['gflops_ratio'][first]:.3f}x, latency {row['latency']['ratio']:.3f}x single-task")
+        logger.info(
+            f"top-{k}: GFLOPs {row['gflops_ratio'][first]:.3f}x, latency {row['latency']['ratio']:.3f}x single-task"
+        )
     result["single_export"] = single
     _clear(work)
     result["machine"], result["finished"] = machine(), now_utc()
@@ -405,6 +417,7 @@ def main() -> None:
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    logs.install(logs.plain_handler())  # progress lines on stderr
     if args.export:
         export_one(args.export, args.task, args.out, args.models)
         return

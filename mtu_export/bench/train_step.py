@@ -4,18 +4,18 @@ interleaved pairs."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from mtu_export.bench.timing import interleaved
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
-def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup: int = 2, log: Log = print) -> dict:
+def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup: int = 2) -> dict:
     """MTU training step (the paper's trainable split) ÷ full fine-tune step of the same model on the same batch,
     timed in interleaved pairs (forward, backward, AdamW step)."""
     from mtu_export.config import TrainConfig
@@ -60,7 +60,7 @@ def train_step_ratio(base: Path, batch_size: int = 64, repeats: int = 8, warmup:
             optimizer.step()
 
         steps[kind] = step
-    log(f"timing MTU vs full fine-tune training steps (batch {batch_size}, {repeats} interleaved pairs)")
+    logger.info(f"timing MTU vs full fine-tune training steps (batch {batch_size}, {repeats} interleaved pairs)")
     timing = interleaved(steps["mtu"], steps["full"], repeats, warmup)
     return {
         "batch_size": batch_size,

@@ -25,6 +25,7 @@ census are coreml.py's. It must not import train or cli.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -41,7 +42,6 @@ from mtu_export.config import CoreMLConfig
 from mtu_export.errors import ConfigError, MtuError
 from mtu_export.export.coreml import (
     CoreMLConverter,
-    Log,
     _attention_census,
     _Converter,
     _quiet_tqdm,
@@ -59,6 +59,8 @@ from mtu_export.export.skeleton import run_export
 from mtu_export.quantize import quantize_coreml
 from mtu_export.sample import Components
 from mtu_export.tasks import Condition, TaskDef, part_channels
+
+logger = logging.getLogger(__name__)
 
 APPLE_SOURCE = "apple/ml-stable-diffusion@e12202c1f6405b83918b58a5d097cd61e3e1f702"
 SWIFT = "swift/StableDiffusion/pipeline/"  # paths below are relative to the repository, Swift ones to this folder
@@ -311,12 +313,11 @@ def export_apple(
     config: CoreMLConfig,
     out: Path,
     overwrite: bool = False,
-    log: Log = print,
     data: dict | None = None,
 ) -> dict:
     """Write Apple's resource folder per task (and the multifunction UNet for all tasks); check every package's
     spec against Apple's conventions (and, on macOS, its numbers against torch); returns the manifest."""
-    return run_export(AppleConverter(config, log), checkpoint, config, out, overwrite, data, log)
+    return run_export(AppleConverter(config), checkpoint, config, out, overwrite, data)
 
 
 class AppleConverter(CoreMLConverter):
@@ -327,15 +328,15 @@ class AppleConverter(CoreMLConverter):
         check_fits_apple(ckpt.pipeline_dir, components)
 
     def write(self, job: Prepared, tmp: Path, scratch: Path) -> dict:
-        ct, config, log = self.ct, self.config, self.log
+        ct, config = self.ct, self.config
         ckpt, tasks, components, sources, unets = job.ckpt, job.tasks, job.components, job.sources, job.unets
         bundled = not config.tasks
         height, _, factor = job.size
         probes = record_probes(config, unets, sources, components)
-        attention = _set_attention(config, unets, probes, log)
+        attention = _set_attention(config, unets, probes)
         modules, feeds = apple_modules(components, unets), apple_feeds(probes, components.scheduler)
         sizes = {t: apple_sizes(components, sources.tasks[t], unets[t], height, factor) for t in tasks}
-        converter = _Converter(ct, config, self.target, tmp, log)
+        converter = _Converter(ct, config, self.target, tmp)
         packages = _write_packages(converter, tasks, modules, feeds, tmp)
         scaling = float(components.vae.config.scaling_factor)
         resources = {t: _write_task_files(tmp, ckpt.pipeline_dir, sources.tasks[t], sizes[t], scaling) for t in tasks}
@@ -377,18 +378,18 @@ def _write_packages(converter: _Converter, tasks, modules: dict, feeds: dict, tm
         for task in tasks[1:]:
             _link_tree(first / f"{name}.mlpackage", tmp / task / "Resources" / f"{name}.mlpackage")
         paths[name] = f"{tasks[0]}/Resources/{name}.mlpackage"
-        converter.log(f"converted {name} (Apple's I/O) -> {paths[name]}")
+        logger.info(f"converted {name} (Apple's I/O) -> {paths[name]}")
     for task in tasks:
         key = f"{task}/Unet"
         model = _convert(converter, modules[key], feeds[key][0], APPLE_UNET)
         model.user_defined_metadata["mtu_export.task"] = task
         if converter.config.quantize != "none":
-            converter.log(f"quantizing {task} unet: {converter.config.quantize}")
+            logger.info(f"quantizing {task} unet: {converter.config.quantize}")
             with _quiet_tqdm():
                 model = quantize_coreml(converter.config.quantize, model)
         model.save(str(tmp / task / "Resources" / "Unet.mlpackage"))
         paths[key] = f"{task}/Resources/Unet.mlpackage"
-        converter.log(f"converted unet {task} (Apple's I/O, batch {feeds[key][0]['sample'].shape[0]}) -> {paths[key]}")
+        logger.info(f"converted unet {task} (Apple's I/O, batch {feeds[key][0]['sample'].shape[0]}) -> {paths[key]}")
     return paths
 
 

@@ -24,7 +24,6 @@ import logging
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ PACKAGES = {"text_encoder": "TextEncoder", "vae_encoder": "VAEEncoder", "vae_dec
 COREML_PSNR_FLOOR_DB = 35.0  # Apple's own converter refuses a Stable Diffusion component under 35 dB
 SPLIT_EINSUM_PSNR_FLOOR_DB = 60.0  # the split-einsum UNet against the original, both torch fp32: same math
 ATTENTION_OPS = ("einsum", "matmul", "softmax")  # the MIL ops counted in the manifest's attention census
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def require_coremltools():
@@ -81,7 +80,6 @@ def export_coreml(
     config: CoreMLConfig,
     out: Path,
     overwrite: bool = False,
-    log: Log = print,
     data: dict | None = None,
 ) -> dict:
     """Convert, check and describe; returns the manifest. `data` (task -> DataSpec) gives tasks their validation
@@ -90,8 +88,8 @@ def export_coreml(
     if config.layout == "apple":  # per task, the resource folder of Apple's Swift package (apple.py)
         from mtu_export.export.apple import export_apple
 
-        return export_apple(checkpoint, config, out, overwrite=overwrite, log=log, data=data)
-    return run_export(CoreMLConverter(config, log), checkpoint, config, out, overwrite, data, log)
+        return export_apple(checkpoint, config, out, overwrite=overwrite, data=data)
+    return run_export(CoreMLConverter(config), checkpoint, config, out, overwrite, data)
 
 
 class CoreMLConverter:
@@ -100,24 +98,24 @@ class CoreMLConverter:
 
     config_type = CoreMLConfig
 
-    def __init__(self, config: CoreMLConfig, log: Log):
+    def __init__(self, config: CoreMLConfig):
         self.ct = require_coremltools()
-        self.config, self.log = config, log
+        self.config = config
         self.target = resolve_target(config, bundled=not config.tasks)
 
     def fits(self, ckpt: Checkpoint, components: Components) -> None:
         """Every checkpoint the toolchain loads converts to Core ML."""
 
     def write(self, job: Prepared, tmp: Path, scratch: Path) -> dict:
-        ct, config, log = self.ct, self.config, self.log
+        ct, config = self.ct, self.config
         ckpt, tasks, components, unets = job.ckpt, job.tasks, job.components, job.unets
         bundled = not config.tasks
         probes = record_probes(config, unets, job.sources, components)
-        log(f"recorded validation trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
-        attention = _set_attention(config, unets, probes, log)
+        logger.info(f"recorded validation trajectories ({config.probe_steps} steps) for {', '.join(tasks)}")
+        attention = _set_attention(config, unets, probes)
         vae, text_encoder = components.vae, components.text_encoder
         first = probes[tasks[0]].feeds
-        converter = _Converter(ct, config, self.target, scratch, log)
+        converter = _Converter(ct, config, self.target, scratch)
         packages = {
             "text_encoder": converter.convert(TextEncoderGraph(text_encoder), first["text_encoder"][0], tmp),
             "vae_encoder": converter.convert(VaeEncoderGraph(vae), first["vae_encoder"][0], tmp, "vae_encoder"),
@@ -154,7 +152,7 @@ def manifest_tasks(ckpt, tasks: list[str], bundled: bool) -> dict[str, dict]:
     }
 
 
-def _set_attention(config: CoreMLConfig, unets: dict, probes: dict, log: Log) -> dict:
+def _set_attention(config: CoreMLConfig, unets: dict, probes: dict) -> dict:
     """`--attention split-einsum`: give each folded UNet the Neural Engine's attention layout, in place, and check
     it against the UNet as it was on the first recorded UNet input (torch vs torch: this runs anywhere)."""
     if config.attention == "default":
@@ -179,7 +177,7 @@ def _set_attention(config: CoreMLConfig, unets: dict, probes: dict, log: Log) ->
             }
         )
         shown = "identical" if value is None else f"{value:.1f} dB"
-        log(f"{task}: split-einsum attention in {layers} layers; torch vs the original UNet {shown}")
+        logger.info(f"{task}: split-einsum attention in {layers} layers; torch vs the original UNet {shown}")
     failed = [r for r in rows if not r["ok"]]
     if failed and not config.allow_drift:
         listed = "; ".join(f"{r['package']}: {r['psnr_db']:.1f} dB (floor {r['floor_db']:.0f} dB)" for r in failed)
@@ -229,8 +227,8 @@ def convert_module(
 
 
 class _Converter:
-    def __init__(self, ct, config: CoreMLConfig, target: str, scratch: Path, log: Log):
-        self.ct, self.config, self.target, self.scratch, self.log = ct, config, target, scratch, log
+    def __init__(self, ct, config: CoreMLConfig, target: str, scratch: Path):
+        self.ct, self.config, self.target, self.scratch = ct, config, target, scratch
         self.sizes: dict[str, int | float] = {}
 
     def convert(self, module, feed: dict, tmp: Path, component: str = "text_encoder") -> str:
@@ -243,7 +241,7 @@ class _Converter:
         model = convert_module(self.ct, module, feed, outputs, self.config, self.target)
         name = f"{PACKAGES[component]}.mlpackage"
         model.save(str(tmp / name))
-        self.log(f"converted {component} -> {name}")
+        logger.info(f"converted {component} -> {name}")
         return name
 
     def convert_unets(self, unets: dict, feeds: dict, tmp: Path, bundled: bool) -> dict:
@@ -254,13 +252,13 @@ class _Converter:
             model = convert_module(self.ct, UNetGraph(unet), feed, ["out_sample"], self.config, self.target)
             model.user_defined_metadata["mtu_export.task"] = task
             if self.config.quantize != "none":
-                self.log(f"quantizing {task} unet: {self.config.quantize}")
+                logger.info(f"quantizing {task} unet: {self.config.quantize}")
                 with _quiet_tqdm():
                     model = quantize_coreml(self.config.quantize, model)
             path = (self.scratch if bundled else tmp) / f"Unet-{task}.mlpackage"
             model.save(str(path))
             paths[task] = path
-            self.log(f"converted unet {task} (batch {feed['sample'].shape[0]})")
+            logger.info(f"converted unet {task} (batch {feed['sample'].shape[0]})")
         if not bundled:
             (task,) = paths
             final = tmp / "Unet.mlpackage"
@@ -287,7 +285,7 @@ class _Converter:
             "ratio_to_separate": merged / separate,
             "ratio_to_single_task": merged / single,
         }
-        self.log(f"multifunction UNet: {merged / 1e6:.2f} MB vs {separate / 1e6:.2f} MB as {len(paths)} packages")
+        logger.info(f"multifunction UNet: {merged / 1e6:.2f} MB vs {separate / 1e6:.2f} MB as {len(paths)} packages")
         return {"path": final.name, "functions": list(paths)}
 
 

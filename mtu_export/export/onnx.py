@@ -18,10 +18,10 @@ Validation and calibration examples come from the shapes world or from a task's 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -73,7 +73,7 @@ CALIBRATION_COUNT = 4  # examples per task whose trajectories calibrate static i
 CALIBRATED = ("static-int8", "w8a16")  # the modes whose activation ranges come from calibration
 OPTIMIZE_LEVEL = "extended"  # --optimize: all but the layout transforms, whose NCHWc blocks fit only this CPU
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,11 @@ def export_onnx(
     config: OnnxConfig,
     out: Path,
     overwrite: bool = False,
-    log: Log = print,
     data: dict | None = None,
 ) -> dict:
     """Export, validate and describe; returns the manifest. Raises DriftError listing every drifting graph.
     `data` (task -> DataSpec) gives tasks their validation and calibration examples (default: the shapes world)."""
-    return run_export(OnnxConverter(config, log), checkpoint, config, out, overwrite, data, log)
+    return run_export(OnnxConverter(config), checkpoint, config, out, overwrite, data)
 
 
 class OnnxConverter:
@@ -110,15 +109,15 @@ class OnnxConverter:
 
     config_type = OnnxConfig
 
-    def __init__(self, config: OnnxConfig, log: Log):
-        self.config, self.log = config, log
+    def __init__(self, config: OnnxConfig):
+        self.config = config
         self.exporter: _Exporter | None = None
 
     def fits(self, ckpt: Checkpoint, components: Components) -> None:
         """Every checkpoint the toolchain loads exports to ONNX."""
 
     def write(self, job: Prepared, tmp: Path, scratch: Path) -> dict:
-        self.exporter = _Exporter(job.ckpt, self.config, job.components, scratch, tmp, self.log, job.sources)
+        self.exporter = _Exporter(job.ckpt, self.config, job.components, scratch, tmp, job.sources)
         return self.exporter.run(job.tasks, job.unets, job.size)
 
     def after_validation(self, job: Prepared, tmp: Path, manifest: dict) -> dict:
@@ -138,11 +137,10 @@ class _Exporter:
         components: Components,
         scratch: Path,
         tmp: Path,
-        log: Log,
         sources,
     ):
         self.ckpt, self.config, self.components, self.sources = ckpt, config, components, sources
-        self.scratch, self.tmp, self.log = scratch, tmp, log
+        self.scratch, self.tmp = scratch, tmp
         self.agreement: list[GraphAgreement] = []
         self.probes: dict[str, Probes] = {}  # the validation probes, which also check the .ort files
         self.calibration: dict[str, dict] | None = None  # static int8, w8a16: what each task was calibrated on
@@ -187,7 +185,7 @@ class _Exporter:
         merged = Probes()
         for task in tasks:
             merged.extend(per_task[task])
-        self.log(f"recorded {purpose} trajectories ({self.config.probe_steps} steps) for {', '.join(tasks)}")
+        logger.info(f"recorded {purpose} trajectories ({self.config.probe_steps} steps) for {', '.join(tasks)}")
         return {"*": merged, **per_task}
 
     def _copy_pipeline_files(self, tasks: tuple[str, ...], bundled: bool) -> None:
@@ -225,7 +223,7 @@ class _Exporter:
         path = self.write_graph(spec, module, feeds[0], self.tmp / spec.component)
         if config_dir is not None:
             shutil.copyfile(config_dir / "config.json", self.tmp / spec.component / "config.json")
-        self.log(f"exported {spec.component}")
+        logger.info(f"exported {spec.component}")
         self.agreement += validate_graph(spec, module, path, feeds, None, GRAPH_PSNR_FLOOR["none"])
 
     def _export_unet(self, spec: GraphSpec, module, probes: dict[str, Probes], tasks, unet_config: dict) -> None:
@@ -234,7 +232,7 @@ class _Exporter:
         plain = self.config.quantize != "none"
         path = self.write_graph(spec, module, probes[tasks[0]].feeds["unet"][0], self.tmp / "unet", not plain)
         write_json(self.tmp / "unet" / "config.json", unet_config)
-        self.log(f"exported unet ({'all tasks, task_id input' if spec is BUNDLE else tasks[0]})")
+        logger.info(f"exported unet ({'all tasks, task_id input' if spec is BUNDLE else tasks[0]})")
         for task in tasks:
             feeds = probes[task].feeds["unet"]
             self.agreement += validate_graph(spec, module, path, feeds, task, GRAPH_PSNR_FLOOR["none"])
@@ -256,7 +254,7 @@ class _Exporter:
             if self.config.batch == 1:  # the graph takes one row: calibrate on each row of each guidance batch
                 feeds = [_row(f, i, spec) for f in feeds for i in range(f["sample"].shape[0])]
             calibration = [_numpy(f) for f in feeds]
-        self.log(
+        logger.info(
             f"quantizing unet: {mode}"
             + (f" (calibrated on {len(calibration)} UNet calls)" if calibration else "")
             + (", 7-bit weights (reduce_range)" if self.reduce_range else "")
@@ -287,7 +285,7 @@ class _Exporter:
         ]
         if low and not self.config.allow_drift:
             raise DriftError(f".ort graphs drift from their .onnx (floor {ORT_PSNR_FLOOR:.0f} dB): {'; '.join(low)}")
-        self.log(f"converted {len(result['graphs'])} graphs to .ort ({result['optimization_style']} optimizations)")
+        logger.info(f"converted {len(result['graphs'])} graphs to .ort ({result['optimization_style']} optimizations)")
         return result
 
     # -- end to end ----------------------------------------------------------------------------------------------
@@ -327,7 +325,7 @@ class _Exporter:
                 }
             )
             shown = "identical" if value is None else f"{value:.1f} dB"
-            self.log(
+            logger.info(
                 f"{task}: exported pipeline vs torch fp32, {len(examples)} images x {sampler.steps} steps: {shown}"
             )
         return rows

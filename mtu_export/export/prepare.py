@@ -4,6 +4,7 @@ fold every task, plus the end-to-end image quality goal both report against."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from mtu_export.tasks import model_tasks
 
 IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def example_sources(ckpt: Checkpoint, tasks: tuple[str, ...], data: dict, size: tuple[int, int, int]):
@@ -66,7 +67,7 @@ def checkpoint_components(ckpt: Checkpoint) -> Components:
 
 
 def fold_tasks(
-    ckpt: Checkpoint, tasks: tuple[str, ...], log: Log, sparse: SparseFold | None = None
+    ckpt: Checkpoint, tasks: tuple[str, ...], sparse: SparseFold | None = None
 ) -> dict[str, torch.nn.Module]:
     unets = {}
     for task in tasks:
@@ -76,7 +77,7 @@ def fold_tasks(
         narrowed = "" if kept == 1.0 else f", FFN width kept {kept:.0%}"
         if sparse is not None and sparse.drops_weight:
             narrowed += f", vs every expert {sparse_deviation(ckpt.model, unets[task], task):.2e} relative"
-        log(f"folded {task} (fold vs routed max |diff| {diff:.2e}{narrowed})")
+        logger.info(f"folded {task} (fold vs routed max |diff| {diff:.2e}{narrowed})")
     return unets
 
 
@@ -112,7 +113,6 @@ def prepare_export(
     out: Path,
     overwrite: bool,
     data: dict | None,
-    log: Log,
     config_type: type[ExportConfig] = ExportConfig,
     fits: Callable[[Checkpoint, Components], None] | None = None,
 ) -> Prepared:
@@ -129,7 +129,7 @@ def prepare_export(
         fits(ckpt, components)
     size = image_size(ckpt, components.vae, config)
     sources = example_sources(ckpt, tasks, data or {}, size)
-    return Prepared(ckpt, tasks, components, size, sources, fold_tasks(ckpt, tasks, log, config.sparse))
+    return Prepared(ckpt, tasks, components, size, sources, fold_tasks(ckpt, tasks, config.sparse))
 
 
 def record_probes(

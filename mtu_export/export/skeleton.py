@@ -5,8 +5,8 @@ converter's step after validation (ONNX Runtime Mobile files) → the folder ren
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +19,7 @@ from mtu_export.storage import atomic_output_dir, write_json
 
 MANIFEST = "manifest.json"
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 class Converter(Protocol):
@@ -45,16 +45,15 @@ def run_export(
     out: Path,
     overwrite: bool = False,
     data: dict | None = None,
-    log: Log = print,
 ) -> dict:
     """Export `checkpoint` to `out` with `converter` (see the module docstring); returns the manifest. Raises
     DriftError listing every drifting output, unless `config.allow_drift`."""
-    job = prepare_export(checkpoint, config, out, overwrite, data, log, converter.config_type, converter.fits)
+    job = prepare_export(checkpoint, config, out, overwrite, data, converter.config_type, converter.fits)
     with tempfile.TemporaryDirectory(prefix=f"mtu-{converter.config_type.command}-") as scratch:
         with atomic_output_dir(Path(out), overwrite) as tmp:
             manifest = converter.write(job, tmp, Path(scratch))
             write_json(tmp / MANIFEST, manifest)
-            raise_on_drift(manifest["graph_agreement"], config.allow_drift, log)
+            raise_on_drift(manifest["graph_agreement"], config.allow_drift)
             manifest = converter.after_validation(job, tmp, manifest)
             write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -68,7 +67,7 @@ def describe_row(row: dict) -> str:
     return f"{where}.{row['output']}: {psnr}{floor}, max |diff| {row['max_abs_diff']:.3g}"
 
 
-def raise_on_drift(rows: list[dict], allow_drift: bool, log: Log) -> None:
+def raise_on_drift(rows: list[dict], allow_drift: bool) -> None:
     """A DriftError naming every output under its floor (the output folder is then not written); with
     `allow_drift`, a warning per kept output instead."""
     failed = [r for r in rows if not r["ok"]]
@@ -79,4 +78,4 @@ def raise_on_drift(rows: list[dict], allow_drift: bool, log: Log) -> None:
             "(pass --allow-drift to keep such an export)"
         )
     for row in failed:
-        log(f"warning: drift kept (--allow-drift): {describe_row(row)}")
+        logger.warning(f"drift kept (--allow-drift): {describe_row(row)}")

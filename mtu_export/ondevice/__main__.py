@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from PIL import Image, UnidentifiedImageError
 
+from mtu_export import logs
 from mtu_export.image_processor import IMAGE_FORMATS, POLICIES, save_image
 
 BAD_INPUT = 2  # exit code of every refusal (argparse's own)
@@ -121,7 +122,6 @@ def run(args: argparse.Namespace) -> Path:
         seed=args.seed,
         resize=args.resize,
         optimum=args.optimum,
-        log=lambda message: print(message, file=sys.stderr),
     )
     try:
         save_image(args.out, picture, image_format, overwrite=args.overwrite)
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.install(logs.plain_handler())  # notes on resized inputs, on stderr
     try:
         out = run(args)
     except (BadInput, ValueError, FileNotFoundError) as exc:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +50,7 @@ from mtu_export.ondevice.tokenizer import ClipTokenizer
 from mtu_export.tasks import Condition, TaskDef, resolve
 
 CUBIC_A = -0.75  # torch's bicubic kernel coefficient
-Log = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+logger = logging.getLogger(__name__)
 
 
 # --- tasks -----------------------------------------------------------------------------------------------------
@@ -222,14 +218,13 @@ def _prepare(
     policy: str,
     multiple: int,
     size: tuple[int, int] | None,
-    log: Log | None,
     mask: bool = False,
     cap: int | None = None,
 ) -> Prepared:
     prepared = prepare_image(picture, policy, multiple, size, mask=mask, max_pixels=cap)
     note = prepared.note("the mask" if mask else "the image")
-    if note and log:
-        log(note)
+    if note:
+        logger.info(note)
     return prepared
 
 
@@ -239,7 +234,6 @@ def prepare_inputs(
     image: Image.Image | None,
     mask: Image.Image | None,
     resize: str,
-    log: Log | None,
 ) -> Inputs:
     """generate._inputs: the input at its own size fitted to what the UNet takes (within image_processor's area
     cap) or cropped to the export's size; sr's low-res input at 1/scale of that; a mask at its image's size."""
@@ -254,11 +248,11 @@ def prepare_inputs(
     side = geometry.pixels // scale
     cap = max_pixels((geometry.pixels, geometry.pixels), scale)
     crop_to = (side, side) if resize == "crop" else None
-    prepared = _prepare(image, resize, geometry.multiple // scale, crop_to, log, cap=cap)
+    prepared = _prepare(image, resize, geometry.multiple // scale, crop_to, cap=cap)
     width, height = prepared.size
     if not plan.condition.masked:
         return Inputs((height * scale, width * scale), prepared.array)
-    hole = _prepare(mask, resize, geometry.multiple, prepared.size, None, mask=True)
+    hole = _prepare(mask, resize, geometry.multiple, prepared.size, mask=True)
     return Inputs((height, width), prepared.array, hole.array)
 
 
@@ -385,10 +379,10 @@ class OnDevicePipeline:
         seed: int = 0,
         resize: str = "fit",
         optimum: bool = True,
-        log: Log | None = _stderr,
     ) -> np.ndarray:
         """uint8 (H, W, 3): what `mtu-export generate` writes for the same request (`optimum=False`: as
-        `--no-optimum`, our sampler for single-task t2i / inpaint exports too). Notes on resized inputs go to `log`."""
+        `--no-optimum`, our sampler for single-task t2i / inpaint exports too). A resized input is noted in a log line
+        (logger `mtu_export.ondevice.pipeline`)."""
         plan = self._plan(task)
         if resize not in POLICIES:
             raise ValueError(f"resize {resize!r} is not a policy; choose one of {', '.join(POLICIES)}")
@@ -398,7 +392,7 @@ class OnDevicePipeline:
         for needed in plan.needs:
             if given[needed] is None:
                 raise ValueError(f"task {plan.name!r} needs an input {needed}; pass {needed}= a PIL image")
-        inputs = prepare_inputs(plan, self.geometry, image, mask, resize, log)
+        inputs = prepare_inputs(plan, self.geometry, image, mask, resize)
         if optimum and self.runs_optimum(plan):
             return self._optimum(plan, inputs, prompt, steps, guidance, seed)
         return self._own(plan, inputs, prompt, steps, guidance, image_guidance, seed)

@@ -17,6 +17,7 @@ would.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_
 from mtu_export.shapes.vocab import world_tokenizer
 from mtu_export.shapes.world import make_example
 from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
+
+logger = logging.getLogger(__name__)
 
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's
 ENCODE_BATCH = 250
@@ -152,7 +155,7 @@ def encode_dataset(recipe: BaseRecipe, workdir: Path, tokenizer) -> float:
         means.append(posterior.mean.half())
         stds.append(posterior.std.half())
         ids.append(tokenize(tokenizer, [e.prompt for e in examples]))
-        print(f"encode {first + len(examples)}/{recipe.dataset_size}", flush=True)
+        logger.info(f"encode {first + len(examples)}/{recipe.dataset_size}")
     mean = torch.cat(means)
     scaling = float(1.0 / mean.float().std())
     vae.register_to_config(scaling_factor=scaling)
