@@ -35,17 +35,13 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     return latents if kind == "sample" else noise
 
 
-def signal_to_noise(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = ᾱ_t / (1 − ᾱ_t) per timestep: diffusers' `training_utils.compute_snr`, on a tensor already on the
-    loss's device rather than a scheduler (the tests hold the two equal)."""
-    alphas = alphas_cumprod[timesteps]
-    return alphas / (1 - alphas)
-
-
-def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
+def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample Min-SNR-γ loss weight (Hang et al. 2023) for a model predicting ε, v or x0: the x0-loss weight
-    min(SNR, γ) expressed in the parameterisation's own loss."""
-    snr = signal_to_noise(alphas_cumprod, timesteps)
+    min(SNR, γ) expressed in the parameterisation's own loss. SNR(t) = ᾱ_t / (1 − ᾱ_t) is diffusers'
+    `training_utils.compute_snr` of the training `scheduler`, on `timesteps`' device."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
     clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr.clamp(min=1e-12)

@@ -62,8 +62,7 @@ class TaskLoss(nn.Module):
         super().__init__()
         self.mtu = mtu
         self.min_snr_gamma = min_snr_gamma
-        self.prediction_type = scheduler.config.prediction_type
-        self.register_buffer("alphas", scheduler.alphas_cumprod.float(), persistent=False)
+        self.scheduler, self.prediction_type = scheduler, scheduler.config.prediction_type
 
     def forward(self, batches: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`batches[task]` holds `sample` (noisy latent + condition), `timestep`, `hidden` and `target`."""
@@ -74,7 +73,7 @@ class TaskLoss(nn.Module):
             per_sample = (pred - b["target"]).pow(2).mean(dim=(1, 2, 3))  # (B_task,)
             if self.min_snr_gamma > 0:
                 per_sample = per_sample * min_snr_weight(
-                    self.alphas, b["timestep"], self.min_snr_gamma, self.prediction_type
+                    self.scheduler, b["timestep"], self.min_snr_gamma, self.prediction_type
                 )
             per_task[task] = per_sample.mean()
             total = total + per_sample.sum() / total_rows

@@ -181,23 +181,29 @@ def test_min_snr_gamma_zero_weighs_every_timestep_alike(world_pipeline, tmp_path
         per_row = (pred - batch["target"]).pow(2).mean(dim=(1, 2, 3))
         plain = TaskLoss(model, 0.0, scheduler)({"t2i": batch})[0]
         weighted = TaskLoss(model, 5.0, scheduler)({"t2i": batch})[0]
-    weights = min_snr_weight(scheduler.alphas_cumprod.float(), batch["timestep"], 5.0, "epsilon")
+    weights = min_snr_weight(scheduler, batch["timestep"], 5.0, "epsilon")
     assert not torch.allclose(weights, torch.ones_like(weights))  # the batch's timesteps do get re-weighted
     torch.testing.assert_close(plain, per_row.mean(), rtol=1e-5, atol=0)
     torch.testing.assert_close(weighted, (per_row * weights).mean(), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("zero_terminal_snr", [False, True], ids=["sd", "zero-terminal-snr"])
-def test_snr_is_diffusers_compute_snr(zero_terminal_snr):
-    from diffusers.training_utils import compute_snr
-
-    from mtu_export.objective import NUM_TRAIN_TIMESTEPS, signal_to_noise, training_scheduler
+def test_min_snr_weights_follow_their_definition_on_diffusers_snr(zero_terminal_snr):
+    """The weights are min(SNR, γ) / SNR (ε), min(SNR, γ) / (SNR + 1) (v) and min(SNR, γ) (x0), with SNR(t) =
+    ᾱ_t / (1 − ᾱ_t) from the scheduler (diffusers' compute_snr), finite at a zero-terminal-SNR schedule's last step."""
+    from mtu_export.objective import NUM_TRAIN_TIMESTEPS, training_scheduler
 
     schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
     scheduler = training_scheduler(dict(schedule, rescale_betas_zero_snr=zero_terminal_snr))
     timesteps = torch.arange(NUM_TRAIN_TIMESTEPS)
-    ours = signal_to_noise(scheduler.alphas_cumprod.float(), timesteps)
-    torch.testing.assert_close(ours, compute_snr(scheduler, timesteps), rtol=1e-5, atol=0)
+    alphas = scheduler.alphas_cumprod.double()
+    snr = alphas / (1 - alphas)
+    clipped = snr.clamp(max=5.0)
+    expected = {"epsilon": clipped / snr.clamp(min=1e-12), "v_prediction": clipped / (snr + 1), "sample": clipped}
+    for kind, weight in expected.items():
+        ours = min_snr_weight(scheduler, timesteps, 5.0, kind)
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours.double(), weight, rtol=1e-4, atol=1e-6)
 
 
 def test_an_identical_image_is_counted_not_averaged_as_infinite():
@@ -315,3 +321,23 @@ def test_edit_floor_is_the_unchanged_source():
     unchanged = example_metrics(BUILTIN["edit"], example, example.source)
     assert unchanged["psnr"] == unchanged["source_psnr"] == psnr_db(example.target, example.source, UINT8_PEAK) < 60
     assert example_metrics(BUILTIN["edit"], example, example.target)["psnr"] is None  # identical: psnr_db's None
+
+
+def test_the_training_ema_is_diffusers_emamodel_with_its_warmup():
+    """`loop.make_ema`: diffusers' EMAModel, whose k-th update decays by min(decay, k / (9 + k)): the first copies the
+    weights, the second keeps 2/11 of the average."""
+    from diffusers.training_utils import EMAModel
+
+    from mtu_export.loop import make_ema
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema = make_ema([param], 0.999)
+    assert isinstance(ema, EMAModel)
+    with torch.no_grad():
+        param.fill_(1.0)
+    ema.step([param])
+    assert torch.equal(ema.shadow_params[0], torch.ones(3))
+    with torch.no_grad():
+        param.fill_(12.0)
+    ema.step([param])
+    torch.testing.assert_close(ema.shadow_params[0], torch.full((3,), 10.0))  # 2/11 * 1 + 9/11 * 12

@@ -178,7 +178,6 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
     torch.manual_seed(recipe.seed + 1)
     unet, text_encoder = build_unet(recipe), build_text_encoder(recipe, tokenizer)
     scheduler = training_scheduler(recipe_schedule(recipe))
-    alphas = scheduler.alphas_cumprod  # (T,)
     stage = recipe.unet_training
     count = data["mean"].shape[0]
 
@@ -199,7 +198,7 @@ def train_unet(recipe: BaseRecipe, workdir: Path, tokenizer) -> tuple[nn.Module,
         target = diffusion_target(scheduler, latents, noise, t)
         per_sample = (pred - target.to(device)).pow(2).mean(dim=(1, 2, 3))
         if recipe.min_snr_gamma > 0:
-            weight = min_snr_weight(alphas, t, recipe.min_snr_gamma, recipe.prediction_type)
+            weight = min_snr_weight(scheduler, t, recipe.min_snr_gamma, recipe.prediction_type)
             per_sample = per_sample * weight.to(device)
         return per_sample.mean()
 
