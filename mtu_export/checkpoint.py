@@ -25,10 +25,8 @@ from mtu_export.sample import Components
 from mtu_export.storage import (
     CHECKPOINT_CONFIG,
     PIPELINE_INDEX,
-    atomic_output_dir,
-    check_output,
+    atomic_output,
     check_safetensors,
-    check_separate,
     link_or_copy_tree,
     locate_unet,
     read_json,
@@ -69,28 +67,42 @@ def save_checkpoint(
     With `pipeline_ref` (a path relative to `out`, e.g. '../shapes-base') the checkpoint points at a pipeline
     folder it shares with others instead of holding a copy. Tensors named in `omit` are left out of the weights
     file (`pack_checkpoint` omits those the shared pipeline's UNet holds; `extra` must then say so)."""
+    out = Path(out)
+    with atomic_output(out, [pipeline_dir], overwrite) as tmp:
+        write_checkpoint(mtu, tmp, out, pipeline_dir, extra, pipeline_ref, omit)
+    return out
+
+
+def write_checkpoint(
+    mtu: MTUUNet,
+    folder: Path,
+    out: Path,
+    pipeline_dir: Path | None = None,
+    extra: dict | None = None,
+    pipeline_ref: str | None = None,
+    omit: frozenset[str] = frozenset(),
+) -> None:
+    """save_checkpoint's files, written into `folder`: the temporary folder that becomes `out` (storage.
+    atomic_output), where `pipeline_ref` is resolved."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    with atomic_output_dir(out, overwrite) as tmp:
-        state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items() if k not in omit}
-        save_file(state, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
-        if pipeline_ref is not None:
-            shared = Path(os.path.normpath(out / pipeline_ref))  # `out` itself does not exist yet
-            if not (shared / PIPELINE_INDEX).is_file():
-                raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
-        elif pipeline_dir is not None:
-            link_or_copy_tree(Path(pipeline_dir), tmp / CHECKPOINT_PIPELINE, skip=("unet",))
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "mtu_export_version": __version__,
-            "moe": mtu.config.to_dict(),
-            "unet_config": {k: v for k, v in mtu.unet.config.items() if not k.startswith("_")},
-            "pipeline": pipeline_ref or (CHECKPOINT_PIPELINE if pipeline_dir is not None else None),
-            **(extra or {}),
-        }
-        write_json(tmp / CHECKPOINT_CONFIG, meta)
-    return out
+    state = {k: v.detach().contiguous() for k, v in mtu.state_dict().items() if k not in omit}
+    save_file(state, str(folder / CHECKPOINT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
+    if pipeline_ref is not None:
+        shared = Path(os.path.normpath(Path(out) / pipeline_ref))  # `out` itself does not exist yet
+        if not (shared / PIPELINE_INDEX).is_file():
+            raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
+    elif pipeline_dir is not None:
+        link_or_copy_tree(Path(pipeline_dir), folder / CHECKPOINT_PIPELINE, skip=("unet",))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "mtu_export_version": __version__,
+        "moe": mtu.config.to_dict(),
+        "unet_config": {k: v for k, v in mtu.unet.config.items() if not k.startswith("_")},
+        "pipeline": pipeline_ref or (CHECKPOINT_PIPELINE if pipeline_dir is not None else None),
+        **(extra or {}),
+    }
+    write_json(folder / CHECKPOINT_CONFIG, meta)
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -155,21 +167,22 @@ def pack_checkpoint(
     but the experts, routers, task embeddings, task LayerNorms and conv_ins (about a sixth of the UNet)."""
     if dtype not in PACK_DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(PACK_DTYPES)}, got {dtype!r}")
-    shared = Path(os.path.normpath(Path(out) / pipeline_ref))  # the pipeline the packed checkpoint will read
-    check_separate(Path(out), Path(source), shared)
-    ckpt = load_checkpoint(Path(source), dtype=PACK_DTYPES[dtype])
-    own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline", "frozen_from_pipeline")
-    extra = {k: v for k, v in ckpt.meta.items() if k not in own}
-    omit: frozenset[str] = frozenset()
-    if trained_only:
-        if not (shared / PIPELINE_INDEX).is_file():
-            raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
-        omit = _unchanged_from_base(ckpt.model, shared, PACK_DTYPES[dtype])
-    if omit:  # a full fine-tune changed every tensor: nothing to read from the pipeline, nothing to check there
-        extra["frozen_from_pipeline"] = {"unet_sha256": _unet_digest(shared), "dtype": dtype, "tensors": len(omit)}
-    return save_checkpoint(
-        ckpt.model, Path(out), overwrite=overwrite, extra=extra, pipeline_ref=pipeline_ref, omit=omit
-    )
+    out = Path(out)
+    shared = Path(os.path.normpath(out / pipeline_ref))  # the pipeline the packed checkpoint will read
+    with atomic_output(out, [source, shared], overwrite) as tmp:
+        ckpt = load_checkpoint(Path(source), dtype=PACK_DTYPES[dtype])
+        own = ("format", "mtu_export_version", "moe", "unet_config", "pipeline", "frozen_from_pipeline")
+        extra = {k: v for k, v in ckpt.meta.items() if k not in own}
+        omit: frozenset[str] = frozenset()
+        if trained_only:
+            if not (shared / PIPELINE_INDEX).is_file():
+                raise InputError(f"{shared} is not a pipeline folder; --pipeline-ref is relative to --out")
+            omit = _unchanged_from_base(ckpt.model, shared, PACK_DTYPES[dtype])
+        if omit:  # a full fine-tune changed every tensor: nothing to read from the pipeline, nothing to check there
+            digest = _unet_digest(shared)
+            extra["frozen_from_pipeline"] = {"unet_sha256": digest, "dtype": dtype, "tensors": len(omit)}
+        write_checkpoint(ckpt.model, tmp, out, extra=extra, pipeline_ref=pipeline_ref, omit=omit)
+    return out
 
 
 def _base_state(pipeline: Path) -> dict[str, torch.Tensor]:
@@ -283,13 +296,13 @@ def upcycle_folder(source: Path, out: Path, config: MoEConfig, overwrite: bool =
     located = locate_unet(Path(source))
     if located.pipeline_dir is not None:
         refuse_pipeline_pickles(located.pipeline_dir)  # its components are copied into the checkpoint
-    check_separate(Path(out), located.pipeline_dir or located.unet_dir)
-    check_output(Path(out), overwrite)  # before the heavy load
-    base = load_unet(Path(source))
-    mtu = upcycle_unet(base, config)
-    del base
-    extra = {"source": {"path": str(Path(source).resolve()), "unet_sha256": _unet_digest(located.unet_dir)}}
-    out = save_checkpoint(mtu, Path(out), located.pipeline_dir, overwrite=overwrite, extra=extra)
+    out = Path(out)
+    with atomic_output(out, [located.pipeline_dir or located.unet_dir], overwrite) as tmp:  # before the heavy load
+        base = load_unet(Path(source))
+        mtu = upcycle_unet(base, config)
+        del base
+        extra = {"source": {"path": str(Path(source).resolve()), "unet_sha256": _unet_digest(located.unet_dir)}}
+        write_checkpoint(mtu, tmp, out, located.pipeline_dir, extra=extra)
     pipeline = out / CHECKPOINT_PIPELINE if located.pipeline_dir else None
     return Checkpoint(mtu, out, pipeline, read_json(out / CHECKPOINT_CONFIG))
 

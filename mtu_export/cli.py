@@ -7,6 +7,7 @@ option, a missing argument, a value of the wrong type: exit 3, as ConfigError); 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,6 @@ from mtu_export import display
 from mtu_export.config import MoEConfig
 from mtu_export.display import OneLineUsageErrors, console, handles_errors, stderr
 from mtu_export.errors import ConfigError
-from mtu_export.storage import check_separate
 
 app = typer.Typer(
     name="mtu-export",
@@ -64,13 +64,6 @@ def _data(data: list[str] | None, columns: list[str] | None) -> dict:
     from mtu_export.data import parse_data
 
     return parse_data(data, columns)
-
-
-def _separate(out: Path | None, *inputs: Path | str | None, data: dict | None = None, option: str = "--out") -> None:
-    """Refuse an output overlapping anything the command reads, `--data` datasets included (storage.check_separate);
-    for library calls that do not check every input themselves (pretrain, parity, the benches)."""
-    if out is not None:
-        check_separate(out, *inputs, *(spec.path for spec in (data or {}).values()), option=option)
 
 
 @app.command()
@@ -323,24 +316,26 @@ def evaluate(
     checkpoint (PSNR / SSIM to ground truth, scene-reader accuracy, the bicubic floor for sr); with --prune-below /
     --ffn-budget, each task as its sparse fold runs."""
     from mtu_export.config import SparseFold
-    from mtu_export.evaluate import EvalConfig, check_outputs, evaluate_base, write_outputs
+    from mtu_export.evaluate import EvalConfig, eval_outputs, evaluate_base
     from mtu_export.sample import SamplerConfig
 
     sparse = SparseFold(prune_below, ffn_budget, renormalize)
     sampler = SamplerConfig(steps, guidance, image_guidance, seed)
     config = EvalConfig(split, count, first, sampler=sampler, sparse=sparse if sparse.drops_weight else None)
     specs = _data(data, column)
-    check_outputs(pipeline, json_out, grid, overwrite, specs)
-    if (pipeline / "mtu_config.json").is_file():
-        _evaluate_checkpoint(pipeline, task, config, json_out, grid, specs, overwrite)
-        return
-    if specs:
+    is_checkpoint = (pipeline / "mtu_config.json").is_file()
+    if not is_checkpoint and specs:
         raise ConfigError("--data evaluates a checkpoint's tasks; a base pipeline is scored on the shapes world")
-    if config.sparse is not None:
+    if not is_checkpoint and config.sparse is not None:
         raise ConfigError("--prune-below / --ffn-budget drop an MTU checkpoint's experts; a base pipeline has none")
-    result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
-    display.print_base_eval(result, split, count, steps, guidance)
-    for path in write_outputs(json_out, grid, result, images, overwrite):
+    with eval_outputs(pipeline, json_out, grid, overwrite, specs) as write:  # refused before any sampling
+        if is_checkpoint:
+            written = _evaluate_checkpoint(pipeline, task, config, specs, write)
+        else:
+            result, images = evaluate_base(pipeline, config, grid_count=32 if grid else 0)
+            display.print_base_eval(result, split, count, steps, guidance)
+            written = write(result, images)
+    for path in written:
         console.print(f"wrote {path}")
 
 
@@ -372,8 +367,8 @@ def parity_report(
     display.print_parity(write_report(mtu, baselines, config, out, overwrite, specs), out)
 
 
-def _evaluate_checkpoint(path: Path, task: str, config, json_out, grid, data, overwrite: bool) -> None:
-    from mtu_export.evaluate import evaluate_checkpoint, grid_rows, write_outputs
+def _evaluate_checkpoint(path: Path, task: str, config, data, write) -> list[Path]:
+    from mtu_export.evaluate import evaluate_checkpoint, grid_rows
 
     results, images, examples = evaluate_checkpoint(path, config, None if task == "all" else (task,), data=data)
     display.print_checkpoint_eval(path, results, config.split, config.count, config.sampler.steps, data)
@@ -381,9 +376,7 @@ def _evaluate_checkpoint(path: Path, task: str, config, json_out, grid, data, ov
     settings["data"] = {t: d.path for t, d in data.items()}
     settings["sparse"] = None if config.sparse is None else asdict(config.sparse)
     report = {"checkpoint": str(path), **settings, "tasks": results}
-    rows = grid_rows(images, examples)
-    for written in write_outputs(json_out, grid, report, rows, overwrite, columns=3):
-        console.print(f"wrote {written}")
+    return write(report, grid_rows(images, examples), 3)
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -592,53 +585,54 @@ def bench_command(
     from mtu_export.bench.gate import enforce, make_baseline, read_baseline
     from mtu_export.bench.run import BenchConfig, bench
     from mtu_export.errors import ConfigError
-    from mtu_export.storage import check_output, read_json, write_json
+    from mtu_export.storage import atomic_output, read_json, write_json
 
     gate = read_baseline(check) if check is not None else None  # a broken baseline fails now, not after measuring
-    if save_baseline is not None:  # refused now, not after measuring
-        _separate(save_baseline, check, results, option="--save-baseline")
-        check_output(save_baseline, overwrite)
-    if results is not None:
-        report = read_json(results)
-    else:
-        if checkpoint is None:
-            raise ConfigError("give an MTU checkpoint to measure, or --results bench.json to check")
-        chosen = tuple(m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none")
-        config = BenchConfig(
-            threads=threads,
-            repeats=repeats,
-            rounds=rounds,
-            pairs=pairs,
-            warmup=warmup,
-            e2e_steps=steps,
-            modes=chosen,
-            image_count=image_count,
-        )
-        baselines = dict(_task_path(item) for item in baseline or [])
-        report = bench(
-            checkpoint,
-            out,
-            config,
-            baselines,
-            base,
-            parity,
-            overwrite=overwrite,
-            sparse=sparse,
-            sparse_eval=sparse_eval,
-        )
-        console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
-        for task, row in report["tasks"].items():
-            lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
-            shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
-            if "sparse" in row:
-                sparse_row = row["sparse"]
-                shown += f"; sparse / single {sparse_row['latency_vs_single']['ratio']:.3f}"
-                shown += f" at {sparse_row['gflops_ratio']:.3f}x the GFLOPs"
-            console.print(f"{task}: UNet latency {shown}")
-        console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
+    with contextlib.ExitStack() as stack:
+        if save_baseline is not None:  # refused now, not after measuring
+            saved = atomic_output(save_baseline, [check, results], overwrite, option="--save-baseline", file=True)
+            baseline_tmp = stack.enter_context(saved)
+        if results is not None:
+            report = read_json(results)
+        else:
+            if checkpoint is None:
+                raise ConfigError("give an MTU checkpoint to measure, or --results bench.json to check")
+            chosen = tuple(m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none")
+            config = BenchConfig(
+                threads=threads,
+                repeats=repeats,
+                rounds=rounds,
+                pairs=pairs,
+                warmup=warmup,
+                e2e_steps=steps,
+                modes=chosen,
+                image_count=image_count,
+            )
+            baselines = dict(_task_path(item) for item in baseline or [])
+            report = bench(
+                checkpoint,
+                out,
+                config,
+                baselines,
+                base,
+                parity,
+                overwrite=overwrite,
+                sparse=sparse,
+                sparse_eval=sparse_eval,
+            )
+            console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+            for task, row in report["tasks"].items():
+                lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
+                shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
+                if "sparse" in row:
+                    sparse_row = row["sparse"]
+                    shown += f"; sparse / single {sparse_row['latency_vs_single']['ratio']:.3f}"
+                    shown += f" at {sparse_row['gflops_ratio']:.3f}x the GFLOPs"
+                console.print(f"{task}: UNet latency {shown}")
+            console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
+        if save_baseline is not None:
+            write_json(baseline_tmp, make_baseline(report))
     if save_baseline is not None:
-        check_output(save_baseline, overwrite)
-        write_json(save_baseline, make_baseline(report))
         console.print(f"wrote {save_baseline}")
     if check is not None:
         violation = lambda p: stderr.print(f"[bold red]violation:[/] {escape(p)}", highlight=False)  # noqa: E731
@@ -659,13 +653,11 @@ def bench_train(
 ) -> None:
     """Training throughput: an MTU step (experts, routers, task LNs, conv_ins) ÷ a full fine-tune step, same batch."""
     from mtu_export.bench.train_step import train_step_ratio
-    from mtu_export.storage import check_output, write_json
+    from mtu_export.storage import atomic_output, write_json
 
-    _separate(out, base)
-    check_output(out, overwrite)  # refused now, not after measuring
-    result = train_step_ratio(base, batch_size, repeats)
-    check_output(out, overwrite)
-    write_json(out, result)
+    with atomic_output(out, [base], overwrite, file=True) as tmp:  # refused now, not after measuring
+        result = train_step_ratio(base, batch_size, repeats)
+        write_json(tmp, result)
     t = result["mtu_vs_full"]
     console.print(
         f"MTU step {t['a_median_ms']:.0f} ms vs full fine-tune {t['b_median_ms']:.0f} ms: ratio {t['ratio']:.3f} "

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from mtu_export.errors import ConfigError, InputError
-from mtu_export.storage import atomic_output_dir, check_separate, write_json
+from mtu_export.storage import atomic_output, write_json
 from mtu_export.tasks import TaskDef
 
 CURVE_FILE = "curve.jsonl"
@@ -213,11 +213,10 @@ def write_plot(tasks: dict, path: Path) -> None:
 
 def write_curves(runs: dict[str, Path], out: Path, overwrite: bool = False) -> dict:
     """Read every run's curve, then write curves.json, curves.md and curves.png to `out` (atomically)."""
-    check_separate(Path(out), *(Path(p) / CURVE_FILE for p in runs.values()))
-    tasks = curve_tables(runs)  # refuses a run without curve lines before anything is written
-    rule = {"window": PLATEAU_WINDOW, "tolerance": PLATEAU_TOLERANCE, "min_points": PLATEAU_MIN_POINTS}
-    report = {"runs": {n: str(p) for n, p in runs.items()}, "plateau_rule": rule, "tasks": tasks}
-    with atomic_output_dir(Path(out), overwrite) as tmp:
+    with atomic_output(Path(out), [Path(p) / CURVE_FILE for p in runs.values()], overwrite) as tmp:
+        tasks = curve_tables(runs)  # refuses a run without curve lines before anything is written
+        rule = {"window": PLATEAU_WINDOW, "tolerance": PLATEAU_TOLERANCE, "min_points": PLATEAU_MIN_POINTS}
+        report = {"runs": {n: str(p) for n, p in runs.items()}, "plateau_rule": rule, "tasks": tasks}
         write_json(tmp / "curves.json", report)
         (tmp / "curves.md").write_text(markdown(tasks))
         write_plot(tasks, tmp / "curves.png")

@@ -407,15 +407,14 @@ def _world_rows(
 def export_world_dataset(out: Path, task: str, split: str, count: int, overwrite: bool = False, start: int = 0) -> Path:
     """Write `count` shapes-world examples of `task` (from index `start`) as an image folder (`images/` +
     `metadata.jsonl`, one `<column>_file_name` per image column) that `--data` reads back into the same examples."""
-    from mtu_export.storage import atomic_output_dir, check_output
+    from mtu_export.storage import atomic_output
 
     if task not in BUILTIN or BUILTIN[task].world is None:
         known = ", ".join(name for name, defined in BUILTIN.items() if defined.world is not None)
         raise ConfigError(f"the shapes world has no task {task!r}; choose one of {known}")
     if count < 1 or start < 0:
         raise ConfigError(f"--count must be positive and --start >= 0, got {count} and {start}")
-    check_output(out, overwrite)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output(Path(out), overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         with (tmp / "metadata.jsonl").open("w") as meta:
             for index, (text, images) in enumerate(_world_rows(task, split, count, start)):

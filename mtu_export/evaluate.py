@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,22 +289,38 @@ def evaluate_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
-def check_outputs(
+@contextmanager
+def eval_outputs(
     path: Path, json_out: Path | None, grid: Path | None, overwrite: bool = False, data: dict | None = None
-) -> None:
-    """Refuse, before any sampling, a --json or --grid file that exists (unless `overwrite`), a grid that is not a
-    .png, or either overlapping what evaluating `path` reads (its pipeline, a shared one, `--data` datasets)."""
-    from mtu_export.storage import check_output, check_separate
+) -> Iterator[Callable[[dict, list[np.ndarray], int], list[Path]]]:
+    """The --json and --grid files of one evaluation (either may be None). On entry, before any sampling: refuse a
+    grid that is not a .png, both naming one file, or either existing (unless `overwrite`) or overlapping what
+    evaluating `path` reads (its pipeline, a shared one, `--data` datasets). Yields `write(result, images, columns)`,
+    which writes both (the grid: `images` in rows of `columns`) and returns their paths; each is renamed into place
+    when the block ends without an error (storage.atomic_output)."""
+    from mtu_export.shapes.world_grid import write_images
+    from mtu_export.storage import atomic_output, write_json
 
-    inputs = [path, *(spec.path for spec in (data or {}).values())]
+    reads = [path, *(spec.path for spec in (data or {}).values())]
     if grid is not None and Path(grid).suffix.lower() != ".png":
         raise ConfigError(f"--grid must name a .png file, got {Path(grid).name!r}")
     if json_out is not None and grid is not None and Path(json_out).resolve() == Path(grid).resolve():
         raise ConfigError(f"--json and --grid both name {json_out}; give each its own file")
-    for option, out in (("--json", json_out), ("--grid", grid)):
-        if out is not None:
-            check_separate(out, *inputs, option=option)
-            check_output(Path(out), overwrite)
+    with ExitStack() as stack:
+        tmp = {
+            option: stack.enter_context(atomic_output(Path(out), reads, overwrite, option=option, file=True))
+            for option, out in (("--json", json_out), ("--grid", grid))
+            if out is not None
+        }
+
+        def write(result: dict, images: list[np.ndarray], columns: int = 8) -> list[Path]:
+            if "--json" in tmp:
+                write_json(tmp["--json"], result)
+            if "--grid" in tmp:
+                write_images(tmp["--grid"], images, columns=columns)
+            return [Path(p) for p in (json_out, grid) if p is not None]
+
+        yield write
 
 
 GRID_ROWS = 8  # examples per task in an evaluation grid
@@ -316,26 +333,3 @@ def grid_rows(images: dict[str, list[np.ndarray]], examples: dict[str, list]) ->
         for example, output in list(zip(examples[task], outputs, strict=True))[:GRID_ROWS]:
             cells += [task_input(example), output, example.target]
     return cells
-
-
-def write_outputs(
-    json_out: Path | None,
-    grid: Path | None,
-    result: dict,
-    images: list[np.ndarray],
-    overwrite: bool = False,
-    columns: int = 8,
-) -> list[Path]:
-    """Write the results JSON and the grid PNG (`images` in rows of `columns`), each atomically; an existing file
-    is refused unless `overwrite`."""
-    from mtu_export.shapes.world_grid import write_images
-    from mtu_export.storage import check_output, write_json
-
-    written = []
-    if json_out is not None:
-        check_output(Path(json_out), overwrite)
-        write_json(Path(json_out), result)
-        written.append(Path(json_out))
-    if grid is not None:
-        written.append(write_images(Path(grid), images, columns=columns, overwrite=overwrite))
-    return written

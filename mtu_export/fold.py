@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +28,7 @@ from mtu_export.moe import MoEFeedForward, MTUUNet, TaskConvIn, TaskLayerNorm
 from mtu_export.sparse_unet import SparseUNet2DConditionModel
 from mtu_export.storage import (
     PIPELINE_INDEX,
-    atomic_output_dir,
-    check_output,
-    check_separate,
+    atomic_output,
     link_or_copy_tree,
     read_json,
     write_json,
@@ -193,8 +191,13 @@ def fold_checkpoint(
     """`mtu-export fold`: write the task's folded UNet, or a full pipeline folder when the checkpoint has one.
     `sparse`: which experts to drop (experts of weight 0 always are); a narrowed UNet ships its class beside it."""
     sparse = sparse or SparseFold()
-    check_separate(Path(out), Path(checkpoint))
-    check_output(Path(out), overwrite)
+    with atomic_output(Path(out), [checkpoint], overwrite) as tmp:  # refused before the checkpoint is loaded
+        result = _fold_into(tmp, Path(checkpoint), task, sparse)
+    return replace(result, path=Path(out))
+
+
+def _fold_into(tmp: Path, checkpoint: Path, task: str, sparse: SparseFold) -> FoldResult:
+    """fold_checkpoint's work, written into the temporary folder `tmp` that becomes its output."""
     ckpt = load_checkpoint(Path(checkpoint))
     spec = ckpt.model.config.task(task)
     label = None if ckpt.pipeline_dir is None else folded_label(ckpt.pipeline_dir, spec, ckpt.model)
@@ -206,31 +209,30 @@ def fold_checkpoint(
     deviation = sparse_deviation(ckpt.model, unet, spec.name) if sparse.drops_weight else None
     kept = ffn_kept(ckpt.model, unet)
     nn.Module.to(unet, saved_dtype)  # diffusers' own `to` warns of fp32-only modules that this UNet does not have
-    with atomic_output_dir(Path(out), overwrite) as tmp:
-        unet_dir = tmp if ckpt.pipeline_dir is None else tmp / "unet"
-        if ckpt.pipeline_dir is not None:
-            link_or_copy_tree(ckpt.pipeline_dir, tmp)
-        unet.save_pretrained(unet_dir, safe_serialization=True)
-        ship_unet_class(unet, unet_dir)
-        if ckpt.pipeline_dir is not None:
-            definition = resolve(spec, ckpt.model.unet.config.out_channels)
-            _retarget_pipeline(tmp / PIPELINE_INDEX, label, definition.condition.describe(), unet)
-        write_json(
-            unet_dir / "mtu_fold.json",
-            {
-                "task": spec.name,
-                "in_channels": spec.in_channels,
-                "checkpoint": str(ckpt.path.resolve()),
-                "routing_probabilities": {
-                    k: [float(p) for p in v] for k, v in ckpt.model.routing_probabilities(spec.name).items()
-                },
-                "fold_max_abs_diff": max_abs_diff,
-                "sparse": asdict(sparse),
-                "ffn_kept": kept,
-                "dense_deviation": deviation,
+    unet_dir = tmp if ckpt.pipeline_dir is None else tmp / "unet"
+    if ckpt.pipeline_dir is not None:
+        link_or_copy_tree(ckpt.pipeline_dir, tmp)
+    unet.save_pretrained(unet_dir, safe_serialization=True)
+    ship_unet_class(unet, unet_dir)
+    if ckpt.pipeline_dir is not None:
+        definition = resolve(spec, ckpt.model.unet.config.out_channels)
+        _retarget_pipeline(tmp / PIPELINE_INDEX, label, definition.condition.describe(), unet)
+    write_json(
+        unet_dir / "mtu_fold.json",
+        {
+            "task": spec.name,
+            "in_channels": spec.in_channels,
+            "checkpoint": str(ckpt.path.resolve()),
+            "routing_probabilities": {
+                k: [float(p) for p in v] for k, v in ckpt.model.routing_probabilities(spec.name).items()
             },
-        )
-    return FoldResult(Path(out), spec.name, max_abs_diff, kept, deviation)
+            "fold_max_abs_diff": max_abs_diff,
+            "sparse": asdict(sparse),
+            "ffn_kept": kept,
+            "dense_deviation": deviation,
+        },
+    )
+    return FoldResult(tmp, spec.name, max_abs_diff, kept, deviation)
 
 
 def ship_unet_class(unet: UNet2DConditionModel, unet_dir: Path) -> None:

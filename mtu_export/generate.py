@@ -34,7 +34,7 @@ from mtu_export.export.runtime import OrtTextEncoder, OrtUNet, OrtVae
 from mtu_export.image_processor import POLICIES, max_pixels, prepare_image, save_image, size_multiple, vae_factor
 from mtu_export.ondevice.graphs import graph_path
 from mtu_export.sample import Components, SamplerConfig, sample_examples
-from mtu_export.storage import check_output, check_separate, image_format, read_json
+from mtu_export.storage import atomic_output, image_format, read_json
 from mtu_export.tasks import TaskDef, resolve
 
 Progress = Callable[[int, int], None]
@@ -75,7 +75,15 @@ def generate(
     """Write the generated image to `out` (PNG, JPEG or WebP by its suffix); returns which runner made it."""
     export_dir, out = Path(export_dir), Path(out)
     manifest = _manifest(export_dir)
-    _check_out(out, export_dir, request, overwrite)
+    _check_out(out)
+    reads = [export_dir / "manifest.json", export_dir, request.image, request.mask]
+    with atomic_output(out, reads, overwrite, file=True) as tmp:  # refused before any sampling
+        runner = _generate(export_dir, manifest, request, progress, tmp)
+    return runner
+
+
+def _generate(export_dir: Path, manifest: dict, request: GenerateRequest, progress: Progress | None, tmp: Path) -> str:
+    """generate's work: the image written to `tmp`, the temporary file that becomes `out`."""
     if request.task not in manifest["tasks"]:
         known = ", ".join(manifest["tasks"])
         raise ConfigError(f"{export_dir} was exported for {known}, not {request.task!r}; pass --task one of those")
@@ -94,18 +102,15 @@ def generate(
     else:
         image = _own(export_dir, manifest, task, request, example, geometry.vae_config, progress)
         runner = "mtu-export ORT sampler"
-    check_output(out, overwrite)  # again: something may have appeared there while sampling
-    save_image(out, image, image_format(out))
+    save_image(tmp, image, image_format(tmp))
     return runner
 
 
-def _check_out(out: Path, export_dir: Path, request: GenerateRequest, overwrite: bool) -> None:
-    """Refuse, before any work, an `out` that is a folder, has no image suffix, overlaps an input or exists."""
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an `out` that is a folder or has no image suffix."""
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; pass an image file to write, such as {out / 'image.png'}")
     image_format(out)
-    check_separate(out, export_dir / "manifest.json", export_dir, request.image, request.mask)
-    check_output(out, overwrite)
 
 
 def _manifest(export_dir: Path) -> dict:

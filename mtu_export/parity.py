@@ -12,7 +12,7 @@ import numpy as np
 from mtu_export.errors import ConfigError
 from mtu_export.evaluate import EvalConfig, evaluate_checkpoint, task_input
 from mtu_export.shapes.world_grid import write_images
-from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
+from mtu_export.storage import atomic_output, write_json
 from mtu_export.tasks import BUILTIN, declared
 
 PARITY_GOAL = 0.98
@@ -104,12 +104,19 @@ def write_report(
     """Evaluate the MTU checkpoint on the baselines' tasks and each baseline on its own (each task on its `--data`
     dataset when given, else the shapes world); write the report to `out`."""
     data = data or {}
-    check_separate(Path(out), mtu_path, *baselines.values(), *(spec.path for spec in data.values()))
-    check_output(out, overwrite)
     tasks = tuple(baselines)
     extra = sorted(set(data) - set(tasks))
     if extra:
         raise ConfigError(f"--data names task(s) {', '.join(extra)} without a --baseline; add one or drop the data")
+    reads = [mtu_path, *baselines.values(), *(spec.path for spec in data.values())]
+    with atomic_output(Path(out), reads, overwrite) as tmp:  # refused before any sampling
+        report = _measure(mtu_path, baselines, config, data, tmp)
+    return report
+
+
+def _measure(mtu_path: Path, baselines: dict[str, Path], config: EvalConfig, data: dict, tmp: Path) -> dict:
+    """write_report's evaluations, and its files written into the temporary folder `tmp` that becomes `out`."""
+    tasks = tuple(baselines)
     mtu_results, mtu_images, examples = evaluate_checkpoint(mtu_path, config, tasks, data=data)
     single_results, single_images = {}, {}
     for task, path in baselines.items():
@@ -123,13 +130,12 @@ def write_report(
     report["config"] = {"split": config.split, "count": config.count, "steps": sampler.steps, "seed": sampler.seed}
     report["data"] = {task: spec.path for task, spec in data.items()}
     report["routing"] = routing_summary(mtu_path)
-    with atomic_output_dir(out, overwrite) as tmp:
-        write_json(tmp / "parity.json", report)
-        (tmp / "parity.md").write_text(markdown(table, config) + routing_markdown(report["routing"]))
-        for task in tasks:
-            rows = []
-            for i in range(min(8, config.count)):
-                example = examples[task][i]
-                rows += [task_input(example), mtu_images[task][i], single_images[task][i], example.target]
-            write_images(tmp / f"grid-{task}.png", rows, columns=4)
+    write_json(tmp / "parity.json", report)
+    (tmp / "parity.md").write_text(markdown(table, config) + routing_markdown(report["routing"]))
+    for task in tasks:
+        rows = []
+        for i in range(min(8, config.count)):
+            example = examples[task][i]
+            rows += [task_input(example), mtu_images[task][i], single_images[task][i], example.target]
+        write_images(tmp / f"grid-{task}.png", rows, columns=4)
     return report

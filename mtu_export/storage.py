@@ -13,7 +13,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,30 +311,76 @@ def _pipeline_paths(path: Path) -> list[Path]:
     return [path]
 
 
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed.
+def refuse_output(out: Path, reads: Iterable[Path | str | None] = (), overwrite: bool = False, option: str = "--out"):
+    """What atomic_output checks on entry: `out` apart from everything in `reads` and free (unless `overwrite`). For
+    the multi-process trainers, which refuse before hours of work on every process but write on the main one only
+    (with atomic_output, which checks again)."""
+    check_separate(Path(out), *(r for r in reads if r is not None), option=option)
+    check_output(Path(out), overwrite)
 
-    The temp folder, `.NAME.<pid>.<random>.partial`, names its writer: while it is written SIGTERM (`timeout`, CI
-    cancellation) raises SystemExit as Ctrl-C raises KeyboardInterrupt, so it is removed, and one left by a writer
-    that died (SIGKILL, out of memory, power loss) is removed by the next write to `out`. A full disk raises
+
+@contextmanager
+def atomic_output(
+    out: Path,
+    reads: Iterable[Path | str | None] = (),
+    overwrite: bool = False,
+    *,
+    option: str = "--out",
+    file: bool = False,
+    members: tuple[str, ...] = (),
+) -> Iterator[Path]:
+    """Every output's safety, in one place, from the first check to the rename.
+
+    On entry, before the work the block does: refuse an `out` that is, contains or sits inside anything in `reads`
+    (what the command reads; `option` names `out` in the refusal) and an existing `out` unless `overwrite`. Then
+    yield a temporary path beside `out` for the block to write:
+    - a folder, which becomes the folder `out` (the default);
+    - with `file`, a file path (the block creates it; it keeps `out`'s suffix), which becomes the file `out`;
+    - with `members`, a folder whose files of those names become those files of the folder `out`, which keeps
+      whatever else it holds (a results folder): all of them, or none.
+    On success `out` is checked again (something may have appeared there while the block ran) and renamed into
+    place. On any error the temporary path is removed and `out` is left as it was.
+
+    The temporary path, `.NAME.<pid>.<random>.partial`, names its writer: while it is written SIGTERM (`timeout`, CI
+    cancellation) raises SystemExit as Ctrl-C raises KeyboardInterrupt, so it is removed, and a folder left by a
+    writer that died (SIGKILL, out of memory, power loss) is removed by the next write to `out`. A full disk raises
     DiskFullError. Replacing an existing folder takes two renames (old aside, new in place) with SIGINT and SIGTERM
     held until both are done; a crash between them leaves the old output in a hidden `.NAME.*.old` folder beside
     it, never a half-written `out`."""
     out = Path(out)
-    check_output(out, overwrite)
+    targets = [out / name for name in members] or [out]
+    for target in targets:
+        refuse_output(target, reads, overwrite, option)
     with _terminate_raises():
         tmp = _make_temp_dir(out)
+        written = tmp / f"out{out.suffix}" if file else tmp
         try:
-            yield tmp
-            check_output(out, overwrite)
+            yield written
+            for target in targets:
+                check_output(target, overwrite)
             with _signals_held():
-                _replace(tmp, out)
+                if file:
+                    _replace(written, out)
+                elif members:
+                    _move_members(tmp, out, members)
+                else:
+                    _replace(tmp, out)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             if _is_disk_full(exc):
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise _disk_full(out, exc, tmp) from None
             raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when it became `out`
+
+
+def _move_members(staging: Path, out: Path, members: tuple[str, ...]) -> None:
+    missing = [name for name in members if not (staging / name).is_file()]
+    if missing:
+        raise RuntimeError(f"the block wrote no {', '.join(missing)}")  # a bug in the caller, not bad input
+    out.mkdir(parents=True, exist_ok=True)
+    for name in members:
+        _replace(staging / name, out / name)
 
 
 def _make_temp_dir(out: Path) -> Path:

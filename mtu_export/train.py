@@ -43,7 +43,7 @@ from mtu_export.loop import process_state, run_stage
 from mtu_export.machine import cpu_flags
 from mtu_export.moe import MTUUNet, routed_checkpointing
 from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
-from mtu_export.storage import check_output, check_separate, locate_unet, write_json
+from mtu_export.storage import locate_unet, refuse_output, write_json
 from mtu_export.tasks import resolve
 from mtu_export.upcycle import load_unet, upcycle_unet
 
@@ -273,9 +273,7 @@ def train(config: TrainConfig, base: Path, workdir: Path, out: Path, resume: boo
     """Train (or resume) in `workdir`, then write the MTU checkpoint (with the base's pipeline) to `out`. Returns
     `out`, or None when the call stopped early (`stop_at`) or on processes other than the main one."""
     # writing `out` must not destroy what training reads, nor its own work folder (caches, resumable checkpoints)
-    check_separate(Path(out), base, Path(workdir), *(spec.path for spec in config.data))
-    if Path(out).exists() and not overwrite:
-        check_output(Path(out), overwrite)  # refuse before training, not after
+    refuse_output(out, [base, workdir, *(spec.path for spec in config.data)], overwrite)  # before training
     mtu, progress = fit(config, base, workdir, resume)
     if progress["step"] < config.steps or not process_state().is_main_process:
         return None

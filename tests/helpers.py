@@ -41,9 +41,10 @@ def assert_clean_failure(result, pattern: str, exit_code: int | None = None) -> 
         assert result.exit_code == exit_code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
+    lines = result.stderr.strip().splitlines()  # the progress lines logged before it, then the one error line
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert pattern in errors[0], errors[0]
 
 
 def unet_inputs(in_channels: int = 4, batch: int = 2, size: int = 16, seed: int = 1, dtype=torch.float32) -> dict:

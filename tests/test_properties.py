@@ -36,8 +36,8 @@ def check(result, out: Path | None, before: dict[str, str], *inputs: Path) -> No
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     if result.exit_code != 0:
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        lines = result.stderr.strip().splitlines()  # progress lines, then the one error line
+        assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
         assert out is None or not out.exists(), f"{out} written by a failing command"
         if out is not None:
             assert not list(out.parent.glob(f".{out.name}.*")), "a partial output was left behind"

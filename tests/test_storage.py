@@ -6,6 +6,7 @@ Pickle weights: refused before anything unpickles them, never copied. An output 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -21,11 +22,11 @@ import typer
 from helpers import assert_clean_failure, invoke, runner
 
 from mtu_export.checkpoint import load_components
-from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError
+from mtu_export.errors import CheckpointError, ConfigError, DiskFullError, InputError, OutputExistsError
 from mtu_export.storage import (
     UNET_WEIGHTS,
     UNET_WEIGHTS_INDEX,
-    atomic_output_dir,
+    atomic_output,
     check_separate,
     link_or_copy_tree,
     unet_weights,
@@ -37,23 +38,81 @@ KILL_TIMEOUT_S = 60  # a killed writer must be gone (and a SIGTERMed one cleaned
 
 
 def test_failure_inside_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "out") as tmp:
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "out") as tmp:
         (tmp / "half.txt").write_text("x")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_output_is_written_beside_and_renamed_into_place(tmp_path):
+    out = tmp_path / "sub" / "result.json"
+    with atomic_output(out, file=True) as tmp:
+        assert tmp.suffix == ".json" and tmp.parent.parent == out.parent and not out.exists()
+        write_json(tmp, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1} and sorted(p.name for p in out.parent.iterdir()) == ["result.json"]
+    with pytest.raises(OutputExistsError, match="already exists; choose another --out or pass --overwrite"):
+        with atomic_output(out, file=True):
+            pass
+    with pytest.raises(RuntimeError), atomic_output(out, overwrite=True, file=True) as tmp:
+        write_json(tmp, {"a": 2})
+        raise RuntimeError("boom")
+    assert json.loads(out.read_text()) == {"a": 1} and sorted(p.name for p in out.parent.iterdir()) == ["result.json"]
+
+
+def test_members_replace_their_files_and_keep_the_folders_other_files(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    (out / "a.json").write_text("old")
+    with pytest.raises(OutputExistsError, match="a.json already exists"):
+        with atomic_output(out, members=("a.json", "b.md")):
+            pass
+    with pytest.raises(RuntimeError), atomic_output(out, overwrite=True, members=("a.json", "b.md")) as staging:
+        (staging / "a.json").write_text("new")
+        raise RuntimeError("boom")  # neither replaced
+    assert (out / "a.json").read_text() == "old" and not (out / "b.md").exists()
+    with atomic_output(out, overwrite=True, members=("a.json", "b.md")) as staging:
+        (staging / "a.json").write_text("new")
+        (staging / "b.md").write_text("table")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"notes.md": "mine", "a.json": "new", "b.md": "table"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_an_output_over_what_the_command_reads_is_refused_on_entry(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for out in (data, data / "out", tmp_path):
+        with pytest.raises(ConfigError, match=r"--json .* overlaps the input"):
+            with atomic_output(out, [None, data], overwrite=True, option="--json"):
+                raise AssertionError("the block must not run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and list(data.iterdir()) == []
+
+
+def test_no_module_checks_outputs_by_hand():
+    """Output safety lives in storage.atomic_output (and refuse_output, the trainers' early check): no other module
+    calls the checks it is built from."""
+    package = Path(__file__).resolve().parents[1] / "mtu_export"
+    found = [
+        f"{path.relative_to(package)}:{number}"
+        for path in package.rglob("*.py")
+        if path.name != "storage.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\b(check_output|check_separate|atomic_output_dir)\(", line)
+    ]
+    assert found == []
+
+
 def test_replacing_a_folder_leaves_no_trash(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    with atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
+    with atomic_output(tmp_path / "out", overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.txt"]
 
 
 def test_output_gets_plain_mkdir_permissions(tmp_path):
-    with atomic_output_dir(tmp_path / "out") as tmp:
+    with atomic_output(tmp_path / "out") as tmp:
         pass
     umask = os.umask(0)
     os.umask(umask)
@@ -65,7 +124,7 @@ def test_a_symlinked_output_is_replaced_without_touching_its_target(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "precious.txt").write_text("keep")
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with atomic_output_dir(tmp_path / "link", overwrite=True) as tmp:
+    with atomic_output(tmp_path / "link", overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert not (tmp_path / "link").is_symlink() and (tmp_path / "link" / "new.txt").is_file()
     assert (tmp_path / "real" / "precious.txt").read_text() == "keep"
@@ -75,7 +134,7 @@ def test_a_symlinked_output_is_replaced_without_touching_its_target(tmp_path):
 def test_parent_that_is_a_file_is_a_clean_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="cannot write .*choose a writable --out"):
-        with atomic_output_dir(tmp_path / "file" / "out"):
+        with atomic_output(tmp_path / "file" / "out"):
             pass
 
 
@@ -95,9 +154,9 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mtu_export.storage import atomic_output_dir
+    from mtu_export.storage import atomic_output
 
-    with atomic_output_dir(Path(sys.argv[1]), overwrite=True) as tmp:
+    with atomic_output(Path(sys.argv[1]), overwrite=True) as tmp:
         (tmp / "half.txt").write_text("half")
         print("writing", flush=True)
         time.sleep(float(sys.argv[2]))
@@ -137,16 +196,16 @@ def test_a_killed_writer_leaves_no_partial_folder_after_the_next_run(tmp_path, s
 
 def test_sigterm_handler_is_restored_after_writing(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
-    with atomic_output_dir(tmp_path / "out") as tmp:
+    with atomic_output(tmp_path / "out") as tmp:
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM raises: the temp folder is removed
         (tmp / "a.txt").write_text("a")
     assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_live_writers_partial_folder_is_kept(tmp_path):
-    with atomic_output_dir(tmp_path / "out", overwrite=True) as first:
+    with atomic_output(tmp_path / "out", overwrite=True) as first:
         (first / "a.txt").write_text("a")
-        with atomic_output_dir(tmp_path / "out", overwrite=True) as second:  # same output, this process alive
+        with atomic_output(tmp_path / "out", overwrite=True) as second:  # same output, this process alive
             assert first.is_dir() and second.is_dir() and first != second
         assert (first / "a.txt").is_file()
     assert partials(tmp_path) == []
@@ -154,7 +213,7 @@ def test_a_live_writers_partial_folder_is_kept(tmp_path):
 
 def test_a_full_disk_is_one_clean_error_and_leaves_nothing(tmp_path):
     with pytest.raises(DiskFullError, match="no space left on the device while writing .*out.*free space"):
-        with atomic_output_dir(tmp_path / "out") as tmp, open("/dev/full", "wb") as full:
+        with atomic_output(tmp_path / "out") as tmp, open("/dev/full", "wb") as full:
             (tmp / "half.txt").write_text("half")
             full.write(b"x" * 8192)
             full.flush()  # ENOSPC, a real one: /dev/full
@@ -169,7 +228,7 @@ def test_cli_maps_a_full_disk_to_its_exit_code(tmp_path):
     @app.command()
     @handles_errors
     def write(out: Path) -> None:
-        with atomic_output_dir(out) as tmp:
+        with atomic_output(out) as tmp:
             (tmp / "weights.safetensors").write_bytes(b"w")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "weights.safetensors"))
 

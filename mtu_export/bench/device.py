@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from mtu_export.bench.timing import interleaved, interleaved_rounds
 from mtu_export.errors import ConfigError, InputError, OutputExistsError
 from mtu_export.ondevice.graphs import graph_path
 from mtu_export.ondevice.pipeline import OnDevicePipeline, TaskPlan
-from mtu_export.storage import check_output, check_separate, read_json, write_json
+from mtu_export.storage import atomic_output, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +166,18 @@ def bench_device(
 ) -> dict:
     """Time every shared task of `folders` against the first; write device.json and device.md into `out`."""
     folders, out = [Path(f) for f in folders], Path(out)
-    for name in RESULT_FILES:
-        check_separate(out / name, *folders)
-        check_output(out / name, overwrite)
-    names = shared_tasks([open_folder(f, config) for f in folders], tasks)
+    with atomic_output(out, folders, overwrite, members=RESULT_FILES) as staging:  # both files, or neither
+        names = shared_tasks([open_folder(f, config) for f in folders], tasks)
+        results = _measure(folders, names, config)
+        write_json(staging / "device.json", results)
+        (staging / "device.md").write_text(markdown(results))
+    return results
+
+
+def _measure(folders: list[Path], names: list[str], config: DeviceBenchConfig) -> dict:
     import onnxruntime
 
-    results = {
+    return {
         "format": "mtu-export-bench-device/1",
         "config": asdict(config),
         "onnxruntime": onnxruntime.__version__,
@@ -182,15 +185,6 @@ def bench_device(
         "kinds": {str(f): graph_kind(f) for f in folders},
         "tasks": {task: bench_task(folders, task, config) for task in names},
     }
-    for name in RESULT_FILES:
-        check_output(out / name, overwrite)  # again: something may have appeared there while measuring
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bench-device-", dir=out) as staging:  # both files, or neither
-        write_json(Path(staging) / "device.json", results)
-        (Path(staging) / "device.md").write_text(markdown(results))
-        for name in RESULT_FILES:
-            os.replace(Path(staging) / name, out / name)
-    return results
 
 
 def markdown(r: dict) -> str:

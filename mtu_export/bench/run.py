@@ -42,7 +42,7 @@ from mtu_export.export.graphs import UNET, UNetGraph
 from mtu_export.export.onnx import GRAPH_PSNR_FLOOR, export_onnx, validate_graph
 from mtu_export.export.runtime import session
 from mtu_export.fold import ffn_kept, fold_task, verify_fold
-from mtu_export.storage import check_output, check_separate, read_json, write_json
+from mtu_export.storage import CHECKPOINT_CONFIG, atomic_output, read_json, write_json
 from mtu_export.tasks import BUILTIN, declared
 from mtu_export.upcycle import load_unet, task_conv_in
 
@@ -104,11 +104,24 @@ def bench(
     `--route top-k`) whose sparse fold of each task is timed against the same single-task UNet; `sparse_eval`: its
     `mtu-export eval --json`, whose primary metrics are set against the dense MTU's in `parity`."""
     checkpoint, out = Path(checkpoint), Path(out)
-    _check_result_files(out, overwrite)
-    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    base = Path(base) if base else _base_of(ckpt)
     baselines = {k: Path(v) for k, v in (baselines or {}).items()}
-    _check_result_files(out, overwrite, checkpoint, base, parity, sparse, *baselines.values())
+    base = Path(base) if base else _recorded_base(checkpoint)
+    reads = [checkpoint, base, parity, sparse, sparse_eval, *baselines.values()]
+    with atomic_output(out, reads, overwrite, members=RESULT_FILES) as staging:  # refused before any measuring
+        results = _measure(checkpoint, base, config, baselines, parity, sparse, sparse_eval)
+        write_json(staging / "bench.json", results)
+        (staging / "bench.md").write_text(render_markdown(results))
+        write_plots(results, staging)
+    return results
+
+
+def _measure(checkpoint: Path, base: Path | None, config: BenchConfig, baselines: dict, parity, sparse, sparse_eval):
+    ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    if base is None:
+        raise InputError(
+            f"{ckpt.path} does not record a usable base pipeline (it was not made by `mtu-export train` here); "
+            "pass --base path/to/base-pipeline"
+        )
     sparse_ckpt = None if sparse is None else _sparse_checkpoint(Path(sparse), ckpt)
     if sparse_eval and not (sparse and parity):
         raise ConfigError(
@@ -137,35 +150,20 @@ def bench(
             results["tasks"][task] = _bench_task(task, models, scratch / task, config, tokens, pipeline)
     results["parity"] = read_json(parity) if parity and Path(parity).is_file() else None
     results["sparse_quality"] = quality
-    _check_result_files(out, overwrite)  # again: something may have appeared there while measuring
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bench-", dir=out) as staging:  # all three, or none, replaced
-        write_json(Path(staging) / "bench.json", results)
-        (Path(staging) / "bench.md").write_text(render_markdown(results))
-        write_plots(results, Path(staging))
-        for name in RESULT_FILES:
-            os.replace(Path(staging) / name, out / name)
     return results
 
 
 RESULT_FILES = ("bench.json", "bench.md", "bench.png")
 
 
-def _check_result_files(out: Path, overwrite: bool, *inputs: Path | None) -> None:
-    """Refuse result files in `out` that exist (unless `overwrite`) or overlap what the bench reads (`inputs`)."""
-    for name in RESULT_FILES:
-        check_separate(out / name, *inputs)
-        check_output(out / name, overwrite)
-
-
-def _base_of(ckpt) -> Path:
-    recorded = ckpt.meta.get("training", {}).get("base")
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
-    raise InputError(
-        f"{ckpt.path} does not record a usable base pipeline (it was not made by `mtu-export train` here); "
-        "pass --base path/to/base-pipeline"
-    )
+def _recorded_base(checkpoint: Path) -> Path | None:
+    """The base pipeline a checkpoint's training run recorded, when it is a folder here (read before loading)."""
+    config = checkpoint / CHECKPOINT_CONFIG
+    try:
+        recorded = read_json(config).get("training", {}).get("base") if config.is_file() else None
+    except Exception:  # loading the checkpoint says what is wrong with it
+        return None
+    return Path(recorded) if isinstance(recorded, str) and recorded and Path(recorded).is_dir() else None
 
 
 def prompt_tokens(ckpt) -> int:

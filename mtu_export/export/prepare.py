@@ -18,7 +18,6 @@ from mtu_export.export.probes import ExampleSources, Probes, trajectory_probes
 from mtu_export.fold import ffn_kept, fold_task, sparse_deviation, verify_fold
 from mtu_export.image_processor import vae_factor
 from mtu_export.sample import Components, SamplerConfig
-from mtu_export.storage import check_output, check_separate
 from mtu_export.tasks import model_tasks
 
 IMAGE_PSNR_GOAL_DB = 30.0  # end-to-end images vs the fp32 torch pipeline (the issue's goal for quantized exports)
@@ -110,18 +109,11 @@ class Prepared:
 def prepare_export(
     checkpoint: Path,
     config: ExportConfig,
-    out: Path,
-    overwrite: bool,
     data: dict | None,
-    config_type: type[ExportConfig] = ExportConfig,
     fits: Callable[[Checkpoint, Components], None] | None = None,
 ) -> Prepared:
-    """The exporters' shared start, every refusal before heavy work: a config of the format's kind (`config_type`),
-    `out` apart from every input and free (unless `overwrite`), the checkpoint, its tasks and components (and
-    `fits`, a format's own check of them), the image size, each task's examples and folded UNet."""
-    require_kind(config, config_type)
-    check_separate(Path(out), Path(checkpoint), *(spec.path for spec in (data or {}).values()))
-    check_output(Path(out), overwrite)
+    """The exporters' shared start, every refusal before heavy work: the checkpoint, its tasks and components (and
+    `fits`, a format's own check of them), the image size, each task's examples; then each task's folded UNet."""
     ckpt = load_checkpoint(Path(checkpoint), dtype=torch.float32)
     tasks = resolve_tasks(ckpt, config)
     components = checkpoint_components(ckpt)

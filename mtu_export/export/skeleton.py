@@ -13,9 +13,9 @@ from typing import Protocol
 from mtu_export.checkpoint import Checkpoint
 from mtu_export.config import ExportConfig
 from mtu_export.errors import DriftError
-from mtu_export.export.prepare import Prepared, prepare_export
+from mtu_export.export.prepare import Prepared, prepare_export, require_kind
 from mtu_export.sample import Components
-from mtu_export.storage import atomic_output_dir, write_json
+from mtu_export.storage import atomic_output, write_json
 
 MANIFEST = "manifest.json"
 
@@ -48,9 +48,11 @@ def run_export(
 ) -> dict:
     """Export `checkpoint` to `out` with `converter` (see the module docstring); returns the manifest. Raises
     DriftError listing every drifting output, unless `config.allow_drift`."""
-    job = prepare_export(checkpoint, config, out, overwrite, data, converter.config_type, converter.fits)
-    with tempfile.TemporaryDirectory(prefix=f"mtu-{converter.config_type.command}-") as scratch:
-        with atomic_output_dir(Path(out), overwrite) as tmp:
+    require_kind(config, converter.config_type)
+    reads = [checkpoint, *(spec.path for spec in (data or {}).values())]
+    with atomic_output(Path(out), reads, overwrite) as tmp:  # refused before any loading if it overlaps or exists
+        job = prepare_export(checkpoint, config, data, converter.fits)
+        with tempfile.TemporaryDirectory(prefix=f"mtu-{converter.config_type.command}-") as scratch:
             manifest = converter.write(job, tmp, Path(scratch))
             write_json(tmp / MANIFEST, manifest)
             raise_on_drift(manifest["graph_agreement"], config.allow_drift)

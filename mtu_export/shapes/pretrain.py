@@ -33,7 +33,7 @@ from mtu_export.loop import process_state, run_stage
 from mtu_export.objective import NUM_TRAIN_TIMESTEPS, diffusion_target, min_snr_weight, training_scheduler
 from mtu_export.shapes.vocab import world_tokenizer
 from mtu_export.shapes.world import make_example
-from mtu_export.storage import atomic_output_dir, check_output, check_separate, write_json
+from mtu_export.storage import atomic_output, refuse_output, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +213,8 @@ def pretrain(recipe_path: Path, workdir: Path, out: Path, overwrite: bool = Fals
     """Run (or resume) every stage of the recipe in `workdir`, then write the StableDiffusionPipeline to `out`."""
     if dtype not in ("fp16", "fp32"):
         raise ConfigError(f"--dtype must be fp16 or fp32, got {dtype!r}")
-    check_separate(Path(out), recipe_path)
+    refuse_output(out, [recipe_path], overwrite)  # refuse before hours of training, not after
     recipe = load_recipe(recipe_path)
-    check_output(out, overwrite)  # refuse before hours of training, not after
     workdir.mkdir(parents=True, exist_ok=True)
     state = process_state()
     timings_file = workdir / "timings.json"
@@ -255,6 +254,6 @@ def _write_pipeline(workdir, unet, text_encoder, tokenizer, recipe, timings, out
     )
     if dtype == "fp16":
         pipe.to(torch.float16)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output(out, [workdir / "vae"], overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / "training.json", {"recipe": recipe.to_dict(), "timings": timings, "weights_dtype": dtype})

@@ -10,7 +10,7 @@ from mtu_export.config import did_you_mean
 from mtu_export.errors import ConfigError
 from mtu_export.image_processor import save_image
 from mtu_export.shapes.world import SPLITS, TASKS, example_grid
-from mtu_export.storage import check_output
+from mtu_export.storage import atomic_output
 
 
 def write_grid(out: Path, task: str, split: str, count: int, start: int = 0, overwrite: bool = False) -> Path:
@@ -25,19 +25,17 @@ def write_grid(out: Path, task: str, split: str, count: int, start: int = 0, ove
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {out.name!r}")
-    check_output(out, overwrite)
-    blocks = [example_grid(t, split, count, start) for t in tasks]
-    height = max(b.shape[0] for b in blocks)
-    padded = [np.pad(b, ((0, height - b.shape[0]), (0, 12), (0, 0)), constant_values=255) for b in blocks]
-    return save_png(out, np.concatenate(padded, axis=1)[:, :-12])
+    with atomic_output(out, overwrite=overwrite, file=True) as tmp:
+        blocks = [example_grid(t, split, count, start) for t in tasks]
+        height = max(b.shape[0] for b in blocks)
+        padded = [np.pad(b, ((0, height - b.shape[0]), (0, 12), (0, 0)), constant_values=255) for b in blocks]
+        save_png(tmp, np.concatenate(padded, axis=1)[:, :-12])
+    return out
 
 
-def write_images(out: Path, images: list[np.ndarray], columns: int = 8, zoom: int = 2, overwrite: bool = True) -> Path:
-    """Tile uint8 (H, W, 3) images into a grid PNG, `columns` per row, 2 px white gutters, upscaled by `zoom`."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--grid must name a .png file, got {out.name!r}")
-    check_output(out, overwrite)
+def write_images(out: Path, images: list[np.ndarray], columns: int = 8, zoom: int = 2) -> Path:
+    """Tile uint8 (H, W, 3) images into a grid PNG at `out` (a path of an output being written: storage.
+    atomic_output), `columns` per row, 2 px white gutters, upscaled by `zoom`."""
     h, w, _ = images[0].shape
     rows = -(-len(images) // columns)
     canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
