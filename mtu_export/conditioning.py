@@ -58,7 +58,7 @@ def encode_batch(task: TaskDef, vae, examples: list[Example]) -> dict[str, torch
     device, dtype = vae.device, vae.dtype
     target = vae.encode(image_tensor([e.target for e in examples]).to(device, dtype)).latent_dist
     out = {"target_mean": target.mean, "target_std": target.std}  # (B, 4, h, w)
-    inputs = [e.target if task.condition.masked else e.source for e in examples]
+    inputs = [e.target if task.condition.masked else e.input for e in examples]
     for part in task.condition.parts:
         out |= _ENCODERS[part](task, vae, image_tensor(inputs).to(device, dtype), examples, target.mean.shape)
     return out

@@ -142,16 +142,14 @@ class WorldSource:
 
     def example(self, index: int) -> Example:
         example = replace(make_example(self.task.world, self.split, index), task=self.task.name)
-        if self.task.super_resolution and example.source.shape[0] != self.low_res:
+        if self.task.super_resolution and example.low_res.shape[0] != self.low_res:
             # another scale (sr2) or size: the target's box downsample when the sides divide, as the world makes its own
             whole = example.target.shape[0] % self.low_res == 0
-            low_res = downsample(example.target, self.low_res) if whole else _resize(example.source, self.low_res)
-            example = replace(example, source=low_res)
+            low_res = downsample(example.target, self.low_res) if whole else _resize(example.low_res, self.low_res)
+            example = replace(example, low_res=low_res)
         if self.size == SIZE:
             return example
-        source = example.source
-        if source is not None and not self.task.super_resolution:
-            source = _resize(source, self.size)
+        source = None if example.source is None else _resize(example.source, self.size)
         mask = None if example.mask is None else _resize_mask(example.mask, self.size)
         return replace(example, target=_resize(example.target, self.size), source=source, mask=mask)
 
@@ -264,7 +262,7 @@ class DatasetSource:
         if not isinstance(prompt, str):
             raise InputError(f"{self.path} row {index}: column {self.present['prompt']!r} is not text")
         target = self._image(row, "image", index)
-        source = mask = None
+        source = low_res = mask = None
         if "source" in self.present:
             source = self._image(row, "source", index)
             if source.size != target.size:
@@ -279,8 +277,8 @@ class DatasetSource:
         picture = _crop(target, self.size)
         if self.task.super_resolution:
             low = self._image(row, "low_res", index) if "low_res" in self.present else Image.fromarray(picture)
-            source = _crop(low, self.low_res)
-        return Example(self.task.name, prompt, picture, None, source, mask)
+            low_res = _crop(low, self.low_res)
+        return Example(self.task.name, prompt, picture, source=source, low_res=low_res, mask=mask)
 
     def _image(self, row: dict, role: str, index: int) -> Image.Image:
         column = self.present[role]
@@ -398,7 +396,7 @@ def _world_rows(
         images = {columns["image"]: ex.target}
         for role in ("source", "low_res"):  # the task's input image, under the role its columns name
             if role in columns:
-                images[columns[role]] = ex.source
+                images[columns[role]] = getattr(ex, role)
         if "mask" in columns:
             images[columns["mask"]] = ex.mask.astype(np.uint8) * 255
         yield {columns["prompt"]: ex.prompt}, images

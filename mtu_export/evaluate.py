@@ -149,11 +149,11 @@ def task_input(example) -> np.ndarray:
         shown = example.target.copy()
         shown[example.mask] = 127
         return shown
-    if example.source is None:
+    if example.input is None:
         return np.full_like(example.target, 255)  # t2i has no image input
-    if example.source.shape != example.target.shape:
-        return bicubic(example.source, example.target.shape[:2])
-    return example.source
+    if example.input.shape != example.target.shape:
+        return bicubic(example.input, example.target.shape[:2])
+    return example.input
 
 
 SSIM_OF = {"psnr": "ssim", "bicubic_psnr": "bicubic_ssim", "source_psnr": "source_ssim"}  # PSNR pair -> its SSIM
@@ -169,9 +169,9 @@ def example_pairs(task: TaskDef, example, image: np.ndarray) -> dict[str, tuple[
     if example.mask is not None:
         pairs["psnr_mask"] = (example.target[example.mask], image[example.mask])
     if task.floor == "bicubic":
-        pairs["bicubic_psnr"] = (example.target, bicubic(example.source, example.target.shape[:2]))
+        pairs["bicubic_psnr"] = (example.target, bicubic(example.input, example.target.shape[:2]))
     elif task.floor == "source":
-        pairs["source_psnr"] = (example.target, example.source)
+        pairs["source_psnr"] = (example.target, example.input)
     return pairs
 
 

@@ -170,7 +170,7 @@ def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry) -> Exa
     what the UNet takes, within image_processor.MAX_AREA times the export's area (`fit`), or cropped to the export's
     size (`crop`); sr's low-res input at 1/scale of that."""
     if not task.has_image_input:
-        return Example(request.task, request.prompt, np.zeros((geometry.pixels,) * 2 + (3,), np.uint8), None)
+        return Example(request.task, request.prompt, np.zeros((geometry.pixels,) * 2 + (3,), np.uint8))
     scale = task.input_scale(geometry.factor)  # output pixels per input pixel
     picture = _open(request.image)
     mask = _mask_for(request, picture) if task.condition.masked else None
@@ -183,9 +183,10 @@ def _inputs(task: TaskDef, request: GenerateRequest, geometry: _Geometry) -> Exa
     if mask is None:
         width, height = image.size
         output = np.zeros((height * scale, width * scale, 3), np.uint8)
-        return Example(request.task, request.prompt, output, None, image.array)
+        role = "low_res" if task.super_resolution else "source"
+        return Example(request.task, request.prompt, output, **{role: image.array})
     hole = prepare_image(mask, request.resize, geometry.multiple, image.size, mask=True)  # resized as its image
-    return Example(request.task, request.prompt, image.array, None, None, hole.array)
+    return Example(request.task, request.prompt, image.array, mask=hole.array)
 
 
 @torch.no_grad()

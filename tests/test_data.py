@@ -74,9 +74,9 @@ def test_exported_world_dataset_reads_back_as_the_same_examples(task, tmp_path):
     for i in range(6):
         a, b = data.example(i), world.example(i)
         assert a.prompt == b.prompt and np.array_equal(a.target, b.target)
-        if task != "inpaint":  # inpainting's source is derived from the target and the mask
-            assert (a.source is None) == (b.source is None)
-            assert a.source is None or np.array_equal(a.source, b.source)
+        for role in ("source", "low_res"):
+            assert (getattr(a, role) is None) == (getattr(b, role) is None)
+            assert getattr(a, role) is None or np.array_equal(getattr(a, role), getattr(b, role))
         assert a.mask is None or np.array_equal(a.mask, b.mask)
 
 
@@ -132,7 +132,7 @@ def test_sr_derives_its_low_res_input_and_inpaint_draws_random_masks(tmp_path):
     sr = open_source(
         resolve(TaskSpec("sr", 8)), DataSpec("sr", spec), "train", 64, 8
     )  # factor-8 VAE: x4 via the latent
-    assert sr.example(0).source.shape == (16, 16, 3)
+    assert sr.example(0).low_res.shape == (16, 16, 3)
     inpaint = open_source(BUILTIN["inpaint"], DataSpec("inpaint", spec), "train", 64, 4)
     masks = [inpaint.example(i).mask for i in range(2)]
     assert all(m.dtype == bool and 0 < m.sum() < m.size for m in masks)

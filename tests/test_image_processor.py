@@ -142,8 +142,10 @@ def test_every_metric_eval_writes_is_finite_with_identical_pairs(pairs, name):
         source = target if i % 2 == 0 else output  # the floor (source handed back) is identical on every other row
         mask = np.zeros((8, 8), bool)
         mask[2:6, 2:6] = True
-        low = target[::2, ::2] if task.super_resolution else source
-        examples.append(Example(name, "p", target, None, low, mask if name == "inpaint" else None))
+        roles = {"low_res": target[::2, ::2]} if task.super_resolution else {"source": source}
+        if name == "inpaint":
+            roles = {"mask": mask}
+        examples.append(Example(name, "p", target, **roles))
         outputs.append(output)
     scores = summarise(task, examples, outputs)
     json.dumps(scores, allow_nan=False)

@@ -206,7 +206,7 @@ def test_low_res_latent_condition_matches_conditioning(folders) -> None:
     folder = folders["bundle"]
     config = json.loads((folder / "vae_decoder" / "config.json").read_text())
     vae = OrtVae(folder / "vae_encoder" / "model.onnx", folder / "vae_decoder" / "model.onnx", config)
-    example = Example("sr", PROMPT, np.zeros((36, 52, 3), np.uint8), None, low_res)
+    example = Example("sr", PROMPT, np.zeros((36, 52, 3), np.uint8), low_res=low_res)
     expected = task_condition(task, encode_batch(task, vae, [example]), config["scaling_factor"]).numpy()
     assert task.condition.name == "low_res_latent" and ours.shape == expected.shape
     assert np.abs(ours - expected).max() <= CONDITION_ATOL

@@ -97,8 +97,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path
     files = {
         "image.png": inpaint.target,
         "mask.png": inpaint.mask.astype(np.uint8) * 255,
-        "low_res.png": sr.source,
-        "other_low_res.png": make_example("sr", "heldout", 5).source,
+        "low_res.png": sr.low_res,
+        "other_low_res.png": make_example("sr", "heldout", 5).low_res,
         "source.png": edit.source,
     }
     for name, array in files.items():
@@ -159,7 +159,7 @@ def _folded_sr(checkpoint: Path) -> tuple:
 def _own_sr_sample(checkpoint: Path, low_res: Path) -> np.ndarray:
     """mtu-export's torch sampler on the folded sr UNet, for the prompt and `low_res` image the pipelines got."""
     denoise, task, components = _folded_sr(checkpoint)
-    example = replace(make_example("sr", "heldout", 2), prompt=PROMPT, source=np.asarray(Image.open(low_res)))
+    example = replace(make_example("sr", "heldout", 2), prompt=PROMPT, low_res=np.asarray(Image.open(low_res)))
     config = SamplerConfig(STEPS, GUIDANCE, IMAGE_GUIDANCE, SEED)
     return sample_examples(denoise, task, [example], components, config)[0]
 

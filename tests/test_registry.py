@@ -34,7 +34,7 @@ def test_sr2_is_defined_by_its_entries():
     assert spec.in_channels == 8 and task.condition is CONDITIONS["low_res_latent_x2"]
     assert task.input_scale(vae_factor=4) == 2 and task.needs == ("image",) and task.super_resolution
     example = open_source(BUILTIN["sr2"], None, "train", 64, 4).example(0)
-    assert example.source.shape == (32, 32, 3) and example.target.shape == (64, 64, 3)  # the world's sr scenes, x2
+    assert example.low_res.shape == (32, 32, 3) and example.target.shape == (64, 64, 3)  # the world's sr scenes, x2
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ N_EXAMPLES = 200
 def test_examples_are_deterministic_by_seed(task):
     a, b = make_example(task, "train", 7), make_example(task, "train", 7)
     assert a.prompt == b.prompt and np.array_equal(a.target, b.target)
-    assert a.source is None or np.array_equal(a.source, b.source)
+    assert a.input is None or np.array_equal(a.input, b.input)
     others = [make_example(task, "train", i) for i in range(8, 14)]
     assert any(not np.array_equal(a.target, o.target) for o in others)
 
@@ -27,10 +27,10 @@ def test_examples_are_deterministic_by_seed(task):
 def test_sr_input_is_the_area_downsampled_target():
     for i in range(50):
         ex = make_example("sr", "train", i)
-        assert ex.source.shape == (16, 16, 3)
-        assert np.array_equal(ex.source, downsample(ex.target))
+        assert ex.low_res.shape == (16, 16, 3) and ex.source is None and ex.input is ex.low_res
+        assert np.array_equal(ex.low_res, downsample(ex.target))
         manual = ex.target.astype(float).reshape(16, 4, 16, 4, 3).mean(axis=(1, 3))
-        assert np.abs(ex.source - manual).max() <= 0.5
+        assert np.abs(ex.low_res - manual).max() <= 0.5
 
 
 def test_inpaint_target_equals_source_outside_the_mask():
@@ -38,8 +38,9 @@ def test_inpaint_target_equals_source_outside_the_mask():
     for i in range(N_EXAMPLES):
         ex = make_example("inpaint", "train", i)
         assert ex.mask.dtype == bool and 0 < ex.mask.sum() < ex.mask.size
-        assert np.array_equal(ex.source[~ex.mask], ex.target[~ex.mask])
-        assert (ex.source[ex.mask] == 0).all()
+        assert ex.source is None and ex.low_res is None  # the input is the target with its hole zeroed
+        assert np.array_equal(ex.input[~ex.mask], ex.target[~ex.mask])
+        assert (ex.input[ex.mask] == 0).all() and ex.input.dtype == np.uint8
         filled = ndimage.binary_fill_holes(ex.mask)
         ys, xs = np.nonzero(ex.mask)
         is_box = ex.mask.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1) and filled.sum() == ex.mask.sum()

@@ -97,7 +97,7 @@ def trajectory_probes(
 
 def _encoder_image(task: TaskDef, example: Example) -> torch.Tensor:
     """What the VAE encoder sees for `task`: the source image, the masked image, or the target."""
-    image = image_tensor([example.source if task.condition.encodes_input else example.target])  # (1, 3, H, W)
+    image = image_tensor([example.input if task.condition.encodes_input else example.target])  # (1, 3, H, W)
     return masked_image(image, mask_tensor([example.mask])) if task.condition.masked else image
 
 

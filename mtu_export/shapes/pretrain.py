@@ -106,7 +106,7 @@ def vae_images(indices: range) -> list[np.ndarray]:
     out = []
     for i in indices:
         if i % 4 == 3:
-            out.append(make_example("inpaint", "train", i).source)
+            out.append(make_example("inpaint", "train", i).input)
         else:
             out.append(make_example("t2i", "train", i).target)
     return out

@@ -242,27 +242,24 @@ def _edit_example(task: str, rng: np.random.Generator, split: str) -> Example:
         if edit is not None:
             break
     text, scene = edit
-    return Example(task, text, render(scene), scene, render(source_scene), None, source_scene)
+    return Example(task, text, render(scene), source=render(source_scene), scene=scene, source_scene=source_scene)
 
 
 def _t2i_example(task: str, rng: np.random.Generator, split: str) -> Example:
     scene = sample_scene(rng, split)
-    return Example(task, scene.caption(), render(scene), scene)
+    return Example(task, scene.caption(), render(scene), scene=scene)
 
 
 def _sr_example(task: str, rng: np.random.Generator, split: str) -> Example:
     scene = sample_scene(rng, split)
     image = render(scene)
-    return Example(task, scene.caption(), image, scene, downsample(image))
+    return Example(task, scene.caption(), image, low_res=downsample(image), scene=scene)
 
 
 def _inpaint_example(task: str, rng: np.random.Generator, split: str) -> Example:
     scene = sample_scene(rng, split)
     image = render(scene)
-    mask = _inpaint_mask(rng, scene)
-    masked = image.copy()
-    masked[mask] = 0
-    return Example(task, scene.caption(), image, scene, masked, mask)
+    return Example(task, scene.caption(), image, mask=_inpaint_mask(rng, scene), scene=scene)
 
 
 # the world's example families, one per built-in task (tasks.TaskDef.world names the one a task uses)
@@ -287,7 +284,8 @@ def example_grid(task: str, split: str = "train", count: int = 8, start: int = 0
     gap = np.full((SIZE * zoom, 4, 3), 255, np.uint8)
     for index in range(start, start + count):
         ex = make_example(task, split, index)
-        cells = [] if ex.source is None else [_upscale(ex.source, SIZE // ex.source.shape[0])]  # a low-res one too
+        shown = ex.input  # the task's input image: the source, the low-res image, the image with its hole
+        cells = [] if shown is None else [_upscale(shown, SIZE // shown.shape[0])]  # a low-res one too
         if ex.mask is not None:
             cells.append(np.repeat(ex.mask[..., None].astype(np.uint8) * 255, 3, axis=2))
         cells.append(ex.target)

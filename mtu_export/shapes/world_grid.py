@@ -58,7 +58,7 @@ def write_demo_inputs(folder: Path, index: int = 0) -> Path:
     folder = Path(folder)
     for task in TASKS:
         example = make_example(task, "heldout", index)
-        picture = example.target if example.source is None else example.source
+        picture = example.target if example.input is None else example.input
         if example.mask is not None:
             picture = example.target  # generate masks it itself, as the diffusers inpainting pipeline does
             save_png(folder / "mask.png", example.mask.astype(np.uint8) * 255)
