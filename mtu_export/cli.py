@@ -7,7 +7,6 @@ option, a missing argument, a value of the wrong type: exit 3, as ConfigError); 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -585,54 +584,52 @@ def bench_command(
     from mtu_export.bench.gate import enforce, make_baseline, read_baseline
     from mtu_export.bench.run import BenchConfig, bench
     from mtu_export.errors import ConfigError
-    from mtu_export.storage import atomic_output, read_json, write_json
+    from mtu_export.storage import atomic_output, read_json, refuse_output, write_json
 
     gate = read_baseline(check) if check is not None else None  # a broken baseline fails now, not after measuring
-    with contextlib.ExitStack() as stack:
-        if save_baseline is not None:  # refused now, not after measuring
-            saved = atomic_output(save_baseline, [check, results], overwrite, option="--save-baseline", file=True)
-            baseline_tmp = stack.enter_context(saved)
-        if results is not None:
-            report = read_json(results)
-        else:
-            if checkpoint is None:
-                raise ConfigError("give an MTU checkpoint to measure, or --results bench.json to check")
-            chosen = tuple(m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none")
-            config = BenchConfig(
-                threads=threads,
-                repeats=repeats,
-                rounds=rounds,
-                pairs=pairs,
-                warmup=warmup,
-                e2e_steps=steps,
-                modes=chosen,
-                image_count=image_count,
-            )
-            baselines = dict(_task_path(item) for item in baseline or [])
-            report = bench(
-                checkpoint,
-                out,
-                config,
-                baselines,
-                base,
-                parity,
-                overwrite=overwrite,
-                sparse=sparse,
-                sparse_eval=sparse_eval,
-            )
-            console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
-            for task, row in report["tasks"].items():
-                lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
-                shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
-                if "sparse" in row:
-                    sparse_row = row["sparse"]
-                    shown += f"; sparse / single {sparse_row['latency_vs_single']['ratio']:.3f}"
-                    shown += f" at {sparse_row['gflops_ratio']:.3f}x the GFLOPs"
-                console.print(f"{task}: UNet latency {shown}")
-            console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
-        if save_baseline is not None:
-            write_json(baseline_tmp, make_baseline(report))
+    if save_baseline is not None:  # refused now, not after measuring (written from the report, below)
+        refuse_output(save_baseline, [check, results], overwrite, option="--save-baseline")
+    if results is not None:
+        report = read_json(results)
+    else:
+        if checkpoint is None:
+            raise ConfigError("give an MTU checkpoint to measure, or --results bench.json to check")
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none")
+        config = BenchConfig(
+            threads=threads,
+            repeats=repeats,
+            rounds=rounds,
+            pairs=pairs,
+            warmup=warmup,
+            e2e_steps=steps,
+            modes=chosen,
+            image_count=image_count,
+        )
+        baselines = dict(_task_path(item) for item in baseline or [])
+        report = bench(
+            checkpoint,
+            out,
+            config,
+            baselines,
+            base,
+            parity,
+            overwrite=overwrite,
+            sparse=sparse,
+            sparse_eval=sparse_eval,
+        )
+        console.print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+        for task, row in report["tasks"].items():
+            lat, fused = (row["unet_latency"][k]["ratio"] for k in ("mtu_vs_single", "optimized_vs_plain"))
+            shown = f"folded / single {lat:.3f}, optimized / plain {fused:.3f}; {row['gflops']:.4f} GFLOPs"
+            if "sparse" in row:
+                sparse_row = row["sparse"]
+                shown += f"; sparse / single {sparse_row['latency_vs_single']['ratio']:.3f}"
+                shown += f" at {sparse_row['gflops_ratio']:.3f}x the GFLOPs"
+            console.print(f"{task}: UNet latency {shown}")
+        console.print(f"bundle bytes / one model: {report['bundle']['size_ratio']:.3f}")
     if save_baseline is not None:
+        with atomic_output(save_baseline, [check, results], overwrite, option="--save-baseline", file=True) as tmp:
+            write_json(tmp, make_baseline(report))
         console.print(f"wrote {save_baseline}")
     if check is not None:
         violation = lambda p: stderr.print(f"[bold red]violation:[/] {escape(p)}", highlight=False)  # noqa: E731

@@ -63,12 +63,12 @@ def install(handler: logging.Handler, level: int = logging.INFO) -> None:
 
 
 @contextmanager
-def quiet(name: str = ROOT) -> Iterator[None]:
-    """Within the block, `name`'s info lines are dropped (warnings still show): a benchmark that exports as one of
-    its steps, a timing loop that would log each call."""
+def quiet(name: str = ROOT, level: int = logging.WARNING) -> Iterator[None]:
+    """Within the block, `name`'s lines below `level` are dropped (by default its info lines; warnings still show):
+    a benchmark that exports as one of its steps; `""` is the root logger, which some libraries log to."""
     logger = logging.getLogger(name)
     before = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(level)
     try:
         yield
     finally:

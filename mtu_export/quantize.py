@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtu_export import logs
 from mtu_export.config import REDUCE_RANGE_MODES
 from mtu_export.errors import ConfigError
 
@@ -195,25 +196,13 @@ def layer_sensitivity(
     reference = outputs(src)
     energy = float(np.mean(reference.astype(np.float64) ** 2))
     ranges = scratch / "ranges.json"
-    with _quiet_root_logger():
+    with logs.quiet("", logging.ERROR):  # onnxruntime.quantization logs its advice to the root logger, every call
         _quantize_static(src, scratch / "all.onnx", calibration, ranges=ranges, reduce_range=reduce_range)
         errors = {"(all)": float(np.mean((outputs(scratch / "all.onnx") - reference) ** 2)) / energy}
         for name in nodes:
             _quantize_static(src, scratch / "one.onnx", None, only=[name], ranges=ranges, reduce_range=reduce_range)
             errors[name] = float(np.mean((outputs(scratch / "one.onnx") - reference) ** 2)) / energy
     return errors
-
-
-@contextmanager
-def _quiet_root_logger():
-    """onnxruntime.quantization advises pre-processing on the root logger, every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def static_exclusions(graph, products: bool = True) -> list[str]:
@@ -266,7 +255,7 @@ def quantize_onnx(
         raise ConfigError(f"unknown ONNX quantization {mode!r}; choose {', '.join(ONNX_HANDLERS)}")
     if reduce_range and mode not in REDUCE_RANGE_MODES:
         raise ConfigError(f"7-bit weights (--reduce-range) apply to {', '.join(REDUCE_RANGE_MODES)}, not {mode}")
-    with _quiet_root_logger():
+    with logs.quiet("", logging.ERROR):  # onnxruntime.quantization logs its advice to the root logger, every call
         ONNX_HANDLERS[mode](Path(src), Path(dst), calibration, reduce_range)
 
 

@@ -313,8 +313,9 @@ def _pipeline_paths(path: Path) -> list[Path]:
 
 def refuse_output(out: Path, reads: Iterable[Path | str | None] = (), overwrite: bool = False, option: str = "--out"):
     """What atomic_output checks on entry: `out` apart from everything in `reads` and free (unless `overwrite`). For
-    the multi-process trainers, which refuse before hours of work on every process but write on the main one only
-    (with atomic_output, which checks again)."""
+    outputs written by another step than the work they refuse to start: the multi-process trainers (every process
+    refuses before hours of work, the main one writes) and `bench --save-baseline` (written from the report); each
+    then writes with atomic_output, which checks again."""
     check_separate(Path(out), *(r for r in reads if r is not None), option=option)
     check_output(Path(out), overwrite)
 
