@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models sparse-eval convergence levers curve-anchor curves ship-models parity ablation bench bench-full bench-runtime bench-exports install-runtime bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
+.PHONY: install test test-slow test-macos lint coreml-resources demo base-model eval-base mtu-models mtu-top1 mtu-top2 sparse-eval convergence levers curve-anchor curves ship-models parity ablation bench bench-full bench-runtime bench-exports install-runtime bench-check bench-train bench-sd15 bench-phone bench-ondevice bench-w8a16 bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -114,11 +114,14 @@ mtu-models: $(STAMP)
 
 # The shipped MTU recipe routed top-k (`mtu-top2`: each task uses its two heaviest experts per FFN, the others weigh
 # exactly 0; `mtu-top1`: one expert), same data, steps, optimiser and seed: its sparse folds drop (N-k)/N of every FFN
-# exactly. The shipped top-2 run took 73 min on 2 cores beside other jobs (models/shapes-mtu-top2/README.md), top-1
-# about as long (models/shapes-mtu-top1/README.md).
-mtu-top%: $(STAMP)
-	$(BIN)/mtu-export train $(MODEL) --route top-$* --work $(RUNS)/work/mtu-top$* --out $(RUNS)/mtu-top$* --batch-size 64 \
-	  $(MTU_OPTIM) $(TRAIN_COMMON)
+# exactly. The shipped top-2 run took 73 min on 2 cores beside other jobs (models/shapes-mtu-top2/README.md); top-1
+# is not shipped yet.
+MTU_TOPK = $(BIN)/mtu-export train $(MODEL) --route top-$(1) --work $(RUNS)/work/mtu-top$(1) --out $(RUNS)/mtu-top$(1) \
+  --batch-size 64 $(MTU_OPTIM) $(TRAIN_COMMON)
+mtu-top1: $(STAMP)
+	$(call MTU_TOPK,1)
+mtu-top2: $(STAMP)
+	$(call MTU_TOPK,2)
 
 # The top-2 model scored as `make parity` scores the dense MTU (same examples and sampler), for bench's sparse rows,
 # and the dense MTU cut after training (--ffn-budget 0.5 renormalized or not, 0.75, --prune-below 0.05): the
