@@ -32,9 +32,6 @@ class _Stderr(logging.StreamHandler):
     """A StreamHandler on whatever sys.stderr is when a line is written (a test runner's capture, a redirect made
     after the handler was installed), as logging's last-resort handler does."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

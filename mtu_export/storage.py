@@ -348,7 +348,7 @@ def atomic_output(
     DiskFullError. Replacing an existing folder takes two renames (old aside, new in place) with SIGINT and SIGTERM
     held until both are done; a crash between them leaves the old output in a hidden `.NAME.*.old` folder beside
     it, never a half-written `out`."""
-    out = Path(out)
+    out, reads = Path(out), list(reads)
     targets = [out / name for name in members] or [out]
     for target in targets:
         refuse_output(target, reads, overwrite, option)
