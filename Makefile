@@ -114,8 +114,8 @@ mtu-models: $(STAMP)
 
 # The shipped MTU recipe routed top-k (`mtu-top2`: each task uses its two heaviest experts per FFN, the others weigh
 # exactly 0; `mtu-top1`: one expert), same data, steps, optimiser and seed: its sparse folds drop (N-k)/N of every FFN
-# exactly. The shipped top-2 run took 73 min on 2 cores beside other jobs (models/shapes-mtu-top2/README.md); top-1
-# is not shipped yet.
+# exactly. The shipped runs took 73 min (top-2) and about an hour (top-1, stopped and resumed) on 2 cores beside
+# other jobs (their model cards).
 MTU_TOPK = $(BIN)/mtu-export train $(MODEL) --route top-$(1) --work $(RUNS)/work/mtu-top$(1) --out $(RUNS)/mtu-top$(1) \
   --batch-size 64 $(MTU_OPTIM) $(TRAIN_COMMON)
 mtu-top1: $(STAMP)
@@ -123,12 +123,12 @@ mtu-top1: $(STAMP)
 mtu-top2: $(STAMP)
 	$(call MTU_TOPK,2)
 
-# The top-2 model scored as `make parity` scores the dense MTU (same examples and sampler), for bench's sparse rows,
-# and the dense MTU cut after training (--ffn-budget 0.5 renormalized or not, 0.75, --prune-below 0.05): the
-# trade-off table $(RESULTS)/sparse/tradeoff.md. About 15 min per eval on 2 cores.
+# The top-1 and top-2 models scored as `make parity` scores the dense MTU (same examples and sampler; top-2 feeds
+# bench's sparse rows), and the dense MTU cut after training (--ffn-budget 0.5 renormalized or not, 0.75,
+# --prune-below 0.05): the trade-off table $(RESULTS)/sparse/tradeoff.md. About 15 min per eval on 2 cores.
 sparse-eval: $(STAMP)
-	$(BIN)/mtu-export eval $(SPARSE) --count $(PARITY_COUNT) --guidance $(GUIDANCE) --steps 25 --image-guidance 1.5 \
-	  --seed 0 --json $(RESULTS)/sparse/eval/top2.json --overwrite
+	for k in 1 2; do $(BIN)/mtu-export eval models/shapes-mtu-top$$k --count $(PARITY_COUNT) --guidance $(GUIDANCE) \
+	  --steps 25 --image-guidance 1.5 --seed 0 --json $(RESULTS)/sparse/eval/top$$k.json --overwrite || exit 1; done
 	for cut in budget0.5-renorm-no budget0.5-renorm-yes budget0.75-renorm-no prune0.05-renorm-no; do \
 	  opts=$$(echo $$cut | sed -e 's/^budget/--ffn-budget /' -e 's/^prune/--prune-below /' -e 's/-renorm-no//' \
 	    -e 's/-renorm-yes/ --renormalize/'); \
@@ -203,7 +203,7 @@ curves: $(STAMP)
 # only their trained tensors (the frozen rest is the shared base UNet's), about 67 MB in models/ in all.
 # The model cards (README.md) are kept across the overwrite; update their numbers after `make parity`.
 ship-models: $(STAMP)
-	for m in shapes-mtu shapes-mtu-top2 $(foreach t,$(TASKS),shapes-single-$(t)); do \
+	for m in shapes-mtu shapes-mtu-top1 shapes-mtu-top2 $(foreach t,$(TASKS),shapes-single-$(t)); do \
 	  src=$$( [ $$m = shapes-mtu ] && echo $(RUNS)/shapes-mtu || echo $(RUNS)/$${m#shapes-} ); \
 	  card=$$(mktemp); cp models/$$m/README.md $$card 2>/dev/null || rm -f $$card; \
 	  only=$$(case $$m in shapes-mtu*) echo --trained-only;; esac); \

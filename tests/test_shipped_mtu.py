@@ -52,36 +52,42 @@ def test_model_card_quotes_the_parity_table():
         assert f"{row['ratio']:.3f}" in card, task
 
 
-def test_top2_model_folds_exactly_to_half_its_ffns_and_its_tradeoff_table_reproduces(monkeypatch):
-    """`models/shapes-mtu-top2`: every task's fold drops the two zero-weight experts of each FFN and still equals the
-    routed model at 1e-5; the committed trade-off table's top-2 row is what `benchmarks/sparse_tradeoff.py` computes
+@pytest.mark.parametrize(("k", "flops_below"), [(1, 0.90), (2, 0.91)])
+def test_topk_models_fold_exactly_to_narrow_ffns_and_their_tradeoff_rows_reproduce(monkeypatch, k, flops_below):
+    """`models/shapes-mtu-top{k}`: every task's fold drops the 4 - k zero-weight experts of each FFN and still equals
+    the routed model at 1e-5; the committed trade-off table's row is what `benchmarks/sparse_tradeoff.py` computes
     from the committed eval JSON (FLOPs counted again, metric ratios against the committed parity.json)."""
     import importlib.util
 
     from mtu_export.fold import ffn_kept
 
-    ckpt = load_checkpoint(MODELS / "shapes-mtu-top2", dtype=torch.float32)
-    assert ckpt.model.config.top_k == 2 and ckpt.meta["training"]["steps"] == 2000
+    ckpt = load_checkpoint(MODELS / f"shapes-mtu-top{k}", dtype=torch.float32)
+    assert ckpt.model.config.top_k == k and ckpt.meta["training"]["steps"] == 2000
     for task in TASKS:
         folded = fold_task(ckpt.model, task)
-        assert ffn_kept(ckpt.model, folded) == 0.5
+        assert ffn_kept(ckpt.model, folded) == k / 4
         verify_fold(ckpt.model, folded, task)
     spec = importlib.util.spec_from_file_location("sparse_tradeoff", RESULTS.parent / "sparse_tradeoff.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     monkeypatch.chdir(MODELS.parent)  # the eval JSON names its checkpoint relative to the repository
     table = json.loads((RESULTS / "sparse" / "tradeoff.json").read_text())
-    committed = next(r for r in table["rows"] if r["eval"].endswith("top2.json"))
+    committed = next(r for r in table["rows"] if r["eval"].endswith(f"top{k}.json"))
     parity = json.loads((RESULTS / "parity" / "parity.json").read_text())
-    again = script.row(Path("benchmarks/results/sparse/eval/top2.json"), parity)
+    again = script.row(Path(f"benchmarks/results/sparse/eval/top{k}.json"), parity)
     for task in TASKS:
         assert again["tasks"][task] == committed["tasks"][task]  # JSON keeps floats exactly
-        assert again["tasks"][task]["flops_ratio"] < 0.91
+        assert again["tasks"][task]["flops_ratio"] < flops_below
 
 
-def test_top2_model_card_quotes_the_tradeoff_table():
-    card = (MODELS / "shapes-mtu-top2" / "README.md").read_text()
+@pytest.mark.parametrize("k", [1, 2])
+def test_topk_model_cards_quote_the_tradeoff_table(k):
+    """Each top-k card quotes its own row and the dense model's cuts; the top-1 card the top-2 row too."""
+    card = (MODELS / f"shapes-mtu-top{k}" / "README.md").read_text()
     table = json.loads((RESULTS / "sparse" / "tradeoff.json").read_text())
+    other = f"top{3 - k}.json"
     for row in table["rows"]:
+        if k == 2 and row["eval"].endswith(other):
+            continue
         for task, entry in row["tasks"].items():
             assert f"{entry['ratio']:.3f}" in card, (row["setting"], task)
